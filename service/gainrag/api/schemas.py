@@ -1,0 +1,69 @@
+"""Wire schemas of the public API (kept apart from internal types so either can evolve)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+
+class AnswerRequest(BaseModel):
+    """Body of ``POST /answer``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: StrictStr = Field(..., description="The question; non-empty, length-limited.")
+    top_n: StrictInt | None = Field(
+        None, description="Passages given to the generator (default from settings)."
+    )
+    return_candidates: StrictBool = Field(
+        False, description="Also return every scored candidate."
+    )
+
+
+class PassageOut(BaseModel):
+    """A passage shown to the generator, or a scored candidate."""
+
+    id: str
+    title: str
+    text: str
+    score: float = Field(..., description="Selector score (retrieval score if no selection).")
+    pseudo: bool = Field(..., description="True for the LLM-written pseudo-passage.")
+    retrieval_rank: int | None = Field(None, description="0-based rank from the retriever.")
+    retrieval_score: float | None = None
+
+
+class Timings(BaseModel):
+    """Per-stage wall time in milliseconds; a skipped stage is 0."""
+
+    retrieve: float
+    pseudo: float
+    select: float
+    generate: float
+    total: float
+
+
+class AnswerResponse(BaseModel):
+    """Body of a successful ``POST /answer``."""
+
+    request_id: str
+    answer: str
+    passages: list[PassageOut]
+    candidates: list[PassageOut] | None = None
+    pseudo_passage: str | None = Field(
+        None, description="What the LLM wrote as background (also when it was not selected)."
+    )
+    timings_ms: Timings
+    models: dict[str, str]
+
+
+class ErrorBody(BaseModel):
+    """The error object."""
+
+    message: str
+    type: str
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error response has this shape."""
+
+    error: ErrorBody

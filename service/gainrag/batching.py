@@ -1,0 +1,187 @@
+"""Dynamic batching of concurrent requests onto one model thread.
+
+Requests queue up; one loop takes the oldest, then keeps adding compatible requests (same key)
+until the cost budget is met or the oldest has waited ``max_wait_s``, and runs the whole batch in
+the model's single worker thread. While a batch runs, new requests accumulate, so under load
+batches fill without waiting (continuous batching in the style of text-embeddings-inference).
+A full queue rejects with :class:`OverloadedError`; requests whose caller went away are dropped
+before they reach the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from gainrag.errors import OverloadedError
+
+I = TypeVar("I")  # noqa: E741 - the conventional name for an input type variable
+O = TypeVar("O")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending(Generic[I, O]):
+    item: I
+    cost: int
+    key: Hashable
+    future: asyncio.Future[O]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    """Counters a test or a metrics exporter can read."""
+
+    batches: int = 0
+    items: int = 0
+    dropped: int = 0
+    rejected: int = 0
+    last_batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
+
+
+class MicroBatcher(Generic[I, O]):
+    """Batch concurrent ``submit`` calls into ``run_batch`` calls on one worker thread."""
+
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[list[I]], Sequence[O]],
+        *,
+        max_batch_cost: int,
+        max_wait_s: float,
+        max_queue: int,
+        cost: Callable[[I], int] = lambda _item: 1,
+        key: Callable[[I], Hashable] = lambda _item: None,
+    ) -> None:
+        self.name = name
+        self._run_batch = run_batch
+        self._max_cost = max_batch_cost
+        self._max_wait = max_wait_s
+        self._max_queue = max_queue
+        self._cost = cost
+        self._key = key
+        self._queue: deque[_Pending[I, O]] = deque()
+        self._wakeup = asyncio.Event()
+        # One thread per model: torch already parallelises inside an op, and one thread keeps
+        # the batches strictly sequential so memory and latency stay predictable.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
+        self._task: asyncio.Task[None] | None = None
+        self.stats = BatchStats()
+
+    @property
+    def queue_size(self) -> int:
+        """Requests waiting (not yet in a running batch)."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Start the batching loop on the running event loop (idempotent)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
+
+    async def close(self) -> None:
+        """Stop the loop, fail queued requests, release the worker thread."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        while self._queue:
+            p = self._queue.popleft()
+            if not p.future.done():
+                p.future.set_exception(OverloadedError(f"{self.name} is shutting down"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, item: I) -> O:
+        """Queue one request and wait for its own result."""
+        if self._task is None:
+            self.start()
+        if len(self._queue) >= self._max_queue:
+            self.stats.rejected += 1
+            raise OverloadedError(
+                f"{self.name} queue is full ({self._max_queue} waiting); retry shortly"
+            )
+        fut: asyncio.Future[O] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(item, max(1, self._cost(item)), self._key(item), fut))
+        self._wakeup.set()
+        return await fut
+
+    def _pop_live(self) -> _Pending[I, O] | None:
+        while self._queue:
+            p = self._queue.popleft()
+            if p.future.done():  # caller cancelled (client went away)
+                self.stats.dropped += 1
+                continue
+            return p
+        return None
+
+    def _take_compatible(self, batch: list[_Pending[I, O]], budget: int) -> int:
+        """Move queued requests with the batch's key into it while they fit the budget."""
+        key = batch[0].key
+        kept: deque[_Pending[I, O]] = deque()
+        while self._queue:
+            p = self._queue.popleft()
+            if p.future.done():
+                self.stats.dropped += 1
+            elif p.key == key and p.cost <= budget:
+                batch.append(p)
+                budget -= p.cost
+            else:
+                kept.append(p)
+                if p.key == key:
+                    break  # FIFO within a key: do not let later small requests overtake it
+        kept.extend(self._queue)
+        self._queue = kept
+        return budget
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = self._pop_live()
+            if first is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = [first]
+            budget = self._max_cost - first.cost
+            deadline = first.enqueued + self._max_wait
+            while budget > 0:
+                budget = self._take_compatible(batch, budget)
+                remaining = deadline - time.monotonic()
+                if budget <= 0 or remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    self._take_compatible(batch, budget)
+                    break
+            live = [p for p in batch if not p.future.done()]
+            self.stats.dropped += len(batch) - len(live)
+            if not live:
+                continue
+            self.stats.batches += 1
+            self.stats.items += len(live)
+            self.stats.last_batch_sizes.append(len(live))
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, self._run_batch, [p.item for p in live]
+                )
+            except Exception as exc:  # the model failed: every caller in the batch gets it
+                log.exception("batch of %d failed in %s", len(live), self.name)
+                for p in live:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            for p, r in zip(live, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(r)

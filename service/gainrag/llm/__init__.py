@@ -1,0 +1,1 @@
+"""LLM backends for the pseudo-passage and the answer, and GainRAG's prompts."""

@@ -1,0 +1,100 @@
+"""In-process transformers backend with dynamic batching of concurrent prompts.
+
+Concurrent prompts with the same generation budget are left-padded into one ``generate`` call:
+on a 2-core CPU a batch of 8 SmolLM2 prompts yields ~2.5x the tokens/s of one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gainrag.batching import MicroBatcher
+from gainrag.errors import ValidationFailedError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TransformersGenerator:
+    """Greedy chat generation with a local HF causal LM."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        dtype: str = "float32",
+        max_input_tokens: int = 4096,
+        max_batch_size: int = 8,
+        max_wait_s: float = 0.005,
+        max_queue: int = 64,
+    ) -> None:
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "left"  # decoder-only batching pads on the left
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype]).to(self.device).eval()
+        )
+        meta = path / "gainrag_model.json"
+        self.name = json.loads(meta.read_text())["name"] if meta.is_file() else path.name
+        self.version = f"{self.name}-{dtype}"
+        self.max_input_tokens = max_input_tokens
+        self.batcher: MicroBatcher[tuple[str, int], str] = MicroBatcher(
+            "generator",
+            self._run,
+            max_batch_cost=max_batch_size,
+            max_wait_s=max_wait_s,
+            max_queue=max_queue,
+            key=lambda item: item[1],  # one batch = one max_new_tokens
+        )
+
+    def render(self, message: str) -> str:
+        """The model's chat template applied to one user message, ready for generation."""
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
+        )
+        return str(text)
+
+    def count_tokens(self, message: str) -> int:
+        """Prompt length in tokens after the chat template."""
+        return len(self.tokenizer(self.render(message), add_special_tokens=False)["input_ids"])
+
+    @torch.inference_mode()
+    def generate_batch(self, messages: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy replies to several user messages at once, in order."""
+        enc = self.tokenizer(
+            [self.render(m) for m in messages],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,  # the chat template already has them
+        ).to(self.device)
+        out = self.model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        new = out[:, enc["input_ids"].shape[1] :]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def _run(self, items: list[tuple[str, int]]) -> list[str]:
+        return self.generate_batch([m for m, _ in items], items[0][1])
+
+    async def chat(self, message: str, *, max_new_tokens: int) -> str:
+        """Reply to one user message (batched with concurrent calls)."""
+        n = self.count_tokens(message)
+        if n > self.max_input_tokens:
+            raise ValidationFailedError(
+                f"prompt is {n} tokens, over the {self.max_input_tokens}-token limit "
+                "(GAINRAG_LLM__MAX_INPUT_TOKENS); ask for fewer passages",
+                code="prompt_too_long",
+            )
+        return await self.batcher.submit((message, max_new_tokens))
+
+    async def close(self) -> None:
+        """Stop the batcher thread."""
+        await self.batcher.close()

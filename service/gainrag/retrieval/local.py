@@ -1,0 +1,55 @@
+"""In-process retriever: concurrent questions share one encoder pass and one FAISS search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gainrag.batching import MicroBatcher
+from gainrag.retrieval.encoder import BiEncoder
+from gainrag.retrieval.index import DenseIndex
+from gainrag.types import Retrieved
+
+
+class LocalRetriever:
+    """Bi-encoder + FAISS in this process."""
+
+    def __init__(
+        self, encoder: BiEncoder, index: DenseIndex, *, max_batch: int = 64, max_queue: int = 256
+    ) -> None:
+        if index.manifest["encoder"] != encoder.name or index.manifest["dim"] != encoder.dim:
+            raise ValueError(
+                f"index was built with {index.manifest['encoder']}, not {encoder.name}; rebuild it"
+            )
+        self.encoder = encoder
+        self.index = index
+        self.name = f"faiss-{'gpu' if index.on_gpu else 'cpu'}:{encoder.name}"
+        self.version = index.version
+        self.batcher: MicroBatcher[tuple[str, int], list[Retrieved]] = MicroBatcher(
+            "retriever", self._run, max_batch_cost=max_batch, max_wait_s=0.001,
+            max_queue=max_queue,
+        )
+
+    @classmethod
+    def load(cls, encoder: BiEncoder, index_dir: Path, *, use_gpu: bool = True) -> LocalRetriever:
+        """Load the index at ``index_dir`` for this encoder."""
+        return cls(encoder, DenseIndex.load(index_dir, use_gpu=use_gpu))
+
+    def search_many(self, questions: list[str], k: int) -> list[list[Retrieved]]:
+        """Synchronous batched search (one encode, one FAISS call)."""
+        vecs: np.ndarray = self.encoder.encode(questions)
+        return self.index.search(vecs, k)
+
+    def _run(self, items: list[tuple[str, int]]) -> list[list[Retrieved]]:
+        kmax = max(k for _, k in items)
+        results = self.search_many([q for q, _ in items], kmax)
+        return [r[:k] for r, (_, k) in zip(results, items, strict=True)]
+
+    async def retrieve(self, question: str, k: int) -> list[Retrieved]:
+        """Top-k passages for one question, best first."""
+        return await self.batcher.submit((question, k))
+
+    async def close(self) -> None:
+        """Stop the batcher thread."""
+        await self.batcher.close()

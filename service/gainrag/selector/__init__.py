@@ -1,0 +1,1 @@
+"""Passage selectors: score (question, candidate) pairs; the best candidates go to the generator."""

@@ -1,0 +1,97 @@
+"""Shared fixtures: real models (bundled encoder, SmolLM2 converted once) and a small real index.
+
+Everything here is loaded once per session; async tests share one event loop (pyproject) because
+the components' batchers live on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from gainrag.config import REPO_ROOT, Settings  # noqa: E402
+from gainrag.models import prepare_llm, resolve_encoder  # noqa: E402
+from gainrag.pipeline import Components, build_components  # noqa: E402
+from gainrag.retrieval.encoder import BiEncoder  # noqa: E402
+from gainrag.retrieval.index import build_index  # noqa: E402
+
+DATA = REPO_ROOT / "data"
+N_DEV = 8  # dev questions whose gold passages are in the small corpus
+N_OTHER = 240  # plus this many other passages
+
+
+@pytest.fixture(scope="session")
+def dev_questions() -> list[dict]:
+    with (DATA / "questions" / "nq_dev.jsonl").open() as f:
+        return [json.loads(line) for _, line in zip(range(N_DEV), f, strict=False)]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory, dev_questions: list[dict]) -> Path:
+    gold = {g for q in dev_questions for g in q["gold_ids"]}
+    rows, others = [], 0
+    with (DATA / "corpus.jsonl").open() as f:
+        for line in f:
+            row = json.loads(line)
+            if row["id"] in gold:
+                rows.append(row)
+            elif others < N_OTHER:
+                rows.append(row)
+                others += 1
+    assert {r["id"] for r in rows} >= gold
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def encoder() -> BiEncoder:
+    return BiEncoder(resolve_encoder("all-MiniLM-L6-v2"), name="all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="session")
+def index_dir(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path,
+              encoder: BiEncoder) -> Path:
+    out = tmp_path_factory.mktemp("index") / "index"
+    build_index(small_corpus, out, encoder, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llm_dir() -> Path:
+    # Reuses the converted cache under var/models (made by `make run` or the first test run).
+    return prepare_llm("smollm2-135m", REPO_ROOT / "var" / "models")
+
+
+def make_settings(index_dir: Path, small_corpus: Path, **overrides: object) -> Settings:
+    """Settings for tests: the small index, k=10, short generations."""
+    base: dict[str, object] = {
+        "retrieval": {"index_dir": index_dir, "corpus": small_corpus, "k": 10},
+        "llm": {"max_new_tokens_pseudo": 24, "max_new_tokens_answer": 12,
+                "models_dir": REPO_ROOT / "var" / "models"},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}  # type: ignore[dict-item]
+        else:
+            base[key] = value
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def settings(index_dir: Path, small_corpus: Path, llm_dir: Path) -> Settings:
+    return make_settings(index_dir, small_corpus)
+
+
+@pytest.fixture(scope="session")
+async def components(settings: Settings) -> AsyncIterator[Components]:
+    comps = build_components(settings)
+    yield comps
+    await comps.close()

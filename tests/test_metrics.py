@@ -1,0 +1,81 @@
+"""EM / F1 / has_answer / recall / percentile against hand-checked cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gainrag.evaluation.metrics import (
+    dpr_tokens,
+    exact_match,
+    f1_score,
+    has_answer,
+    normalize_answer,
+    percentile,
+    recall_at,
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "norm"),
+    [
+        ("The Eiffel Tower!", "eiffel tower"),
+        ("  a   Tale of  Two Cities ", "tale of two cities"),
+        ("Wilhelm Conrad Röntgen.", "wilhelm conrad röntgen"),
+        ("an apple, the pear; a plum", "apple pear plum"),
+        ("theatre", "theatre"),  # articles only as whole words
+        ("U.S.A.", "usa"),
+    ],
+)
+def test_normalize_answer(raw: str, norm: str) -> None:
+    assert normalize_answer(raw) == norm
+
+
+def test_exact_match_takes_max_over_golds() -> None:
+    assert exact_match("the Lexie", ["Dr. Lexie Grey", "Lexie"]) == 1.0
+    assert exact_match("Lexie Grey", ["Dr. Lexie Grey", "Lexie"]) == 0.0
+    assert exact_match("anything", []) == 0.0
+
+
+def test_f1_hand_computed() -> None:
+    # pred tokens {lexie, grey}; gold "dr lexie grey": same=2, P=2/2, R=2/3 -> F1 = 0.8
+    assert f1_score("Lexie Grey", ["Dr. Lexie Grey"]) == pytest.approx(0.8)
+    # max over golds: "Lexie" gives P=1/2, R=1 -> 2/3; the first gold gives 0.8
+    assert f1_score("Lexie Grey", ["Dr. Lexie Grey", "Lexie"]) == pytest.approx(0.8)
+    # repeated tokens count by multiplicity: pred "paris paris", gold "paris" -> P=1/2, R=1
+    assert f1_score("Paris Paris", ["Paris"]) == pytest.approx(2 / 3)
+    assert f1_score("London", ["Paris"]) == 0.0
+    assert f1_score("the", ["a"]) == 0.0  # both normalise to nothing
+    assert f1_score("x", []) == 0.0
+
+
+def test_dpr_tokens_split_punctuation_and_lowercase() -> None:
+    assert dpr_tokens("May 18, 2018") == ["may", "18", ",", "2018"]
+    assert dpr_tokens("Yakima (Washington)") == ["yakima", "(", "washington", ")"]
+
+
+def test_has_answer_token_sequences() -> None:
+    text = "It was released on May 18, 2018 in the United States."
+    assert has_answer(text, ["May 18, 2018"])
+    assert has_answer(text, ["nope", "united states"])  # any answer, case-insensitive
+    assert not has_answer(text, ["May 18 2018"])  # the comma is a token
+    assert not has_answer("Unitedstates", ["United States"])
+    assert not has_answer("Stated", ["state"])  # whole tokens only, not substrings
+    # NFD normalisation: a precomposed ö matches its decomposed form
+    assert has_answer("Wilhelm Conrad Ro\u0308ntgen won", ["Wilhelm Conrad Röntgen"])
+    assert not has_answer(text, [""])
+
+
+def test_recall_at_k() -> None:
+    hits = [False, False, True, False]
+    assert recall_at(hits, (1, 2, 3, 100)) == {1: 0.0, 2: 0.0, 3: 1.0, 100: 1.0}
+    assert recall_at([], (1,)) == {1: 0.0}
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    xs = [10.0, 20.0, 30.0, 40.0]
+    assert percentile(xs, 50) == 25.0
+    assert percentile(xs, 95) == pytest.approx(38.5)  # numpy.percentile(xs, 95)
+    assert percentile([7.0], 99) == 7.0
+    assert math.isnan(percentile([], 50))

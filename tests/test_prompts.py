@@ -1,0 +1,66 @@
+"""GainRAG prompt rendering, exact strings."""
+
+from __future__ import annotations
+
+from gainrag.llm import prompts
+from gainrag.pipeline import Components
+from gainrag.types import Passage
+
+P1 = Passage("a", "Nobel Prize", "Röntgen won in 1901.")
+P2 = Passage("pseudo", "", "Background text.", pseudo=True)
+
+
+def test_pseudo_prompt_is_gainrags() -> None:
+    assert prompts.pseudo_prompt("who won?") == (
+        "Please provide background for the question below in 100 words. Do not respond with "
+        'anything other than background. If you do not know or are unsure, please generate "N/A" '
+        "directly.\n\nQuestion: who won?"
+    )
+
+
+def test_answer_prompt_with_passages() -> None:
+    assert prompts.answer_prompt("who won?", [P1, P2]) == (
+        "Passage #1  title:Nobel Prize\nPassage #1  text:Röntgen won in 1901.\n"
+        "Passage #2  title:\nPassage #2  text:Background text.\n\n"
+        "### Instruction:\nAnswer the question below concisely in a few words.\n\n"
+        "### Input:\nwho won?\n"
+    )
+
+
+def test_closed_book_prompt_has_no_passage_block() -> None:
+    assert prompts.answer_prompt("who won?", []) == (
+        "### Instruction:\nAnswer the question below concisely in a few words.\n\n"
+        "### Input:\nwho won?\n"
+    )
+
+
+def test_passages_are_cut_to_max_words() -> None:
+    long = Passage("b", "T", " ".join(f"w{i}" for i in range(10)))
+    assert prompts.render_passages([long], max_words=3) == (
+        "Passage #1  title:T\nPassage #1  text:w0 w1 w2"
+    )
+
+
+def test_not_available_detection() -> None:
+    for text in ("N/A", " n/a.", "N/A - I am not sure", "", "   ", '"N/A"'):
+        assert prompts.is_not_available(text), text
+    for text in ("NASA launched it.", "Naval history", "The N/A rate is high."):
+        assert not prompts.is_not_available(text), text
+
+
+def test_clean_answer_takes_first_line() -> None:
+    assert prompts.clean_answer("\n  Paris \nBecause...") == "Paris"
+    assert prompts.clean_answer("  ") == ""
+
+
+def test_prompt_version_is_stable_hash() -> None:
+    assert len(prompts.PROMPT_VERSION) == 12
+    int(prompts.PROMPT_VERSION, 16)
+
+
+def test_chat_template_of_the_bundled_model(components: Components) -> None:
+    render = components.generator.render  # type: ignore[attr-defined]
+    assert render("hi") == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+        "Face<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
