@@ -16,11 +16,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from gainrag.config import REPO_ROOT, Settings  # noqa: E402
-from gainrag.models import prepare_llm, resolve_encoder  # noqa: E402
-from gainrag.pipeline import Components, build_components  # noqa: E402
-from gainrag.retrieval.encoder import BiEncoder  # noqa: E402
-from gainrag.retrieval.index import build_index  # noqa: E402
+from gainrag.config import REPO_ROOT, Settings
+from gainrag.models import prepare_llm, resolve_encoder
+from gainrag.pipeline import Components, build_components
+from gainrag.retrieval.encoder import BiEncoder
+from gainrag.retrieval.index import build_index
 
 DATA = REPO_ROOT / "data"
 N_DEV = 8  # dev questions whose gold passages are in the small corpus
@@ -57,8 +57,9 @@ def encoder() -> BiEncoder:
 
 
 @pytest.fixture(scope="session")
-def index_dir(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path,
-              encoder: BiEncoder) -> Path:
+def index_dir(
+    tmp_path_factory: pytest.TempPathFactory, small_corpus: Path, encoder: BiEncoder
+) -> Path:
     out = tmp_path_factory.mktemp("index") / "index"
     build_index(small_corpus, out, encoder, show_progress=False)
     return out
@@ -74,8 +75,11 @@ def make_settings(index_dir: Path, small_corpus: Path, **overrides: object) -> S
     """Settings for tests: the small index, k=10, short generations."""
     base: dict[str, object] = {
         "retrieval": {"index_dir": index_dir, "corpus": small_corpus, "k": 10},
-        "llm": {"max_new_tokens_pseudo": 24, "max_new_tokens_answer": 12,
-                "models_dir": REPO_ROOT / "var" / "models"},
+        "llm": {
+            "max_new_tokens_pseudo": 24,
+            "max_new_tokens_answer": 12,
+            "models_dir": REPO_ROOT / "var" / "models",
+        },
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

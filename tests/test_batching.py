@@ -32,8 +32,12 @@ async def test_concurrent_calls_share_batches_and_get_their_own_results() -> Non
 
 async def test_oversized_request_runs_alone() -> None:
     b: MicroBatcher[list[int], int] = MicroBatcher(
-        "t", lambda items: [len(x) for x in items], max_batch_cost=4, max_wait_s=0.0,
-        max_queue=10, cost=len,
+        "t",
+        lambda items: [len(x) for x in items],
+        max_batch_cost=4,
+        max_wait_s=0.0,
+        max_queue=10,
+        cost=len,
     )
     assert await b.submit(list(range(50))) == 50
     await b.close()

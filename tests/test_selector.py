@@ -51,8 +51,9 @@ async def test_cross_encoder_scores_match_a_direct_forward_pass(cross_encoder_di
 
 
 async def test_cross_encoder_batches_concurrent_requests(cross_encoder_dir: Path) -> None:
-    sel = CrossEncoderSelector(cross_encoder_dir, batch_size=16, max_batch_pairs=64,
-                               max_wait_s=0.05)
+    sel = CrossEncoderSelector(
+        cross_encoder_dir, batch_size=16, max_batch_pairs=64, max_wait_s=0.05
+    )
     questions = [f"question number {i} about prizes" for i in range(6)]
     together = await asyncio.gather(*(sel.score(q, CANDIDATES) for q in questions))
     assert sel.batcher.stats.batches < len(questions)

@@ -1,3 +1,3 @@
-"""gainrag: online RAG inference with a gain-trained passage selector (GainRAG, arXiv 2505.18710)."""
+"""gainrag: online RAG with a gain-trained passage selector (GainRAG, arXiv 2505.18710)."""
 
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ before they reach the model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -22,7 +23,7 @@ from typing import Generic, TypeVar
 from gainrag.errors import OverloadedError
 
 I = TypeVar("I")  # noqa: E741 - the conventional name for an input type variable
-O = TypeVar("O")
+O = TypeVar("O")  # noqa: E741
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,8 @@ class MicroBatcher(Generic[I, O]):
         """Stop the loop, fail queued requests, release the worker thread."""
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         while self._queue:
             p = self._queue.popleft()

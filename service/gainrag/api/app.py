@@ -41,9 +41,13 @@ def create_app(settings: Settings | None = None, components: Components | None =
         state: AppState = app.state.gainrag
         owned = components is None
         # Model loading is blocking CPU/disk work: keep it off the event loop.
-        comps = components or await asyncio.to_thread(build_components, settings)
+        comps = (
+            components
+            if components is not None
+            else await asyncio.to_thread(build_components, settings)
+        )
         state.pipeline = Pipeline(settings, comps)
-        log.info("ready", extra={"models": state.pipeline.models})
+        log.info("ready: %s", state.pipeline.models)
         try:
             yield
         finally:

@@ -58,8 +58,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _domain(request: Request, exc: GainRAGError) -> JSONResponse:
         headers = {"Retry-After": "1"} if isinstance(exc, OverloadedError) else None
         if exc.status_code >= 500:
-            log.warning("request failed: %s (%s)", exc.message, exc.code,
-                        extra={"request_id": getattr(request.state, "request_id", None)})
+            log.warning(
+                "request failed: %s (%s)",
+                exc.message,
+                exc.code,
+                extra={"request_id": getattr(request.state, "request_id", None)},
+            )
         return error_response(exc.status_code, exc.message, exc.type, exc.code, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -69,7 +73,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status_code, "http_error"
+        )
         return error_response(exc.status_code, str(exc.detail), "invalid_request_error", code)
 
     @app.exception_handler(Exception)

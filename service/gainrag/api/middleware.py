@@ -52,8 +52,10 @@ class RequestContextMiddleware:
 
             async def send_with_id(message: Message) -> None:
                 if message["type"] == "http.response.start":
-                    message["headers"] = [*message.get("headers", []),
-                                          (b"x-request-id", rid.encode())]
+                    message["headers"] = [
+                        *message.get("headers", []),
+                        (b"x-request-id", rid.encode()),
+                    ]
                 await send(message)
 
             await self.app(scope, limited_receive, send_with_id)
@@ -69,7 +71,15 @@ class RequestContextMiddleware:
             }
         }
         data = json.dumps(body).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-            (b"x-request-id", rid.encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(data)).encode()),
+                    (b"x-request-id", rid.encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": data})

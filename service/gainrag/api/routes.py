@@ -40,13 +40,19 @@ async def admitted_pipeline(request: Request) -> AsyncIterator[Pipeline]:
 def _passage_out(s: Scored) -> PassageOut:
     p = s.passage
     return PassageOut(
-        id=p.id, title=p.title, text=p.text, score=s.score, pseudo=p.pseudo,
-        retrieval_rank=s.retrieval_rank, retrieval_score=s.retrieval_score,
+        id=p.id,
+        title=p.title,
+        text=p.text,
+        score=s.score,
+        pseudo=p.pseudo,
+        retrieval_rank=s.retrieval_rank,
+        retrieval_score=s.retrieval_score,
     )
 
 
-@router.post("/answer", response_model=AnswerResponse, responses=_ERRORS,
-             response_model_exclude_none=True)
+@router.post(
+    "/answer", response_model=AnswerResponse, responses=_ERRORS, response_model_exclude_none=True
+)
 async def answer(
     body: AnswerRequest, request: Request, pipeline: Annotated[Pipeline, Depends(admitted_pipeline)]
 ) -> AnswerResponse:

@@ -14,9 +14,7 @@ class AnswerRequest(BaseModel):
     top_n: StrictInt | None = Field(
         None, description="Passages given to the generator (default from settings)."
     )
-    return_candidates: StrictBool = Field(
-        False, description="Also return every scored candidate."
-    )
+    return_candidates: StrictBool = Field(False, description="Also return every scored candidate.")
 
 
 class PassageOut(BaseModel):

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ from tqdm import tqdm
 
 from gainrag.config import Settings
 from gainrag.errors import ConfigurationError
+from gainrag.evaluation.machine import machine_info
 from gainrag.evaluation.metrics import (
     exact_match,
     f1_score,
@@ -45,8 +44,9 @@ PRESETS = {
     for p in (
         Preset("closed-book", "no passage: the LLM answers alone", False, False, False),
         Preset("retrieval", "retriever's top-n, no pseudo-passage", True, False, False),
-        Preset("rerank", "relevance selector over retrieved passages", True, False, True,
-               "relevance"),
+        Preset(
+            "rerank", "relevance selector over retrieved passages", True, False, True, "relevance"
+        ),
         Preset("gainrag", "configured selector over retrieved + pseudo-passage", True, True, True),
         Preset("gainrag-no-pseudo", "configured selector, no pseudo-passage", True, False, True),
     )
@@ -56,8 +56,11 @@ PRESETS = {
 def apply_preset(settings: Settings, preset: Preset) -> Settings:
     """A copy of ``settings`` with the preset's pipeline switches."""
     pipeline = settings.pipeline.model_copy(
-        update={"retrieve": preset.retrieve, "pseudo_passage": preset.pseudo_passage,
-                "select": preset.select}
+        update={
+            "retrieve": preset.retrieve,
+            "pseudo_passage": preset.pseudo_passage,
+            "select": preset.select,
+        }
     )
     selector = settings.selector
     if preset.selector_kind is not None:
@@ -129,8 +132,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         out["selected_has_answer"] = mean(float(r["selected_has_answer"]) for r in with_ret)
     with_gold = [r for r in records if "gold_recall" in r]
     if with_gold:
-        out["gold_recall"] = {f"@{k}": mean(r["gold_recall"][k] for r in with_gold)
-                              for k in RECALL_KS}
+        out["gold_recall"] = {
+            f"@{k}": mean(r["gold_recall"][k] for r in with_gold) for k in RECALL_KS
+        }
     return out
 
 
@@ -146,7 +150,9 @@ async def run_eval(
 ) -> dict[str, Any]:
     """Evaluate one preset; returns the report (summary, settings and per-question records)."""
     if preset_name not in PRESETS:
-        raise ConfigurationError(f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
+        raise ConfigurationError(
+            f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}"
+        )
     preset = PRESETS[preset_name]
     settings = apply_preset(settings, preset)
     rows = load_questions(questions, limit)
@@ -157,8 +163,9 @@ async def run_eval(
     records: list[dict[str, Any] | None] = [None] * len(rows)
     started = time.perf_counter()
     try:
-        with tqdm(total=len(rows), desc=f"eval {preset_name}", unit="q",
-                  disable=not show_progress) as bar:
+        with tqdm(
+            total=len(rows), desc=f"eval {preset_name}", unit="q", disable=not show_progress
+        ) as bar:
 
             async def one(i: int) -> None:
                 async with sem:
@@ -178,10 +185,12 @@ async def run_eval(
         "concurrency": concurrency,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "models": pipeline.models,
-        "settings": {"k": settings.retrieval.k, "top_n": top_n or settings.pipeline.top_n,
-                     "llm": settings.llm.model},
-        "machine": {"python": sys.version.split()[0], "platform": platform.platform(),
-                    "processor": platform.processor() or platform.machine()},
+        "settings": {
+            "k": settings.retrieval.k,
+            "top_n": top_n or settings.pipeline.top_n,
+            "llm": settings.llm.model,
+        },
+        "machine": machine_info(),
         **summary,
         "records": done,
     }
@@ -189,8 +198,10 @@ async def run_eval(
 
 def format_table(reports: list[dict[str, Any]]) -> str:
     """A markdown table of the main metrics of several reports."""
-    head = ("| preset | n | EM | F1 | R@1 | R@5 | R@20 | R@100 | pseudo sel. | p50 ms | p95 ms |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| preset | n | EM | F1 | R@1 | R@5 | R@20 | R@100 | pseudo sel. | p50 ms | p95 ms |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in reports:
         rec = r.get("recall") or {}

@@ -54,7 +54,8 @@ def f1_score(prediction: str, golds: Iterable[str]) -> float:
 
 # DPR's SimpleTokenizer: runs of letters/numbers/marks, or any other non-space character.
 _DPR_TOKEN = regex.compile(
-    r"([\p{L}\p{N}\p{M}]+)|([^\p{Z}\p{C}])", flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE
+    r"([\p{L}\p{N}\p{M}]+)|([^\p{Z}\p{C}])",
+    flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE,
 )
 
 

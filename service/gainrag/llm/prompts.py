@@ -23,8 +23,14 @@ PASSAGE_TEMPLATE = "Passage #{i}  title:{title}\nPassage #{i}  text:{text}"
 
 PROMPT_VERSION = hashlib.sha256(
     "\x1f".join(
-        [PSEUDO_INSTRUCTION, PSEUDO_TEMPLATE, ANSWER_INSTRUCTION, ANSWER_TEMPLATE,
-         CLOSED_BOOK_TEMPLATE, PASSAGE_TEMPLATE]
+        [
+            PSEUDO_INSTRUCTION,
+            PSEUDO_TEMPLATE,
+            ANSWER_INSTRUCTION,
+            ANSWER_TEMPLATE,
+            CLOSED_BOOK_TEMPLATE,
+            PASSAGE_TEMPLATE,
+        ]
     ).encode()
 ).hexdigest()[:12]
 
@@ -59,9 +65,7 @@ def render_passages(passages: Sequence[Passage], max_words: int | None = None) -
     )
 
 
-def answer_prompt(
-    question: str, passages: Sequence[Passage], max_words: int | None = None
-) -> str:
+def answer_prompt(question: str, passages: Sequence[Passage], max_words: int | None = None) -> str:
     """User message for the generator; with no passages it is the closed-book prompt."""
     if not passages:
         return CLOSED_BOOK_TEMPLATE.format(instruction=ANSWER_INSTRUCTION, question=question)

@@ -36,9 +36,8 @@ class TransformersGenerator:
         self.tokenizer.padding_side = "left"  # decoder-only batching pads on the left
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = (
-            AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype]).to(self.device).eval()
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         meta = path / "gainrag_model.json"
         self.name = json.loads(meta.read_text())["name"] if meta.is_file() else path.name
         self.version = f"{self.name}-{dtype}"

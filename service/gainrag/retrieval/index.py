@@ -63,8 +63,9 @@ def build_index(
     if len(set(ids)) != len(ids):
         raise ConfigurationError(f"corpus {corpus} has duplicate passage ids")
     started = time.perf_counter()
-    with tqdm(total=len(passages), desc="encoding passages", unit="psg",
-              disable=not show_progress) as bar:
+    with tqdm(
+        total=len(passages), desc="encoding passages", unit="psg", disable=not show_progress
+    ) as bar:
         vectors = encoder.encode(
             [p.as_candidate_text() for p in passages], batch_size=batch_size, progress=bar.update
         )
@@ -152,8 +153,9 @@ class DenseIndex:
             index = faiss.index_cpu_to_gpu(res, 0, index)
             on_gpu = True
             log.info("index moved to GPU FAISS")
-        return cls(index=index, passages=passages, manifest=manifest, vectors=vectors,
-                   on_gpu=on_gpu)
+        return cls(
+            index=index, passages=passages, manifest=manifest, vectors=vectors, on_gpu=on_gpu
+        )
 
     def search(self, queries: np.ndarray, k: int) -> list[list[Retrieved]]:
         """Top-k passages per query vector, best first."""

@@ -27,7 +27,10 @@ class LocalRetriever:
         self.name = f"faiss-{'gpu' if index.on_gpu else 'cpu'}:{encoder.name}"
         self.version = index.version
         self.batcher: MicroBatcher[tuple[str, int], list[Retrieved]] = MicroBatcher(
-            "retriever", self._run, max_batch_cost=max_batch, max_wait_s=0.001,
+            "retriever",
+            self._run,
+            max_batch_cost=max_batch,
+            max_wait_s=0.001,
             max_queue=max_queue,
         )
 

