@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,14 @@ def test_unknown_models_fail_clearly(tmp_path: Path) -> None:
         prepare_llm("gpt-17", tmp_path)
     with pytest.raises(ConfigurationError, match="make install"):
         package_dir("surely_not_installed_pkg")
+
+
+def test_a_changed_gguf_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = BUNDLED_LLMS["smollm2-135m"]
+    monkeypatch.setitem(BUNDLED_LLMS, "smollm2-135m", replace(spec, sha256="0" * 64))
+    with pytest.raises(ConfigurationError, match="does not match the pinned"):
+        prepare_llm("smollm2-135m", tmp_path)
+    assert not (tmp_path / "smollm2-135m").exists()
 
 
 def test_qwen_is_registered_as_six_ordered_parts() -> None:

@@ -11,8 +11,9 @@ import pytest
 from gainrag.cli import main
 from gainrag.errors import ConfigurationError
 from gainrag.retrieval.encoder import BiEncoder
-from gainrag.retrieval.index import DenseIndex, build_index, file_sha256, read_manifest
+from gainrag.retrieval.index import DenseIndex, build_index, read_manifest
 from gainrag.retrieval.local import LocalRetriever
+from gainrag.util import file_sha256
 
 
 def test_encoder_gives_unit_vectors_independent_of_batching(encoder: BiEncoder) -> None:

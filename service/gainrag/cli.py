@@ -20,7 +20,8 @@ log = logging.getLogger("gainrag")
 def _index_build(settings: Settings, corpus: Path | None, out: Path | None, force: bool) -> None:
     from gainrag.models import resolve_encoder
     from gainrag.retrieval.encoder import BiEncoder
-    from gainrag.retrieval.index import build_index, file_sha256, read_manifest
+    from gainrag.retrieval.index import build_index, read_manifest
+    from gainrag.util import file_sha256
 
     r = settings.retrieval
     corpus = corpus or r.corpus

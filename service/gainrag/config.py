@@ -134,8 +134,13 @@ class Settings(BaseSettings):
             if isinstance(sub, type) and issubclass(sub, BaseModel):
                 for sname, sfield in sub.model_fields.items():
                     default = sfield.default
-                    rows.append((f"GAINRAG_{name.upper()}__{sname.upper()}",
-                                 _fmt_default(default), sfield.description or ""))
+                    rows.append(
+                        (
+                            f"GAINRAG_{name.upper()}__{sname.upper()}",
+                            _fmt_default(default),
+                            sfield.description or "",
+                        )
+                    )
             else:
                 default = "repo root" if name == "home" else _fmt_default(field.default)
                 rows.append((f"GAINRAG_{name.upper()}", default, field.description or ""))

