@@ -117,3 +117,18 @@ def test_summary_math() -> None:
     assert s["pseudo_selected_rate"] == 0.5
     assert s["recall"] == {"@1": 0.5, "@5": 1.0, "@20": 1.0, "@100": 1.0}
     assert s["latency_ms"] == {"p50": 200.0, "p95": 290.0}
+
+
+def test_pseudo_passage_without_a_selector_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GAINRAG_PIPELINE__SELECT", "false")
+    with pytest.raises(ValueError, match=r"pseudo_passage needs pipeline\.select"):
+        Settings()
+
+
+def test_cli_reports_invalid_settings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GAINRAG_RETRIEVAL__K", "zero")
+    assert main(["settings"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid settings" in err and "retrieval.k" in err

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from gainrag.config import Settings
 from gainrag.errors import GainRAGError
 from gainrag.logs import setup_logging
@@ -127,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gainrag`` console script."""
     args = build_parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"gainrag: invalid settings (GAINRAG_* environment or .env):\n{exc}", file=sys.stderr)
+        return 2
     setup_logging(settings.log_level)
     try:
         if args.cmd == "prepare":

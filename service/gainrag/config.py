@@ -93,6 +93,13 @@ class PipelineSettings(BaseModel):
     )
     timeout_s: float = Field(120.0, gt=0, description="Deadline for one /answer request.")
 
+    @model_validator(mode="after")
+    def _pseudo_needs_selector(self) -> PipelineSettings:
+        # Without a selector nothing can rank the pseudo-passage against retrieved ones.
+        if self.pseudo_passage and not self.select:
+            raise ValueError("pipeline.pseudo_passage needs pipeline.select (a selector ranks it)")
+        return self
+
 
 class ApiSettings(BaseModel):
     """HTTP gateway limits."""

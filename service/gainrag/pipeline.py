@@ -8,7 +8,6 @@ pseudo-passage (an LLM generation) is usually the slowest stage.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable
@@ -79,19 +78,6 @@ class Pipeline:
             "generator_version": c.generator.version,
             "prompt_version": prompts.PROMPT_VERSION,
         }
-
-    @property
-    def version(self) -> str:
-        """One hash of every version that changes an answer (for cache keys)."""
-        o = self.options
-        parts = [
-            *sorted(self.models.items()),
-            ("k", self.settings.retrieval.k),
-            ("pseudo", o.pseudo_passage),
-            ("retrieve", o.retrieve),
-            ("select", o.select),
-        ]
-        return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
     async def _timed(self, stage: str, timings: dict[str, float], aw: Awaitable[T]) -> T:
         start = time.perf_counter()
@@ -170,10 +156,8 @@ class Pipeline:
             for r in retrieved
         ]
         pseudo_kept = o.pseudo_passage and not prompts.is_not_available(pseudo_text)
-        if pseudo_kept:
-            candidates.append(
-                Scored(Passage(PSEUDO_ID, "", pseudo_text.strip(), pseudo=True), float("-inf"))
-            )
+        if pseudo_kept:  # its score comes from the selector (settings require one)
+            candidates.append(Scored(Passage(PSEUDO_ID, "", pseudo_text.strip(), pseudo=True), 0.0))
 
         if o.select and candidates and self.c.selector is not None:
             scores = await self._timed(
@@ -183,8 +167,7 @@ class Pipeline:
             )
             for s, score in zip(candidates, scores, strict=True):
                 s.score = float(score)
-        # Stable sort: ties keep retrieval order, and without a selector the pseudo-passage
-        # (score -inf) can never displace a retrieved passage.
+        # Stable sort: ties keep retrieval order.
         ranked = sorted(candidates, key=lambda s: -s.score)
         selected = ranked[:top_n]
 

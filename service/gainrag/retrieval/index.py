@@ -162,8 +162,9 @@ class DenseIndex:
             for row_ids, row_scores in zip(ids, scores, strict=True)
         ]
 
+    def __post_init__(self) -> None:
+        self._row = {p.id: i for i, p in enumerate(self.passages)}
+
     def position(self, passage_id: str) -> int | None:
-        """Index row of a passage id (built lazily)."""
-        if not hasattr(self, "_pos"):
-            self._pos = {p.id: i for i, p in enumerate(self.passages)}
-        return self._pos.get(passage_id)
+        """Index row of a passage id, or None if it is not in the index."""
+        return self._row.get(passage_id)

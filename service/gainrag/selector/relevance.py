@@ -52,14 +52,19 @@ class RelevanceSelector:
 
     async def score(self, question: str, candidates: list[Passage]) -> list[float]:
         """Cosine similarity per candidate."""
+        if not candidates:
+            return []
         stored = [self._stored_vector(c) for c in candidates]
         missing = [i for i, v in enumerate(stored) if v is None]
         texts = [question] + [candidates[i].as_candidate_text() for i in missing]
         vecs = await self.batcher.submit(texts)
-        q = vecs[0]
+        matrix = np.empty((len(candidates), vecs.shape[1]), dtype=np.float32)
+        for i, v in enumerate(stored):
+            if v is not None:
+                matrix[i] = v
         for j, i in enumerate(missing):
-            stored[i] = vecs[j + 1]
-        return [float(np.dot(q, v)) for v in stored if v is not None]
+            matrix[i] = vecs[j + 1]
+        return [float(x) for x in matrix @ vecs[0]]
 
     async def close(self) -> None:
         """Stop the batcher thread."""
