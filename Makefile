@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test install prepare serve lint bench eval models-qwen clean help
+.PHONY: run test install prepare serve lint bench eval models-qwen clean distclean help
 
 help:
 	@echo "make run    install, prepare models and index, serve on 127.0.0.1:8000"
@@ -62,3 +62,6 @@ eval: prepare
 
 clean:
 	rm -rf $(VENV) var
+
+distclean: clean  # also the machine-wide cache of converted models
+	rm -rf $${GAINRAG_LLM__MODELS_DIR:-$$HOME/.cache/gainrag/models}

@@ -67,8 +67,8 @@ def index_dir(
 
 @pytest.fixture(scope="session")
 def llm_dir() -> Path:
-    # Reuses the converted cache under var/models (made by `make run` or the first test run).
-    return prepare_llm("smollm2-135m", REPO_ROOT / "var" / "models")
+    # Reuses the machine's converted-model cache (made by `make run` or the first test run).
+    return prepare_llm("smollm2-135m", Settings().llm.models_dir)
 
 
 def make_settings(index_dir: Path, small_corpus: Path, **overrides: object) -> Settings:
@@ -78,7 +78,6 @@ def make_settings(index_dir: Path, small_corpus: Path, **overrides: object) -> S
         "llm": {
             "max_new_tokens_pseudo": 24,
             "max_new_tokens_answer": 12,
-            "models_dir": REPO_ROOT / "var" / "models",
         },
     }
     for key, value in overrides.items():

@@ -26,7 +26,9 @@ def env(
 def test_settings_come_from_nested_env(env: None) -> None:
     s = Settings()
     assert s.retrieval.k == 5 and s.llm.max_new_tokens_answer == 8
-    assert s.llm.models_dir == REPO_ROOT / "var" / "models"  # relative paths resolve to home
+    assert s.retrieval.corpus.is_absolute()
+    assert s.llm.models_dir == Path("~/.cache/gainrag/models").expanduser()
+    assert Settings(retrieval={"index_dir": "x/idx"}).retrieval.index_dir == REPO_ROOT / "x/idx"
 
 
 def test_presets_switch_the_pipeline() -> None:

@@ -61,7 +61,10 @@ class LLMSettings(BaseModel):
         "smollm2-135m",
         description="'smollm2-135m', 'qwen2.5-coder-0.5b' (bundled GGUFs) or a local HF directory.",
     )
-    models_dir: Path = Field(Path("var/models"), description="Where converted models are cached.")
+    models_dir: Path = Field(
+        Path("~/.cache/gainrag/models"),
+        description="Cache of converted models, shared by every checkout on the machine.",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Torch dtype.")
     threads: int = Field(0, ge=0, description="Torch CPU threads (0 = torch default).")
     max_new_tokens_pseudo: int = Field(
@@ -157,6 +160,7 @@ class Settings(BaseSettings):
     def _resolve_paths(self) -> Settings:
         # Relative paths are resolved against `home` so the service behaves the same from any cwd.
         def fix(p: Path) -> Path:
+            p = p.expanduser()
             return p if p.is_absolute() else (self.home / p)
 
         self.retrieval.index_dir = fix(self.retrieval.index_dir)

