@@ -10,9 +10,13 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from starlette.requests import Request
 
 from gainrag.api import create_app
+from gainrag.api.middleware import RequestContextMiddleware
+from gainrag.api.routes import until_disconnect
 from gainrag.config import Settings
+from gainrag.errors import ClientClosedError
 from gainrag.pipeline import Components
 from gainrag.types import Passage
 from tests.conftest import make_settings
@@ -161,7 +165,89 @@ async def test_server_keeps_serving_after_bad_input(client: httpx.AsyncClient) -
 
 async def test_unknown_route_and_method_use_the_error_shape(client: httpx.AsyncClient) -> None:
     assert_error(await client.get("/nope"), 404, "not_found")
-    assert_error(await client.get("/answer"), 405, "method_not_allowed")
+    r = await client.get("/answer")
+    assert_error(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == "POST"
+
+
+async def test_body_that_is_not_utf8_is_400(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/answer", content=b'{"question": "\xff\xfe"}', headers={"content-type": "application/json"}
+    )
+    assert_error(r, 400, "invalid_json", "UTF-8")
+
+
+async def test_unhandled_errors_are_500_with_request_id_and_no_details() -> None:
+    async def crashing_app(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("secret /internal/path")
+
+    app = RequestContextMiddleware(crashing_app, max_body_bytes=1024)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        r = await c.get("/", headers={"x-request-id": "req-42"})
+    err = assert_error(r, 500, "internal_error", "req-42")
+    assert "secret" not in err["message"]
+    assert r.headers["x-request-id"] == "req-42"
+
+
+async def test_client_disconnect_cancels_the_work() -> None:
+    cancelled = asyncio.Event()
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(0.05)  # the client hangs up while the answer is being computed
+        return {"type": "http.disconnect"}
+
+    async def work() -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "answer"
+
+    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    await request.body()
+    with pytest.raises(ClientClosedError):
+        await until_disconnect(request, work())
+    await asyncio.wait_for(cancelled.wait(), 1)
+
+
+async def test_models_load_in_the_background(settings: Settings, llm_dir: Path) -> None:
+    app = create_app(settings)  # builds its own components
+    async with LifespanManager(app, startup_timeout=60) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+            assert (await c.get("/health")).status_code == 200  # live while loading
+            for _ in range(600):
+                r = await c.get("/ready")
+                if r.status_code == 200:
+                    break
+                assert_error(r, 503, "not_ready", "loading")
+                await asyncio.sleep(0.1)
+            assert r.status_code == 200
+            ok = await c.post("/answer", json={"question": "who won"})
+            assert ok.status_code == 200, ok.text
+
+
+async def test_load_failure_is_reported_by_ready_and_answer(
+    tmp_path: Path, small_corpus: Path, llm_dir: Path
+) -> None:
+    app = create_app(make_settings(tmp_path / "no-index", small_corpus))
+    async with LifespanManager(app, startup_timeout=60) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+            for _ in range(600):
+                r = await c.get("/ready")
+                if r.json()["error"]["code"] == "load_failed":
+                    break
+                await asyncio.sleep(0.1)
+            assert_error(r, 503, "load_failed", "gainrag index build")
+            assert_error(await c.post("/answer", json={"question": "q"}), 503, "load_failed")
+            assert (await c.get("/health")).status_code == 200
 
 
 async def test_overload_is_429_with_retry_after(

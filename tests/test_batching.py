@@ -108,13 +108,72 @@ async def test_cancelled_callers_are_dropped_before_the_model_runs() -> None:
 
 
 async def test_model_failure_reaches_every_caller_in_the_batch() -> None:
+    calls = 0
+
     def run(items: list[int]) -> list[int]:
-        raise RuntimeError("boom")
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        return [x * 10 for x in items]
 
     b: MicroBatcher[int, int] = MicroBatcher(
         "t", run, max_batch_cost=4, max_wait_s=0.02, max_queue=10
     )
     results = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
-    assert all(isinstance(r, RuntimeError) for r in results)
-    assert await asyncio.gather(b.submit(1), return_exceptions=True)  # still serving
+    assert [type(r) for r in results] == [RuntimeError] * 3
+    assert await b.submit(7) == 70  # the loop survived and still serves
     await b.close()
+
+
+async def test_wrong_result_count_fails_the_batch_not_the_loop() -> None:
+    short = True
+
+    def run(items: list[int]) -> list[int]:
+        return items[:-1] if short else items
+
+    b: MicroBatcher[int, int] = MicroBatcher(
+        "t", run, max_batch_cost=4, max_wait_s=0.02, max_queue=10
+    )
+    results = await asyncio.gather(*(b.submit(i) for i in range(2)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) and "returned 1 results" in str(r) for r in results)
+    short = False
+    assert await asyncio.wait_for(b.submit(5), 5) == 5
+    await b.close()
+
+
+async def test_per_item_exceptions_reach_only_their_caller() -> None:
+    def run(items: list[int]) -> list[int | BaseException]:
+        return [ValueError(f"bad {x}") if x < 0 else x for x in items]
+
+    b: MicroBatcher[int, int] = MicroBatcher(
+        "t", run, max_batch_cost=4, max_wait_s=0.05, max_queue=10
+    )
+    good, bad = await asyncio.gather(b.submit(3), b.submit(-1), return_exceptions=True)
+    assert good == 3
+    assert isinstance(bad, ValueError) and str(bad) == "bad -1"
+    assert b.stats.batches == 1
+    await b.close()
+
+
+async def test_close_fails_in_flight_and_later_requests() -> None:
+    gate = threading.Event()
+
+    def run(items: list[int]) -> list[int]:
+        gate.wait(5)
+        return items
+
+    b: MicroBatcher[int, int] = MicroBatcher(
+        "t", run, max_batch_cost=1, max_wait_s=0.0, max_queue=10
+    )
+    running = asyncio.ensure_future(b.submit(0))
+    await asyncio.sleep(0.05)
+    queued = asyncio.ensure_future(b.submit(1))
+    await asyncio.sleep(0.01)
+    await b.close()
+    gate.set()
+    for fut in (running, queued):
+        with pytest.raises(OverloadedError, match="shutting down"):
+            await asyncio.wait_for(fut, 5)
+    with pytest.raises(OverloadedError, match="shutting down"):
+        await b.submit(2)

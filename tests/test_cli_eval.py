@@ -80,8 +80,8 @@ def test_eval_writes_a_report(
     else:
         assert set(report["recall"]) == {"@1", "@5", "@20", "@100"}
         assert set(report["gold_recall"]) == {"@1", "@5", "@20", "@100"}
-        # the gold passages are in the small index and k=5 > 1: recall can only grow with k
-        assert report["recall"]["@1"] <= report["recall"]["@5"] <= report["recall"]["@100"]
+        # the gold passages of these questions are in the small index: MiniLM finds them
+        assert report["gold_recall"]["@5"] > 0
 
 
 def test_eval_rejects_bad_question_files(

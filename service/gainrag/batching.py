@@ -49,12 +49,16 @@ class BatchStats:
 
 
 class MicroBatcher(Generic[I, O]):
-    """Batch concurrent ``submit`` calls into ``run_batch`` calls on one worker thread."""
+    """Batch concurrent ``submit`` calls into ``run_batch`` calls on one worker thread.
+
+    ``run_batch`` returns one result per item, in order; an item's result may be an exception
+    instance, which is raised to that caller only (e.g. one prompt too long in a batch).
+    """
 
     def __init__(
         self,
         name: str,
-        run_batch: Callable[[list[I]], Sequence[O]],
+        run_batch: Callable[[list[I]], Sequence[O | BaseException]],
         *,
         max_batch_cost: int,
         max_wait_s: float,
@@ -70,11 +74,13 @@ class MicroBatcher(Generic[I, O]):
         self._cost = cost
         self._key = key
         self._queue: deque[_Pending[I, O]] = deque()
+        self._current: list[_Pending[I, O]] = []  # the batch being filled or run
         self._wakeup = asyncio.Event()
         # One thread per model: torch already parallelises inside an op, and one thread keeps
         # the batches strictly sequential so memory and latency stay predictable.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
         self.stats = BatchStats()
 
     @property
@@ -83,32 +89,41 @@ class MicroBatcher(Generic[I, O]):
         return len(self._queue)
 
     def start(self) -> None:
-        """Start the batching loop on the running event loop (idempotent)."""
+        """Start (or restart) the batching loop on the running event loop; idempotent."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
 
     async def close(self) -> None:
-        """Stop the loop, fail queued requests, release the worker thread."""
+        """Stop the loop, fail queued and in-flight requests, release the worker thread."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        while self._queue:
-            p = self._queue.popleft()
-            if not p.future.done():
-                p.future.set_exception(OverloadedError(f"{self.name} is shutting down"))
+        self._fail_all(OverloadedError(f"{self.name} is shutting down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for p in [*self._current, *self._queue]:
+            if not p.future.done():
+                p.future.set_exception(exc)
+        self._current = []
+        self._queue.clear()
 
     async def submit(self, item: I) -> O:
         """Queue one request and wait for its own result."""
-        if self._task is None:
-            self.start()
+        if self._closed:
+            raise OverloadedError(f"{self.name} is shutting down")
+        self.start()
         if len(self._queue) >= self._max_queue:
-            self.stats.rejected += 1
-            raise OverloadedError(
-                f"{self.name} queue is full ({self._max_queue} waiting); retry shortly"
-            )
+            # Callers that gave up must not hold places: prune them before refusing anyone.
+            self._queue = deque(p for p in self._queue if not p.future.done())
+            if len(self._queue) >= self._max_queue:
+                self.stats.rejected += 1
+                raise OverloadedError(
+                    f"{self.name} queue is full ({self._max_queue} waiting); retry shortly"
+                )
         fut: asyncio.Future[O] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(item, max(1, self._cost(item)), self._key(item), fut))
         self._wakeup.set()
@@ -143,44 +158,65 @@ class MicroBatcher(Generic[I, O]):
         return budget
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            first = self._pop_live()
-            if first is None:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            batch = [first]
-            budget = self._max_cost - first.cost
-            deadline = first.enqueued + self._max_wait
-            while budget > 0:
-                budget = self._take_compatible(batch, budget)
-                remaining = deadline - time.monotonic()
-                if budget <= 0 or remaining <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except TimeoutError:
-                    self._take_compatible(batch, budget)
-                    break
-            live = [p for p in batch if not p.future.done()]
-            self.stats.dropped += len(batch) - len(live)
-            if not live:
-                continue
-            self.stats.batches += 1
-            self.stats.items += len(live)
-            self.stats.last_batch_sizes.append(len(live))
+        try:
+            while True:
+                await self._one_batch()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in the loop itself: fail callers, do not hang them
+            log.exception("batch loop of %s died", self.name)
+            self._fail_all(exc)
+            raise
+
+    async def _one_batch(self) -> None:
+        first = self._pop_live()
+        if first is None:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+            return
+        batch = self._current = [first]
+        budget = self._max_cost - first.cost
+        deadline = first.enqueued + self._max_wait
+        while budget > 0:
+            budget = self._take_compatible(batch, budget)
+            remaining = deadline - time.monotonic()
+            if budget <= 0 or remaining <= 0:
+                break
+            self._wakeup.clear()
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self._run_batch, [p.item for p in live]
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                self._take_compatible(batch, budget)
+                break
+        live = [p for p in batch if not p.future.done()]
+        self.stats.dropped += len(batch) - len(live)
+        self._current = live
+        if not live:
+            return
+        self.stats.batches += 1
+        self.stats.items += len(live)
+        self.stats.last_batch_sizes.append(len(live))
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(
+                self._executor, self._run_batch, [p.item for p in live]
+            )
+            if len(results) != len(live):
+                raise RuntimeError(
+                    f"{self.name}: batch of {len(live)} returned {len(results)} results"
                 )
-            except Exception as exc:  # the model failed: every caller in the batch gets it
-                log.exception("batch of %d failed in %s", len(live), self.name)
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            for p, r in zip(live, results, strict=True):
+        except Exception as exc:  # the model failed: every caller in the batch gets it
+            log.exception("batch of %d failed in %s", len(live), self.name)
+            for p in live:
                 if not p.future.done():
-                    p.future.set_result(r)
+                    p.future.set_exception(exc)
+            self._current = []
+            return
+        for p, r in zip(live, results, strict=True):
+            if p.future.done():
+                continue
+            if isinstance(r, BaseException):
+                p.future.set_exception(r)
+            else:
+                p.future.set_result(r)
+        self._current = []

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from gainrag.config import Settings
-from gainrag.errors import GainRAGError
+from gainrag.errors import ConfigurationError, GainRAGError
 from gainrag.logs import setup_logging
 
 log = logging.getLogger("gainrag")
@@ -33,6 +33,7 @@ def _index_build(settings: Settings, corpus: Path | None, out: Path | None, forc
         not force
         and manifest is not None
         and manifest.get("encoder") == r.encoder
+        and manifest.get("max_length") == r.max_length
         and manifest.get("corpus_sha256") == file_sha256(corpus)
     ):
         print(
@@ -61,6 +62,13 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> None:
     import uvicorn
 
     from gainrag.api import create_app
+    from gainrag.retrieval.index import read_manifest
+
+    # Fail fast on the common mistake instead of serving a gateway that never becomes ready.
+    if settings.pipeline.retrieve and read_manifest(settings.retrieval.index_dir) is None:
+        raise ConfigurationError(
+            f"no index at {settings.retrieval.index_dir}; run `gainrag prepare` (or `make run`)"
+        )
 
     uvicorn.run(
         create_app(settings),

@@ -43,6 +43,14 @@ class ValidationFailedError(GainRAGError):
     code = "validation_error"
 
 
+class ClientClosedError(GainRAGError):
+    """The client disconnected before the answer was ready; the work was cancelled."""
+
+    status_code = 499  # nginx's convention; nobody is left to read it
+    type = "client_closed_request"
+    code = "client_closed_request"
+
+
 class OverloadedError(GainRAGError):
     """A queue or the in-flight limit is full; the client should retry later."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from gainrag.types import AnswerResult, Passage, Retrieved, Scored
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+A = TypeVar("A")
+B = TypeVar("B")
 
 STAGES = ("retrieve", "pseudo", "select", "generate")
 PSEUDO_ID = "pseudo"
@@ -149,7 +152,7 @@ class Pipeline:
             if o.pseudo_passage
             else no_pseudo()
         )
-        retrieved, pseudo_text = await asyncio.gather(retrieve_aw, pseudo_aw)
+        retrieved, pseudo_text = await gather_or_cancel(retrieve_aw, pseudo_aw)
 
         candidates: list[Scored] = [
             Scored(r.passage, r.score, retrieval_rank=r.rank, retrieval_score=r.score)
@@ -165,6 +168,9 @@ class Pipeline:
                 timings,
                 self.c.selector.score(question, [s.passage for s in candidates]),
             )
+            if not all(math.isfinite(x) for x in scores):
+                # e.g. fp16 overflow in a cross-encoder: ranking on NaN would be silently wrong
+                raise UpstreamError("the selector returned non-finite scores", code="select_failed")
             for s, score in zip(candidates, scores, strict=True):
                 s.score = float(score)
         # Stable sort: ties keep retrieval order.
@@ -190,6 +196,25 @@ class Pipeline:
             pseudo_passage=pseudo_text.strip() if o.pseudo_passage else None,
             timings_ms=timings,
         )
+
+
+async def gather_or_cancel(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Run two awaitables concurrently; if one fails, cancel the other before raising.
+
+    (``asyncio.gather`` would leave the sibling running, e.g. an LLM generation for a request
+    that has already failed, using capacity that the in-flight limit no longer accounts for.)
+    """
+    t1, t2 = asyncio.ensure_future(first), asyncio.ensure_future(second)
+    try:
+        await asyncio.wait((t1, t2), return_when=asyncio.FIRST_EXCEPTION)
+    finally:  # also when this request itself is cancelled (deadline, client gone)
+        for t in (t1, t2):
+            if not t.done():
+                t.cancel()
+    for t in (t1, t2):  # raise the real failure, not the sibling's cancellation
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
+    return t1.result(), t2.result()
 
 
 def build_components(settings: Settings) -> Components:

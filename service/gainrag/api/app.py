@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import FastAPI
 
@@ -15,6 +15,7 @@ from gainrag.api.errors import install_error_handlers
 from gainrag.api.middleware import RequestContextMiddleware
 from gainrag.api.routes import router
 from gainrag.config import Settings
+from gainrag.errors import GainRAGError
 from gainrag.pipeline import Components, Pipeline, build_components
 
 log = logging.getLogger(__name__)
@@ -28,32 +29,50 @@ class AppState:
     pipeline: Pipeline | None = None
     in_flight: int = 0
     load_error: str | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def create_app(settings: Settings | None = None, components: Components | None = None) -> FastAPI:
-    """Build the gateway. ``components`` lets a caller (tests, eval) share already-loaded models;
-    by default they are built from ``settings`` at start-up and closed at shutdown."""
+    """Build the gateway.
+
+    Models load in the background after start-up, so ``/health`` answers at once and ``/ready``
+    turns 200 when they are in (503 until then, or with the reason if loading failed).
+    ``components`` lets a caller (tests, eval) share already-loaded models; those are not closed
+    at shutdown.
+    """
     settings = settings or Settings()
+
+    async def load(state: AppState) -> Components | None:
+        try:
+            # Blocking CPU/disk work: keep it off the event loop.
+            comps = await asyncio.to_thread(build_components, settings)
+            state.pipeline = Pipeline(settings, comps)
+        except GainRAGError as exc:
+            state.load_error = exc.message
+            log.error("model loading failed: %s", exc.message)
+            return None
+        except Exception:
+            state.load_error = "model loading failed; see the server log"
+            log.exception("model loading failed")
+            return None
+        log.info("ready: %s", state.pipeline.models)
+        return comps
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state: AppState = app.state.gainrag
-        owned = components is None
-        # Model loading is blocking CPU/disk work: keep it off the event loop.
-        comps = (
-            components
-            if components is not None
-            else await asyncio.to_thread(build_components, settings)
-        )
-        state.pipeline = Pipeline(settings, comps)
-        log.info("ready: %s", state.pipeline.models)
+        loader: asyncio.Task[Components | None] | None = None
+        if components is not None:
+            state.pipeline = Pipeline(settings, components)
+        else:
+            loader = asyncio.create_task(load(state))
         try:
             yield
         finally:
             state.pipeline = None
-            if owned:
-                await comps.close()
+            if loader is not None:
+                comps = await loader  # a load in progress finishes (threads cannot be killed)
+                if comps is not None:
+                    await comps.close()
 
     app = FastAPI(
         title="gainrag",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def error_response(
-    status: int, message: str, type_: str, code: str, headers: dict[str, str] | None = None
+    status: int, message: str, type_: str, code: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     """The one error shape."""
     return JSONResponse(
@@ -52,7 +53,10 @@ def describe_validation(errors: list[Any]) -> tuple[int, str, str]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map domain errors, validation errors, HTTP errors and crashes to the error shape."""
+    """Map domain errors, validation errors and HTTP errors to the error shape.
+
+    Unexpected exceptions become a 500 in :class:`RequestContextMiddleware`, with the request id.
+    """
 
     @app.exception_handler(GainRAGError)
     async def _domain(request: Request, exc: GainRAGError) -> JSONResponse:
@@ -76,13 +80,9 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             exc.status_code, "http_error"
         )
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error", code)
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        # Never leak str(exc): it can hold paths, prompts or internals. The log has it all.
-        rid = getattr(request.state, "request_id", None)
-        log.exception("unhandled error", extra={"request_id": rid})
+        message = str(exc.detail)
+        if exc.status_code == 400:  # FastAPI could not decode the body (e.g. not UTF-8)
+            code, message = "invalid_json", "request body is not valid UTF-8 JSON"
         return error_response(
-            500, f"internal error (request id {rid})", "internal_error", "internal_error"
+            exc.status_code, message, "invalid_request_error", code, headers=exc.headers
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from typing import Any
@@ -12,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gainrag.logs import request_id_var
 
+log = logging.getLogger(__name__)
 _VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
@@ -50,31 +52,52 @@ class RequestContextMiddleware:
                         raise HTTPException(413, self._message)
                 return message
 
+            started = False
+
             async def send_with_id(message: Message) -> None:
+                nonlocal started
                 if message["type"] == "http.response.start":
+                    started = True
                     message["headers"] = [
                         *message.get("headers", []),
                         (b"x-request-id", rid.encode()),
                     ]
                 await send(message)
 
-            await self.app(scope, limited_receive, send_with_id)
+            try:
+                await self.app(scope, limited_receive, send_with_id)
+            except Exception:
+                # Handled here, inside the request context, so the 500 carries the request id
+                # (FastAPI's outermost ServerErrorMiddleware would send it without).
+                log.exception("unhandled error")
+                if started:
+                    raise
+                await self._send_error(
+                    send,
+                    rid,
+                    500,
+                    f"internal error (request id {rid})",
+                    "internal_error",
+                    "internal_error",
+                )
         finally:
             request_id_var.reset(token)
 
     async def _reject(self, send: Send, rid: str) -> None:
-        body: dict[str, Any] = {
-            "error": {
-                "message": self._message,
-                "type": "invalid_request_error",
-                "code": "payload_too_large",
-            }
-        }
+        await self._send_error(
+            send, rid, 413, self._message, "invalid_request_error", "payload_too_large"
+        )
+
+    @staticmethod
+    async def _send_error(
+        send: Send, rid: str, status: int, message: str, type_: str, code: str
+    ) -> None:
+        body: dict[str, Any] = {"error": {"message": message, "type": type_, "code": code}}
         data = json.dumps(body).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(data)).encode()),

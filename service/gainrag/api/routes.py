@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from gainrag.api.schemas import AnswerRequest, AnswerResponse, ErrorResponse, PassageOut, Timings
-from gainrag.errors import OverloadedError, UnavailableError
+from gainrag.errors import ClientClosedError, OverloadedError, UnavailableError
 from gainrag.pipeline import Pipeline
 from gainrag.types import Scored
 
+if TYPE_CHECKING:
+    from gainrag.api.app import AppState
+
 router = APIRouter()
+T = TypeVar("T")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 413, 422, 429, 502, 503, 504)
@@ -24,7 +29,7 @@ async def admitted_pipeline(request: Request) -> AsyncIterator[Pipeline]:
     """The pipeline, if loaded and under the in-flight limit (else 503 / 429)."""
     state = request.app.state.gainrag
     if state.pipeline is None:
-        raise UnavailableError("models are still loading; retry shortly", code="not_ready")
+        raise _not_ready(state)
     if state.in_flight >= state.settings.api.max_in_flight:
         raise OverloadedError(
             f"{state.in_flight} requests in flight (limit {state.settings.api.max_in_flight}); "
@@ -35,6 +40,37 @@ async def admitted_pipeline(request: Request) -> AsyncIterator[Pipeline]:
         yield state.pipeline
     finally:
         state.in_flight -= 1
+
+
+def _not_ready(state: AppState) -> UnavailableError:
+    if state.load_error is not None:
+        return UnavailableError(state.load_error, code="load_failed")
+    return UnavailableError("models are still loading; retry shortly", code="not_ready")
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # After the body is read, the next ASGI message is http.disconnect: the client went away.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, aw: Awaitable[T]) -> T:
+    """Await ``aw`` unless the client disconnects first, in which case cancel it.
+
+    Starlette does not cancel a handler whose client left; without this, abandoned requests would
+    keep the models busy until their deadline.
+    """
+    work = asyncio.ensure_future(aw)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler itself is cancelled
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+    if work in done:
+        return work.result()
+    raise ClientClosedError("client disconnected; the request was cancelled")
 
 
 def _passage_out(s: Scored) -> PassageOut:
@@ -57,7 +93,7 @@ async def answer(
     body: AnswerRequest, request: Request, pipeline: Annotated[Pipeline, Depends(admitted_pipeline)]
 ) -> AnswerResponse:
     """Answer a question with GainRAG: retrieve || pseudo-passage, select, generate."""
-    result = await pipeline.answer(body.question, top_n=body.top_n)
+    result = await until_disconnect(request, pipeline.answer(body.question, top_n=body.top_n))
     return AnswerResponse(
         request_id=request.state.request_id,
         answer=result.answer,
@@ -80,5 +116,5 @@ async def ready(request: Request) -> JSONResponse:
     """Readiness: models and index are loaded."""
     state = request.app.state.gainrag
     if state.pipeline is None:
-        raise UnavailableError("models are still loading", code="not_ready")
+        raise _not_ready(state)
     return JSONResponse({"status": "ready", "models": state.pipeline.models})

@@ -13,7 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from gainrag.config import Settings
-from gainrag.errors import ConfigurationError
+from gainrag.errors import ConfigurationError, GainRAGError
 from gainrag.evaluation.machine import machine_info
 from gainrag.evaluation.metrics import (
     exact_match,
@@ -116,14 +116,16 @@ async def _run_one(pipeline: Pipeline, row: dict[str, Any], top_n: int | None) -
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Aggregate per-question records into the report's metrics."""
     n = len(records)
+    if n == 0:
+        return {"n": 0}
     mean = statistics.fmean
     totals = [r["timings_ms"]["total"] for r in records]
     out: dict[str, Any] = {
         "n": n,
-        "em": mean(r["em"] for r in records) if n else 0.0,
-        "f1": mean(r["f1"] for r in records) if n else 0.0,
-        "pseudo_selected_rate": mean(float(r["pseudo_selected"]) for r in records) if n else 0.0,
-        "pseudo_kept_rate": mean(float(r["pseudo_kept"]) for r in records) if n else 0.0,
+        "em": mean(r["em"] for r in records),
+        "f1": mean(r["f1"] for r in records),
+        "pseudo_selected_rate": mean(float(r["pseudo_selected"]) for r in records),
+        "pseudo_kept_rate": mean(float(r["pseudo_kept"]) for r in records),
         "latency_ms": {"p50": percentile(totals, 50), "p95": percentile(totals, 95)},
     }
     with_ret = [r for r in records if "recall" in r]
@@ -160,7 +162,10 @@ async def run_eval(
     pipeline = Pipeline(settings, components)
     # Concurrent questions let the generator batch prompts: same answers, ~2.5x the throughput.
     sem = asyncio.Semaphore(concurrency)
+    if not rows:
+        raise ConfigurationError(f"{questions} has no questions")
     records: list[dict[str, Any] | None] = [None] * len(rows)
+    errors: list[dict[str, str]] = []
     started = time.perf_counter()
     try:
         with tqdm(
@@ -169,7 +174,12 @@ async def run_eval(
 
             async def one(i: int) -> None:
                 async with sem:
-                    records[i] = await _run_one(pipeline, rows[i], top_n)
+                    try:
+                        records[i] = await _run_one(pipeline, rows[i], top_n)
+                    except GainRAGError as exc:  # one bad question must not sink the run
+                        errors.append(
+                            {"id": rows[i]["id"], "code": exc.code, "message": exc.message}
+                        )
                 bar.update(1)
 
             await asyncio.gather(*(one(i) for i in range(len(rows))))
@@ -192,27 +202,32 @@ async def run_eval(
         },
         "machine": machine_info(),
         **summary,
+        "errors": errors,
         "records": done,
     }
 
 
 def format_table(reports: list[dict[str, Any]]) -> str:
     """A markdown table of the main metrics of several reports."""
-    head = (
-        "| preset | n | EM | F1 | R@1 | R@5 | R@20 | R@100 | pseudo sel. | p50 ms | p95 ms |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|"
-    )
-    lines = [head]
+
+    def pct(x: float | None) -> str:
+        return "–" if x is None else f"{100 * x:.1f}"
+
+    def ms(x: float | None) -> str:
+        return "–" if x is None else f"{x:.0f}"
+
+    lines = [
+        "| preset | n | errors | EM | F1 | R@1 | R@5 | R@20 | R@100 | pseudo sel. "
+        "| p50 ms | p95 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in reports:
         rec = r.get("recall") or {}
-
-        def pct(x: float | None) -> str:
-            return "–" if x is None else f"{100 * x:.1f}"
-
+        lat = r.get("latency_ms") or {}
         lines.append(
-            f"| {r['preset']} | {r['n']} | {pct(r['em'])} | {pct(r['f1'])} | "
-            f"{pct(rec.get('@1'))} | {pct(rec.get('@5'))} | {pct(rec.get('@20'))} | "
-            f"{pct(rec.get('@100'))} | {pct(r['pseudo_selected_rate'])} | "
-            f"{r['latency_ms']['p50']:.0f} | {r['latency_ms']['p95']:.0f} |"
+            f"| {r['preset']} | {r['n']} | {len(r.get('errors', []))} | {pct(r.get('em'))} | "
+            f"{pct(r.get('f1'))} | {pct(rec.get('@1'))} | {pct(rec.get('@5'))} | "
+            f"{pct(rec.get('@20'))} | {pct(rec.get('@100'))} | "
+            f"{pct(r.get('pseudo_selected_rate'))} | {ms(lat.get('p50'))} | {ms(lat.get('p95'))} |"
         )
     return "\n".join(lines)

@@ -42,6 +42,8 @@ class TransformersGenerator:
         self.name = json.loads(meta.read_text())["name"] if meta.is_file() else path.name
         self.version = f"{self.name}-{dtype}"
         self.max_input_tokens = max_input_tokens
+        # The fast tokenizer is not safe to use from two threads (its padding state is shared):
+        # all tokenisation happens on the batcher's one worker thread.
         self.batcher: MicroBatcher[tuple[str, int], str] = MicroBatcher(
             "generator",
             self._run,
@@ -58,15 +60,16 @@ class TransformersGenerator:
         )
         return str(text)
 
-    def count_tokens(self, message: str) -> int:
-        """Prompt length in tokens after the chat template."""
-        return len(self.tokenizer(self.render(message), add_special_tokens=False)["input_ids"])
+    def generate_batch(self, messages: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy replies to several user messages at once, in order (blocking)."""
+        return self._generate([self.render(m) for m in messages], max_new_tokens)
 
     @torch.inference_mode()
-    def generate_batch(self, messages: list[str], max_new_tokens: int) -> list[str]:
-        """Greedy replies to several user messages at once, in order."""
+    def _generate(self, texts: list[str], max_new_tokens: int) -> list[str]:
+        if not texts:
+            return []
         enc = self.tokenizer(
-            [self.render(m) for m in messages],
+            texts,
             return_tensors="pt",
             padding=True,
             add_special_tokens=False,  # the chat template already has them
@@ -80,18 +83,22 @@ class TransformersGenerator:
         new = out[:, enc["input_ids"].shape[1] :]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
-    def _run(self, items: list[tuple[str, int]]) -> list[str]:
-        return self.generate_batch([m for m, _ in items], items[0][1])
+    def _run(self, items: list[tuple[str, int]]) -> list[str | BaseException]:
+        texts = [self.render(m) for m, _ in items]
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        ok = [i for i, n in enumerate(lengths) if n <= self.max_input_tokens]
+        replies = dict(zip(ok, self._generate([texts[i] for i in ok], items[0][1]), strict=True))
+        return [replies[i] if i in replies else self._too_long(n) for i, n in enumerate(lengths)]
+
+    def _too_long(self, n: int) -> ValidationFailedError:
+        return ValidationFailedError(
+            f"prompt is {n} tokens, over the {self.max_input_tokens}-token limit "
+            "(GAINRAG_LLM__MAX_INPUT_TOKENS); ask for fewer passages",
+            code="prompt_too_long",
+        )
 
     async def chat(self, message: str, *, max_new_tokens: int) -> str:
         """Reply to one user message (batched with concurrent calls)."""
-        n = self.count_tokens(message)
-        if n > self.max_input_tokens:
-            raise ValidationFailedError(
-                f"prompt is {n} tokens, over the {self.max_input_tokens}-token limit "
-                "(GAINRAG_LLM__MAX_INPUT_TOKENS); ask for fewer passages",
-                code="prompt_too_long",
-            )
         return await self.batcher.submit((message, max_new_tokens))
 
     async def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +20,9 @@ class BiEncoder:
         self.model = AutoModel.from_pretrained(path).eval()
         self.max_length = max_length
         self.dim = int(self.model.config.hidden_size)
+        # The retriever and the relevance selector call one encoder from their own threads; the
+        # fast tokenizer's padding state is not thread-safe, so encodes take turns.
+        self._lock = threading.Lock()
 
     @torch.inference_mode()
     def encode(
@@ -29,6 +33,12 @@ class BiEncoder:
         progress: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """Return float32 unit vectors, shape (len(texts), dim), in input order."""
+        with self._lock:
+            return self._encode(texts, batch_size, progress)
+
+    def _encode(
+        self, texts: Sequence[str], batch_size: int, progress: Callable[[int], None] | None
+    ) -> np.ndarray:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         # Sorting by length keeps padding (wasted compute) small within each batch.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))

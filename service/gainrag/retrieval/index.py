@@ -67,6 +67,7 @@ def build_index(
     manifest: dict[str, Any] = {
         "format": INDEX_FORMAT,
         "encoder": encoder.name,
+        "max_length": encoder.max_length,
         "dim": encoder.dim,
         "metric": "inner_product",
         "normalized": True,

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from gainrag.batching import MicroBatcher
+from gainrag.errors import ConfigurationError
 from gainrag.retrieval.encoder import BiEncoder
 from gainrag.retrieval.index import DenseIndex
 from gainrag.types import Retrieved
@@ -18,9 +19,14 @@ class LocalRetriever:
     def __init__(
         self, encoder: BiEncoder, index: DenseIndex, *, max_batch: int = 64, max_queue: int = 256
     ) -> None:
-        if index.manifest["encoder"] != encoder.name or index.manifest["dim"] != encoder.dim:
-            raise ValueError(
-                f"index was built with {index.manifest['encoder']}, not {encoder.name}; rebuild it"
+        m = index.manifest
+        built = (m["encoder"], m["dim"], m.get("max_length"))
+        if built != (encoder.name, encoder.dim, encoder.max_length):
+            raise ConfigurationError(
+                f"index was built with encoder {built[0]} (dim {built[1]}, max_length {built[2]}), "
+                f"not {encoder.name} (dim {encoder.dim}, max_length {encoder.max_length}); "
+                "rebuild it with `gainrag index build --force`",
+                code="index_mismatch",
             )
         self.encoder = encoder
         self.index = index
