@@ -116,6 +116,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"# /answer latency ({report['started']})",
         "",
         f"Command: `{report['command']}`  ",
+        f"Service: {report['service']}  ",
         f"Machine: {report['machine']['cpu']}, {report['machine']['cpus']} CPUs, "
         f"{report['machine']['memory_gb']} GB, torch {report['machine']['torch']}  ",
         f"Questions: {s['n']} from {report['questions']}, concurrency {report['concurrency']}, "
@@ -175,7 +176,11 @@ def main() -> None:
             else args.questions
         ),
         "concurrency": args.concurrency,
+        # With --url the service runs elsewhere: this describes only the load generator's host.
         "machine": machine_info(),
+        "service": "embedded (started by this script on this machine)"
+        if args.url is None
+        else f"remote at {args.url}",
         "summary": summarize(rows),
         "rows": rows,
     }
