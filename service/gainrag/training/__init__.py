@@ -1,0 +1,1 @@
+"""Offline jobs: gain-signal synthesis, selector data, selector training."""
