@@ -100,6 +100,32 @@ def _eval(settings: Settings, args: argparse.Namespace) -> None:
         print(f"wrote {args.output}")
 
 
+def _train(settings: Settings, args: argparse.Namespace) -> None:
+    if args.train_cmd == "gain-signals":
+        from gainrag.training.gain_signals import select_questions, synthesize
+
+        questions = [
+            q for path in args.questions for q in select_questions(path, args.limit, args.seed)
+        ]
+        stats = synthesize(
+            settings,
+            questions,
+            args.output,
+            k=args.k,
+            alpha=args.alpha,
+            batch_questions=args.batch_questions,
+        )
+        print(
+            f"gain signals: {stats['written']} written, {stats['skipped']} already done "
+            f"-> {args.output}"
+        )
+    elif args.train_cmd == "selector-data":
+        from gainrag.training.selector_data import write_groups
+
+        n = write_groups(args.input, args.output, group_size=args.group_size, seed=args.seed)
+        print(f"selector data: {n} groups of {args.group_size} -> {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     from gainrag.evaluation.harness import PRESETS
@@ -129,6 +155,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--concurrency", type=int, default=8, help="questions in flight")
     e.add_argument("--output", type=Path, help="write the JSON report here")
 
+    t = sub.add_parser("train", help="offline training jobs").add_subparsers(
+        dest="train_cmd", required=True
+    )
+    g = t.add_parser("gain-signals", help="label candidates with contrastive PPL (resumable)")
+    g.add_argument(
+        "--questions",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="JSONL files with question and answers",
+    )
+    g.add_argument("--limit", type=int, help="questions per file (seeded random sample)")
+    g.add_argument("--output", type=Path, required=True, help="JSONL to append to")
+    g.add_argument("--k", type=int, default=20, help="retrieved candidates per question")
+    g.add_argument("--alpha", type=float, default=0.5, help="contrastive weight")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-questions", type=int, default=8)
+    sd = t.add_parser("selector-data", help="gain signals -> distillation groups")
+    sd.add_argument("--input", type=Path, required=True, help="gain-signals JSONL")
+    sd.add_argument("--output", type=Path, required=True, help="groups JSONL")
+    sd.add_argument("--group-size", type=int, default=16)
+    sd.add_argument("--seed", type=int, default=0)
+
     st = sub.add_parser("settings", help="print the effective settings as JSON")
     st.add_argument("--markdown", action="store_true", help="print the env-variable reference")
     return p
@@ -152,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             _serve(settings, args.host, args.port)
         elif args.cmd == "eval":
             _eval(settings, args)
+        elif args.cmd == "train":
+            _train(settings, args)
         elif args.cmd == "settings" and args.markdown:
             print("| variable | default | meaning |\n|---|---|---|")
             for var, default, desc in Settings.env_reference():

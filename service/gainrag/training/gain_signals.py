@@ -1,0 +1,144 @@
+"""``gainrag train gain-signals``: label retrieved passages and the pseudo-passage with their gain.
+
+For each training question: retrieve the top-k passages, write the pseudo-passage with the
+generator (GainRAG's prompt), and compute every candidate's contrastive PPL of the gold answers.
+Output is JSONL, one question per line, appended as it goes; a rerun skips finished ids, so an
+interrupted job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from gainrag.config import Settings
+from gainrag.evaluation.harness import load_questions
+from gainrag.evaluation.metrics import has_answer
+from gainrag.llm import prompts
+from gainrag.llm.transformers_backend import TransformersGenerator
+from gainrag.models import prepare_llm, resolve_encoder
+from gainrag.pipeline import PSEUDO_ID
+from gainrag.retrieval.encoder import BiEncoder
+from gainrag.retrieval.local import LocalRetriever
+from gainrag.training.gain import GainScorer
+from gainrag.types import Passage
+
+
+def finished_ids(path: Path) -> set[str]:
+    """Ids already in an output file; drops a torn last line left by an interrupted write."""
+    if not path.exists():
+        return set()
+    good: list[str] = []
+    ids: set[str] = set()
+    torn = False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            ids.add(str(row["id"]))
+            good.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            torn = True
+    if torn:  # rewrite without the broken line so appends start on a clean line
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in good), encoding="utf-8")
+        tmp.replace(path)
+    return ids
+
+
+def select_questions(path: Path, limit: int | None, seed: int) -> list[dict[str, Any]]:
+    """Questions with at least one answer, in a seeded random order, the first ``limit``."""
+    rows = [r for r in load_questions(path) if any(a.strip() for a in r["answers"])]
+    random.Random(seed).shuffle(rows)
+    return rows[:limit] if limit is not None else rows
+
+
+def synthesize(
+    settings: Settings,
+    questions: list[dict[str, Any]],
+    out: Path,
+    *,
+    k: int = 20,
+    alpha: float = 0.5,
+    batch_questions: int = 8,
+    show_progress: bool = True,
+) -> dict[str, int]:
+    """Append gain-labelled candidates for every question not yet in ``out``."""
+    done = finished_ids(out)
+    todo = [q for q in questions if str(q["id"]) not in done]
+    r, llm = settings.retrieval, settings.llm
+    encoder = BiEncoder(resolve_encoder(r.encoder), max_length=r.max_length, name=r.encoder)
+    retriever = LocalRetriever.load(encoder, r.index_dir, use_gpu=r.use_gpu == "auto")
+    gen = TransformersGenerator(prepare_llm(llm.model, llm.models_dir), dtype=llm.dtype)
+    scorer = GainScorer(
+        gen.model, gen.tokenizer, gen.render, max_passage_words=llm.max_passage_words
+    )
+    meta = {
+        "alpha": alpha,
+        "k": k,
+        "generator": gen.version,
+        "index_version": retriever.version,
+        "prompt_version": prompts.PROMPT_VERSION,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with (
+        out.open("a", encoding="utf-8") as f,
+        tqdm(
+            total=len(questions),
+            initial=len(questions) - len(todo),
+            desc="gain signals",
+            unit="q",
+            disable=not show_progress,
+        ) as bar,
+    ):
+        for start in range(0, len(todo), batch_questions):
+            batch = todo[start : start + batch_questions]
+            texts = [q["question"] for q in batch]
+            retrieved = retriever.search_many(texts, k)
+            pseudos = gen.generate_batch(
+                [prompts.pseudo_prompt(t) for t in texts], llm.max_new_tokens_pseudo
+            )
+            for q, hits, pseudo in zip(batch, retrieved, pseudos, strict=True):
+                cands: list[dict[str, Any]] = [
+                    {
+                        "id": h.passage.id,
+                        "title": h.passage.title,
+                        "text": h.passage.text,
+                        "pseudo": False,
+                        "retrieval_rank": h.rank,
+                        "retrieval_score": h.score,
+                    }
+                    for h in hits
+                ]
+                if not prompts.is_not_available(pseudo):
+                    cands.append(
+                        {
+                            "id": PSEUDO_ID,
+                            "title": "",
+                            "text": pseudo.strip(),
+                            "pseudo": True,
+                            "retrieval_rank": None,
+                            "retrieval_score": None,
+                        }
+                    )
+                passages = [Passage(c["id"], c["title"], c["text"], c["pseudo"]) for c in cands]
+                ppls = scorer.passage_ppls(q["question"], passages, q["answers"], alpha)
+                for c, ppl in zip(cands, ppls, strict=True):
+                    c["ppl"] = ppl
+                    c["has_answer"] = has_answer(c["text"], q["answers"])
+                row = {
+                    "id": str(q["id"]),
+                    "question": q["question"],
+                    "answers": q["answers"],
+                    "candidates": cands,
+                    **meta,
+                }
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()  # a crash loses at most the question being written
+                written += 1
+                bar.update(1)
+    return {"questions": len(questions), "skipped": len(questions) - len(todo), "written": written}

@@ -1,0 +1,112 @@
+"""Gain-signal synthesis end to end on a small slice, and selector-data construction."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from gainrag.cli import main
+from gainrag.training.gain_signals import finished_ids
+from gainrag.training.selector_data import gain_label, make_group
+
+
+@pytest.fixture
+def env(
+    monkeypatch: pytest.MonkeyPatch, index_dir: Path, small_corpus: Path, llm_dir: Path
+) -> None:
+    monkeypatch.setenv("GAINRAG_RETRIEVAL__INDEX_DIR", str(index_dir))
+    monkeypatch.setenv("GAINRAG_LLM__MAX_NEW_TOKENS_PSEUDO", "24")
+
+
+def test_gain_signals_then_selector_data(
+    env: None, tmp_path: Path, dev_questions: list[dict], capsys: pytest.CaptureFixture[str]
+) -> None:
+    qfile = tmp_path / "train.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in dev_questions[:3]))
+    out = tmp_path / "signals.jsonl"
+    args = [
+        "train",
+        "gain-signals",
+        "--questions",
+        str(qfile),
+        "--limit",
+        "2",
+        "--k",
+        "3",
+        "--output",
+        str(out),
+    ]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["alpha"] == 0.5 and row["k"] == 3
+        retrieved = [c for c in row["candidates"] if not c["pseudo"]]
+        assert [c["retrieval_rank"] for c in retrieved] == [0, 1, 2]
+        assert all(math.isfinite(c["ppl"]) and c["ppl"] >= 1.0 for c in row["candidates"])
+        assert all(isinstance(c["has_answer"], bool) for c in row["candidates"])
+    capsys.readouterr()
+
+    # Resumable: a rerun skips finished questions; a torn last line is dropped and redone.
+    assert main(args) == 0
+    assert "0 written, 2 already done" in capsys.readouterr().out
+    with out.open("a") as f:
+        f.write('{"id": "torn", "quest')
+    assert finished_ids(out) == {r["id"] for r in rows}
+    assert out.read_text().count("\n") == 2
+
+    groups = tmp_path / "groups.jsonl"
+    assert (
+        main(
+            [
+                "train",
+                "selector-data",
+                "--input",
+                str(out),
+                "--output",
+                str(groups),
+                "--group-size",
+                "4",
+            ]
+        )
+        == 0
+    )
+    made = [json.loads(line) for line in groups.read_text().splitlines()]
+    assert len(made) == 2
+    for g, row in zip(made, rows, strict=True):
+        assert g["query"] == row["question"]
+        assert len(g["pos"]) == 1 and len(g["neg"]) == 3 == len(g["neg_scores"])
+        best = min(c["ppl"] for c in row["candidates"])
+        assert g["pos_scores"] == [pytest.approx(-math.log(best + 1))]
+        assert all(s <= g["pos_scores"][0] for s in g["neg_scores"])
+
+
+def row_with(ppls: list[float]) -> dict:
+    return {
+        "question": "q",
+        "candidates": [{"title": f"t{i}", "text": f"x{i}", "ppl": p} for i, p in enumerate(ppls)],
+    }
+
+
+def test_labels_and_groups() -> None:
+    assert gain_label(0.0) == 0.0
+    assert gain_label(math.e - 1) == pytest.approx(-1.0)
+    g = make_group(row_with([5.0, 2.0, 9.0, 3.0, 7.0]), 3, random.Random(0))
+    assert g is not None
+    assert g["pos"] == ["t1\nx1"] and g["pos_scores"] == [pytest.approx(-math.log(3.0))]
+    assert len(g["neg"]) == 2 and len(set(g["neg"])) == 2  # without replacement
+    assert "t1\nx1" not in g["neg"]
+    for text, score in zip(g["neg"], g["neg_scores"], strict=True):
+        ppl = {"t0\nx0": 5.0, "t2\nx2": 9.0, "t3\nx3": 3.0, "t4\nx4": 7.0}[text]
+        assert score == pytest.approx(-math.log(ppl + 1))
+
+
+def test_small_candidate_sets_sample_with_replacement_or_skip() -> None:
+    g = make_group(row_with([4.0, 1.0]), 5, random.Random(0))
+    assert g is not None and g["neg"] == ["t0\nx0"] * 4
+    assert make_group(row_with([4.0]), 5, random.Random(0)) is None
+    assert make_group(row_with([math.inf, 2.0]), 5, random.Random(0)) is None
