@@ -110,3 +110,23 @@ def test_small_candidate_sets_sample_with_replacement_or_skip() -> None:
     assert g is not None and g["neg"] == ["t0\nx0"] * 4
     assert make_group(row_with([4.0]), 5, random.Random(0)) is None
     assert make_group(row_with([math.inf, 2.0]), 5, random.Random(0)) is None
+
+
+def test_relevance_groups_use_gold_positives_and_safe_negatives(
+    index_dir: Path, encoder: object, dev_questions: list[dict]
+) -> None:
+    from gainrag.evaluation.metrics import has_answer
+    from gainrag.retrieval.index import DenseIndex
+    from gainrag.retrieval.local import LocalRetriever
+    from gainrag.training.relevance_data import relevance_groups
+
+    retriever = LocalRetriever(encoder, DenseIndex.load(index_dir))  # type: ignore[arg-type]
+    qs = [*dev_questions, {"question": "no gold here", "answers": ["x"], "gold_ids": ["nope"]}]
+    groups = relevance_groups(retriever, qs, group_size=4, k=20)
+    assert len(groups) == len(dev_questions)  # the question without an indexed gold is skipped
+    by_id = {p.id: p for p in retriever.index.passages}
+    for q, g in zip(dev_questions, groups, strict=True):
+        gold = by_id[q["gold_ids"][0]]
+        assert g["query"] == q["question"] and g["pos"] == [gold.as_candidate_text()]
+        assert len(g["neg"]) == 3 and gold.as_candidate_text() not in g["neg"]
+        assert not any(has_answer(n.split("\n", 1)[1], q["answers"]) for n in g["neg"])

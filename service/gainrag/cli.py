@@ -119,11 +119,58 @@ def _train(settings: Settings, args: argparse.Namespace) -> None:
             f"gain signals: {stats['written']} written, {stats['skipped']} already done "
             f"-> {args.output}"
         )
+    elif args.train_cmd in ("relevance", "selector"):
+        _train_selector(settings, args)
     elif args.train_cmd == "selector-data":
         from gainrag.training.selector_data import write_groups
 
         n = write_groups(args.input, args.output, group_size=args.group_size, seed=args.seed)
         print(f"selector data: {n} groups of {args.group_size} -> {args.output}")
+
+
+def _train_selector(settings: Settings, args: argparse.Namespace) -> None:
+    from gainrag.training.selector_train import TrainConfig, load_groups, train_selector
+
+    cfg = TrainConfig(
+        loss="infonce" if args.train_cmd == "relevance" else "kl",
+        lr=args.lr,
+        epochs=args.epochs,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        max_length=args.max_length,
+        groups_per_step=args.groups_per_step,
+        seed=args.seed,
+        save_every=args.save_every,
+    )
+    if args.train_cmd == "relevance":
+        from gainrag.models import resolve_encoder
+        from gainrag.retrieval.encoder import BiEncoder
+        from gainrag.retrieval.local import LocalRetriever
+        from gainrag.training.gain_signals import select_questions
+        from gainrag.training.relevance_data import relevance_groups
+
+        r = settings.retrieval
+        encoder = BiEncoder(resolve_encoder(r.encoder), max_length=r.max_length, name=r.encoder)
+        retriever = LocalRetriever.load(encoder, r.index_dir, use_gpu=r.use_gpu == "auto")
+        questions = [
+            q for path in args.questions for q in select_questions(path, args.limit, args.seed)
+        ]
+        groups = relevance_groups(
+            retriever, questions, group_size=args.group_size, k=args.k, seed=args.seed
+        )
+        print(f"relevance: {len(groups)} groups from {len(questions)} questions")
+        init = resolve_encoder(args.init)
+    else:
+        groups = load_groups(args.groups)
+        init = args.init
+    meta = train_selector(init, groups, args.out, cfg, stop_after_steps=args.stop_after_steps)
+    if meta is None:
+        print(f"stopped after {args.stop_after_steps} steps; rerun the same command to resume")
+        return
+    print(
+        f"selector checkpoint -> {args.out} ({meta['steps']} steps, loss "
+        f"{meta['loss_first_50']:.4f} -> {meta['loss_last_50']:.4f})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +224,42 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--output", type=Path, required=True, help="groups JSONL")
     sd.add_argument("--group-size", type=int, default=16)
     sd.add_argument("--seed", type=int, default=0)
+
+    def training_args(parser: argparse.ArgumentParser, lr: float, epochs: int) -> None:
+        parser.add_argument("--out", type=Path, required=True, help="checkpoint directory")
+        parser.add_argument("--lr", type=float, default=lr)
+        parser.add_argument("--epochs", type=int, default=epochs)
+        parser.add_argument("--warmup-ratio", type=float, default=0.1)
+        parser.add_argument("--weight-decay", type=float, default=0.01)
+        parser.add_argument("--max-length", type=int, default=512)
+        parser.add_argument("--groups-per-step", type=int, default=1)
+        parser.add_argument("--save-every", type=int, default=200)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument(
+            "--stop-after-steps", type=int, help="end this run early (resumable), to time-box it"
+        )
+
+    rel = t.add_parser("relevance", help="relevance warm start: gold vs hard negatives, InfoNCE")
+    rel.add_argument(
+        "--questions",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="JSONL files with question, answers, gold_ids",
+    )
+    rel.add_argument("--limit", type=int, help="questions per file (seeded random sample)")
+    rel.add_argument(
+        "--init",
+        default="all-MiniLM-L6-v2",
+        help="bare encoder (bundled name or directory) or a checkpoint",
+    )
+    rel.add_argument("--group-size", type=int, default=16)
+    rel.add_argument("--k", type=int, default=50, help="retrieved passages to mine negatives")
+    training_args(rel, lr=3e-5, epochs=1)
+    dis = t.add_parser("selector", help="distil gain labels into the selector (KL)")
+    dis.add_argument("--groups", type=Path, required=True, help="selector-data JSONL")
+    dis.add_argument("--init", type=Path, required=True, help="relevance warm-start checkpoint")
+    training_args(dis, lr=6e-5, epochs=2)
 
     st = sub.add_parser("settings", help="print the effective settings as JSON")
     st.add_argument("--markdown", action="store_true", help="print the env-variable reference")

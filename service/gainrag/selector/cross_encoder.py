@@ -43,8 +43,8 @@ class CrossEncoderScorer:
             raise ValueError(
                 f"{path}: a selector needs num_labels=1, got {model.config.num_labels}"
             )
-        if self.device == "cuda":
-            model = model.half()  # fp16 on GPU, fp32 on CPU
+        # fp16 on GPU, fp32 on CPU (whatever the checkpoint's dtype: CPU fp16 is slow)
+        model = model.half() if self.device == "cuda" else model.float()
         self.model = model.to(self.device).eval()
         self.max_length = max_length
         self.batch_size = batch_size
