@@ -48,4 +48,3 @@ class AnswerResult:
     retrieved: list[Retrieved]
     pseudo_passage: str | None
     timings_ms: dict[str, float] = field(default_factory=dict)
-    degraded: list[str] = field(default_factory=list)
