@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import time
+from itertools import zip_longest
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -104,9 +105,9 @@ def _train(settings: Settings, args: argparse.Namespace) -> None:
     if args.train_cmd == "gain-signals":
         from gainrag.training.gain_signals import select_questions, synthesize
 
-        questions = [
-            q for path in args.questions for q in select_questions(path, args.limit, args.seed)
-        ]
+        # Round-robin over the files, so that a partial (interrupted) run covers all of them.
+        per_file = [select_questions(path, args.limit, args.seed) for path in args.questions]
+        questions = [q for batch in zip_longest(*per_file) for q in batch if q is not None]
         stats = synthesize(
             settings,
             questions,
