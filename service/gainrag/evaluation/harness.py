@@ -217,9 +217,9 @@ def format_table(reports: list[dict[str, Any]]) -> str:
         return "–" if x is None else f"{x:.0f}"
 
     lines = [
-        "| preset | n | errors | EM | F1 | R@1 | R@5 | R@20 | R@100 | pseudo sel. "
-        "| p50 ms | p95 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | n | errors | EM | F1 | R@1 | R@5 | R@20 | R@100 | sel. has answer "
+        "| pseudo sel. | p50 ms | p95 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         rec = r.get("recall") or {}
@@ -228,6 +228,7 @@ def format_table(reports: list[dict[str, Any]]) -> str:
             f"| {r['preset']} | {r['n']} | {len(r.get('errors', []))} | {pct(r.get('em'))} | "
             f"{pct(r.get('f1'))} | {pct(rec.get('@1'))} | {pct(rec.get('@5'))} | "
             f"{pct(rec.get('@20'))} | {pct(rec.get('@100'))} | "
-            f"{pct(r.get('pseudo_selected_rate'))} | {ms(lat.get('p50'))} | {ms(lat.get('p95'))} |"
+            f"{pct(r.get('selected_has_answer'))} | {pct(r.get('pseudo_selected_rate'))} | "
+            f"{ms(lat.get('p50'))} | {ms(lat.get('p95'))} |"
         )
     return "\n".join(lines)
