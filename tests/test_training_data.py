@@ -130,3 +130,24 @@ def test_relevance_groups_use_gold_positives_and_safe_negatives(
         assert g["query"] == q["question"] and g["pos"] == [gold.as_candidate_text()]
         assert len(g["neg"]) == 3 and gold.as_candidate_text() not in g["neg"]
         assert not any(has_answer(n.split("\n", 1)[1], q["answers"]) for n in g["neg"])
+
+
+def test_training_questions_interleave_files_and_are_seeded(tmp_path: Path) -> None:
+    from gainrag.training.gain_signals import training_questions
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(
+        "".join(
+            json.dumps({"id": f"a{i}", "question": "q", "answers": ["x"]}) + "\n" for i in range(5)
+        )
+    )
+    b.write_text(
+        "".join(
+            json.dumps({"id": f"b{i}", "question": "q", "answers": ["x"]}) + "\n" for i in range(2)
+        )
+        + json.dumps({"id": "b-empty", "question": "q", "answers": [" "]})
+        + "\n"
+    )
+    got = [q["id"] for q in training_questions([a, b], 3, seed=1)]
+    assert [i[0] for i in got] == ["a", "b", "a", "b", "a"]  # b has only 2 answerable questions
+    assert got == [q["id"] for q in training_questions([a, b], 3, seed=1)]  # reproducible

@@ -8,7 +8,6 @@ import json
 import logging
 import sys
 import time
-from itertools import zip_longest
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -103,11 +102,9 @@ def _eval(settings: Settings, args: argparse.Namespace) -> None:
 
 def _train(settings: Settings, args: argparse.Namespace) -> None:
     if args.train_cmd == "gain-signals":
-        from gainrag.training.gain_signals import select_questions, synthesize
+        from gainrag.training.gain_signals import synthesize, training_questions
 
-        # Round-robin over the files, so that a partial (interrupted) run covers all of them.
-        per_file = [select_questions(path, args.limit, args.seed) for path in args.questions]
-        questions = [q for batch in zip_longest(*per_file) for q in batch if q is not None]
+        questions = training_questions(args.questions, args.limit, args.seed)
         stats = synthesize(
             settings,
             questions,
@@ -147,15 +144,13 @@ def _train_selector(settings: Settings, args: argparse.Namespace) -> None:
         from gainrag.models import resolve_encoder
         from gainrag.retrieval.encoder import BiEncoder
         from gainrag.retrieval.local import LocalRetriever
-        from gainrag.training.gain_signals import select_questions
+        from gainrag.training.gain_signals import training_questions
         from gainrag.training.relevance_data import relevance_groups
 
         r = settings.retrieval
         encoder = BiEncoder(resolve_encoder(r.encoder), max_length=r.max_length, name=r.encoder)
         retriever = LocalRetriever.load(encoder, r.index_dir, use_gpu=r.use_gpu == "auto")
-        questions = [
-            q for path in args.questions for q in select_questions(path, args.limit, args.seed)
-        ]
+        questions = training_questions(args.questions, args.limit, args.seed)
         groups = relevance_groups(
             retriever, questions, group_size=args.group_size, k=args.k, seed=args.seed
         )
@@ -172,6 +167,12 @@ def _train_selector(settings: Settings, args: argparse.Namespace) -> None:
         f"selector checkpoint -> {args.out} ({meta['steps']} steps, loss "
         f"{meta['loss_first_50']:.4f} -> {meta['loss_last_50']:.4f})"
     )
+
+
+def question_args(parser: argparse.ArgumentParser, help_: str) -> None:
+    """--questions FILE... and --limit, shared by the jobs that read training questions."""
+    parser.add_argument("--questions", type=Path, nargs="+", required=True, help=help_)
+    parser.add_argument("--limit", type=int, help="questions per file (seeded random sample)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,14 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="train_cmd", required=True
     )
     g = t.add_parser("gain-signals", help="label candidates with contrastive PPL (resumable)")
-    g.add_argument(
-        "--questions",
-        type=Path,
-        nargs="+",
-        required=True,
-        help="JSONL files with question and answers",
-    )
-    g.add_argument("--limit", type=int, help="questions per file (seeded random sample)")
+    question_args(g, "JSONL files with question and answers")
     g.add_argument("--output", type=Path, required=True, help="JSONL to append to")
     g.add_argument("--k", type=int, default=20, help="retrieved candidates per question")
     g.add_argument("--alpha", type=float, default=0.5, help="contrastive weight")
@@ -241,14 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     rel = t.add_parser("relevance", help="relevance warm start: gold vs hard negatives, InfoNCE")
-    rel.add_argument(
-        "--questions",
-        type=Path,
-        nargs="+",
-        required=True,
-        help="JSONL files with question, answers, gold_ids",
-    )
-    rel.add_argument("--limit", type=int, help="questions per file (seeded random sample)")
+    question_args(rel, "JSONL files with question, answers, gold_ids")
     rel.add_argument(
         "--init",
         default="all-MiniLM-L6-v2",

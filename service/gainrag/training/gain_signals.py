@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,12 @@ def select_questions(path: Path, limit: int | None, seed: int) -> list[dict[str,
     rows = [r for r in load_questions(path) if any(a.strip() for a in r["answers"])]
     random.Random(seed).shuffle(rows)
     return rows[:limit] if limit is not None else rows
+
+
+def training_questions(paths: list[Path], limit: int | None, seed: int) -> list[dict[str, Any]]:
+    """Seeded samples of several files, interleaved so a partial run covers every file."""
+    per_file = [select_questions(path, limit, seed) for path in paths]
+    return [q for batch in zip_longest(*per_file) for q in batch if q is not None]
 
 
 def synthesize(
