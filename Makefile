@@ -45,6 +45,7 @@ run: prepare
 	$(BIN)/gainrag serve
 
 test: install
+	scripts/system-deps.sh
 	$(BIN)/python -m pytest -q
 
 lint: install
