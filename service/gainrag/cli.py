@@ -20,7 +20,6 @@ log = logging.getLogger("gainrag")
 
 
 def _index_build(settings: Settings, corpus: Path | None, out: Path | None, force: bool) -> None:
-    from gainrag.models import resolve_encoder
     from gainrag.retrieval.encoder import BiEncoder
     from gainrag.retrieval.index import build_index, read_manifest
     from gainrag.util import file_sha256
@@ -41,7 +40,7 @@ def _index_build(settings: Settings, corpus: Path | None, out: Path | None, forc
             f"version {manifest['version']})"
         )
         return
-    encoder = BiEncoder(resolve_encoder(r.encoder), max_length=r.max_length, name=r.encoder)
+    encoder = BiEncoder.from_settings(r)
     manifest = build_index(corpus, out, encoder, batch_size=r.batch_size)
     print(
         f"built index at {out}: {manifest['count']} passages in {manifest['built_seconds']} s, "
@@ -148,8 +147,7 @@ def _train_selector(settings: Settings, args: argparse.Namespace) -> None:
         from gainrag.training.relevance_data import relevance_groups
 
         r = settings.retrieval
-        encoder = BiEncoder(resolve_encoder(r.encoder), max_length=r.max_length, name=r.encoder)
-        retriever = LocalRetriever.load(encoder, r.index_dir, use_gpu=r.use_gpu == "auto")
+        retriever = LocalRetriever.from_settings(r, BiEncoder.from_settings(r))
         questions = training_questions(args.questions, args.limit, args.seed)
         groups = relevance_groups(
             retriever, questions, group_size=args.group_size, k=args.k, seed=args.seed

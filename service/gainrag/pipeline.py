@@ -221,9 +221,8 @@ def build_components(settings: Settings) -> Components:
     """Load the models the settings ask for (once, at start-up)."""
     import torch
 
-    from gainrag.models import prepare_llm, resolve_encoder
+    from gainrag.models import prepare_llm
     from gainrag.retrieval.encoder import BiEncoder
-    from gainrag.retrieval.index import DenseIndex
     from gainrag.retrieval.local import LocalRetriever
     from gainrag.selector.cross_encoder import CrossEncoderSelector
     from gainrag.selector.relevance import RelevanceSelector
@@ -240,17 +239,10 @@ def build_components(settings: Settings) -> Components:
     if kind == "auto":
         kind = "cross-encoder" if s.checkpoint is not None else "relevance"
     need_encoder = o.retrieve or (o.select and kind == "relevance")
-    encoder = (
-        BiEncoder(resolve_encoder(r.encoder), max_length=r.max_length, name=r.encoder)
-        if need_encoder
-        else None
+    encoder = BiEncoder.from_settings(r) if need_encoder else None
+    retriever = (
+        LocalRetriever.from_settings(r, encoder) if encoder is not None and o.retrieve else None
     )
-    index = (
-        DenseIndex.load(r.index_dir, use_gpu=r.use_gpu == "auto")
-        if encoder is not None and o.retrieve
-        else None
-    )
-    retriever = LocalRetriever(encoder, index) if encoder is not None and index else None
 
     selector: Selector | None = None
     if o.select:
@@ -269,6 +261,7 @@ def build_components(settings: Settings) -> Components:
             )
         else:
             assert encoder is not None
+            index = retriever.index if retriever is not None else None
             selector = RelevanceSelector(encoder, index, max_queue=s.max_queue)
     return Components(retriever=retriever, selector=selector, generator=generator)
 

@@ -10,6 +10,9 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from gainrag.config import RetrievalSettings
+from gainrag.models import resolve_encoder
+
 
 class BiEncoder:
     """Encode texts into unit vectors; inner product is then cosine similarity."""
@@ -23,6 +26,11 @@ class BiEncoder:
         # The retriever and the relevance selector call one encoder from their own threads; the
         # fast tokenizer's padding state is not thread-safe, so encodes take turns.
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, r: RetrievalSettings) -> BiEncoder:
+        """The configured encoder (bundled name or local directory)."""
+        return cls(resolve_encoder(r.encoder), max_length=r.max_length, name=r.encoder)
 
     @torch.inference_mode()
     def encode(

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from gainrag.batching import MicroBatcher
+from gainrag.config import RetrievalSettings
 from gainrag.errors import ConfigurationError
 from gainrag.retrieval.encoder import BiEncoder
 from gainrag.retrieval.index import DenseIndex
@@ -41,9 +40,9 @@ class LocalRetriever:
         )
 
     @classmethod
-    def load(cls, encoder: BiEncoder, index_dir: Path, *, use_gpu: bool = True) -> LocalRetriever:
-        """Load the index at ``index_dir`` for this encoder."""
-        return cls(encoder, DenseIndex.load(index_dir, use_gpu=use_gpu))
+    def from_settings(cls, r: RetrievalSettings, encoder: BiEncoder) -> LocalRetriever:
+        """Load the configured index for ``encoder`` (GPU FAISS when available and allowed)."""
+        return cls(encoder, DenseIndex.load(r.index_dir, use_gpu=r.use_gpu == "auto"))
 
     def search_many(self, questions: list[str], k: int) -> list[list[Retrieved]]:
         """Synchronous batched search (one encode, one FAISS call)."""

@@ -21,7 +21,7 @@ from gainrag.evaluation.harness import load_questions
 from gainrag.evaluation.metrics import has_answer
 from gainrag.llm import prompts
 from gainrag.llm.transformers_backend import TransformersGenerator
-from gainrag.models import prepare_llm, resolve_encoder
+from gainrag.models import prepare_llm
 from gainrag.pipeline import PSEUDO_ID
 from gainrag.retrieval.encoder import BiEncoder
 from gainrag.retrieval.local import LocalRetriever
@@ -77,8 +77,7 @@ def synthesize(
     done = finished_ids(out)
     todo = [q for q in questions if str(q["id"]) not in done]
     r, llm = settings.retrieval, settings.llm
-    encoder = BiEncoder(resolve_encoder(r.encoder), max_length=r.max_length, name=r.encoder)
-    retriever = LocalRetriever.load(encoder, r.index_dir, use_gpu=r.use_gpu == "auto")
+    retriever = LocalRetriever.from_settings(r, BiEncoder.from_settings(r))
     gen = TransformersGenerator(prepare_llm(llm.model, llm.models_dir), dtype=llm.dtype)
     scorer = GainScorer(
         gen.model, gen.tokenizer, gen.render, max_passage_words=llm.max_passage_words
