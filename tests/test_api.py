@@ -56,8 +56,8 @@ async def test_answer_end_to_end(client: httpx.AsyncClient) -> None:
     t = body["timings_ms"]
     assert set(t) == {"retrieve", "pseudo", "select", "generate", "total"}
     assert all(t[s] > 0 for s in ("retrieve", "pseudo", "select", "generate"))
-    # retrieval and the pseudo-passage overlap, so the total is less than the stages' sum
-    assert t["total"] < t["retrieve"] + t["pseudo"] + t["select"] + t["generate"]
+    # The total encloses the critical path; that retrieval and the pseudo-passage really overlap
+    # is proven without timings in test_pipeline.py (a timing comparison here was flaky under load).
     assert t["total"] >= max(t["retrieve"], t["pseudo"]) + t["select"] + t["generate"]
     assert body["models"]["generator"] == "smollm2-135m"
     assert body["models"]["selector"].startswith("relevance:")

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 import pytest
 
 from gainrag.batching import MicroBatcher
 from gainrag.errors import OverloadedError
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Yield to the loop until cond() holds: waits on states, not on how fast the machine is."""
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.001)
 
 
 async def test_concurrent_calls_share_batches_and_get_their_own_results() -> None:
@@ -61,9 +69,10 @@ async def test_keys_are_never_mixed_in_one_batch() -> None:
 
 
 async def test_full_queue_rejects_with_overloaded() -> None:
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
 
     def run(items: list[int]) -> list[int]:
+        entered.set()
         gate.wait(5)
         return items
 
@@ -71,9 +80,9 @@ async def test_full_queue_rejects_with_overloaded() -> None:
         "t", run, max_batch_cost=1, max_wait_s=0.0, max_queue=2
     )
     first = asyncio.ensure_future(b.submit(0))
-    await asyncio.sleep(0.05)  # the first batch is now running (blocked on the gate)
+    await until(entered.is_set)  # the first batch is now running (blocked on the gate)
     queued = [asyncio.ensure_future(b.submit(i)) for i in (1, 2)]
-    await asyncio.sleep(0.01)
+    await until(lambda: b.queue_size == 2)
     with pytest.raises(OverloadedError):
         await b.submit(3)
     assert b.stats.rejected == 1
@@ -83,10 +92,11 @@ async def test_full_queue_rejects_with_overloaded() -> None:
 
 
 async def test_cancelled_callers_are_dropped_before_the_model_runs() -> None:
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
     ran: list[int] = []
 
     def run(items: list[int]) -> list[int]:
+        entered.set()
         gate.wait(5)
         ran.extend(items)
         return items
@@ -95,10 +105,10 @@ async def test_cancelled_callers_are_dropped_before_the_model_runs() -> None:
         "t", run, max_batch_cost=1, max_wait_s=0.0, max_queue=10
     )
     first = asyncio.ensure_future(b.submit(0))
-    await asyncio.sleep(0.05)
+    await until(entered.is_set)
     gone = asyncio.ensure_future(b.submit(1))
     kept = asyncio.ensure_future(b.submit(2))
-    await asyncio.sleep(0.01)
+    await until(lambda: b.queue_size == 2)
     gone.cancel()  # the client went away while queued
     gate.set()
     assert await first == 0 and await kept == 2
@@ -157,9 +167,10 @@ async def test_per_item_exceptions_reach_only_their_caller() -> None:
 
 
 async def test_close_fails_in_flight_and_later_requests() -> None:
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
 
     def run(items: list[int]) -> list[int]:
+        entered.set()
         gate.wait(5)
         return items
 
@@ -167,9 +178,9 @@ async def test_close_fails_in_flight_and_later_requests() -> None:
         "t", run, max_batch_cost=1, max_wait_s=0.0, max_queue=10
     )
     running = asyncio.ensure_future(b.submit(0))
-    await asyncio.sleep(0.05)
+    await until(entered.is_set)
     queued = asyncio.ensure_future(b.submit(1))
-    await asyncio.sleep(0.01)
+    await until(lambda: b.queue_size == 1)
     await b.close()
     gate.set()
     for fut in (running, queued):
