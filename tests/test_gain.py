@@ -77,12 +77,24 @@ def test_minimum_over_gold_answers(scorer: GainScorer) -> None:
 
 
 def test_padding_does_not_change_logits(scorer: GainScorer) -> None:
-    short = _Seq(scorer.prompt_ids(Q, None), scorer.answer_ids("Röntgen"))
-    long = _Seq(scorer.prompt_ids(Q, GOOD), scorer.answer_ids("Röntgen"))
+    short = _Seq(scorer.prompt_ids(Q, None), [scorer.answer_ids("Röntgen")])
+    long = _Seq(scorer.prompt_ids(Q, GOOD), [scorer.answer_ids("Röntgen")])
     together = scorer.answer_logits([short, long])
     alone = [scorer.answer_logits([s])[0] for s in (short, long)]
     for a, b in zip(together, alone, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_answers_equal_one_sequence_per_answer(scorer: GainScorer) -> None:
+    # The answers share one prompt in a packed sequence; none may see another.
+    prompt = scorer.prompt_ids(Q, GOOD)
+    answers = [scorer.answer_ids(a) for a in ("Wilhelm Conrad Röntgen", "Röntgen", "X-ray man")]
+    (packed,) = scorer.answer_logits([_Seq(prompt, answers)])
+    with torch.inference_mode():
+        for got, a in zip(packed, answers, strict=True):
+            plain = scorer.model(torch.tensor([prompt + a])).logits[0]
+            want = plain[len(prompt) - 1 : len(prompt) - 1 + len(a)].float()
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_contrastive_ppl_formula_by_hand() -> None:
