@@ -60,7 +60,7 @@ async def test_answer_end_to_end(client: httpx.AsyncClient) -> None:
     # is proven without timings in test_pipeline.py (a timing comparison here was flaky under load).
     assert t["total"] >= max(t["retrieve"], t["pseudo"]) + t["select"] + t["generate"]
     assert body["models"]["generator"] == "smollm2-135m"
-    assert body["models"]["selector"].startswith("relevance:")
+    assert body["models"]["selector"] == "cross-encoder:gainrag-minilm-l6"  # the shipped one
 
 
 async def test_candidates_and_top_n(client: httpx.AsyncClient) -> None:

@@ -36,10 +36,16 @@ def test_presets_switch_the_pipeline() -> None:
     closed = apply_preset(s, PRESETS["closed-book"]).pipeline
     assert (closed.retrieve, closed.pseudo_passage, closed.select) == (False, False, False)
     rerank = apply_preset(s, PRESETS["rerank"])
-    assert rerank.selector.kind == "relevance" and not rerank.pipeline.pseudo_passage
-    g = apply_preset(s, PRESETS["gainrag"]).pipeline
+    assert rerank.selector.kind == "cross-encoder" and not rerank.pipeline.pseudo_passage
+    assert rerank.selector.checkpoint == REPO_ROOT / "models/selector/relevance-minilm-l6"
+    gain = apply_preset(s, PRESETS["gainrag"])
+    g = gain.pipeline
     assert (g.retrieve, g.pseudo_passage, g.select) == (True, True, True)
+    # the shipped GainRAG selector by default
+    assert gain.selector.kind == "auto"
+    assert gain.selector.checkpoint == REPO_ROOT / "models/selector/gainrag-minilm-l6"
     assert s.pipeline.pseudo_passage  # the original is untouched
+    assert s.selector.checkpoint == gain.selector.checkpoint
 
 
 @pytest.mark.parametrize("preset", ["closed-book", "gainrag"])
@@ -82,6 +88,17 @@ def test_eval_writes_a_report(
         assert set(report["gold_recall"]) == {"@1", "@5", "@20", "@100"}
         # the gold passages of these questions are in the small index: MiniLM finds them
         assert report["gold_recall"]["@5"] > 0
+
+
+def test_missing_selector_checkpoint_is_a_clear_error(
+    env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text('{"question": "q", "answers": ["a"]}\n')
+    monkeypatch.setenv("GAINRAG_SELECTOR__CHECKPOINT", str(tmp_path / "nowhere"))
+    assert main(["eval", "--questions", str(qfile), "--preset", "gainrag"]) == 2
+    err = capsys.readouterr().err
+    assert "no selector checkpoint at" in err and "GAINRAG_SELECTOR__KIND=relevance" in err
 
 
 def test_eval_rejects_bad_question_files(

@@ -89,6 +89,7 @@ def _eval(settings: Settings, args: argparse.Namespace) -> None:
             limit=args.limit,
             concurrency=args.concurrency,
             top_n=args.top_n,
+            generation_memo=args.generation_memo,
         )
     )
     report["command"] = " ".join(["gainrag", *sys.argv[1:]])
@@ -156,7 +157,9 @@ def _train_selector(settings: Settings, args: argparse.Namespace) -> None:
         init = resolve_encoder(args.init)
     else:
         groups = load_groups(args.groups)
-        init = args.init
+        init = args.init or settings.selector.rerank_checkpoint
+        if not (init / "config.json").is_file():
+            raise ConfigurationError(f"no warm-start checkpoint at {init} (--init)")
     meta = train_selector(init, groups, args.out, cfg, stop_after_steps=args.stop_after_steps)
     if meta is None:
         print(f"stopped after {args.stop_after_steps} steps; rerun the same command to resume")
@@ -201,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--top-n", type=int, help="passages given to the generator")
     e.add_argument("--concurrency", type=int, default=8, help="questions in flight")
     e.add_argument("--output", type=Path, help="write the JSON report here")
+    e.add_argument(
+        "--generation-memo",
+        type=Path,
+        help="JSONL memo of greedy generations, shared across runs (skips repeated prompts)",
+    )
 
     t = sub.add_parser("train", help="offline training jobs").add_subparsers(
         dest="train_cmd", required=True
@@ -244,7 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     training_args(rel, lr=3e-5, epochs=1)
     dis = t.add_parser("selector", help="distil gain labels into the selector (KL)")
     dis.add_argument("--groups", type=Path, required=True, help="selector-data JSONL")
-    dis.add_argument("--init", type=Path, required=True, help="relevance warm-start checkpoint")
+    dis.add_argument(
+        "--init",
+        type=Path,
+        help="relevance warm-start checkpoint (default: GAINRAG_SELECTOR__RERANK_CHECKPOINT)",
+    )
     training_args(dis, lr=6e-5, epochs=2)
 
     st = sub.add_parser("settings", help="print the effective settings as JSON")

@@ -37,10 +37,18 @@ class SelectorSettings(BaseModel):
 
     kind: Literal["auto", "cross-encoder", "relevance"] = Field(
         "auto",
-        description="'auto': cross-encoder if `checkpoint` is set, else the relevance fallback.",
+        description="'auto': the cross-encoder at `checkpoint` if set, else 'relevance' "
+        "(bi-encoder cosine, no training needed).",
     )
     checkpoint: Path | None = Field(
-        None, description="Local HF sequence-classification checkpoint for the cross-encoder."
+        Path("models/selector/gainrag-minilm-l6"),
+        description="HF sequence-classification checkpoint of the cross-encoder: by default "
+        "the GainRAG selector shipped in the repo (see its model card).",
+    )
+    rerank_checkpoint: Path = Field(
+        Path("models/selector/relevance-minilm-l6"),
+        description="The relevance warm-start cross-encoder: the 'rerank' eval baseline and the "
+        "starting point of gain distillation.",
     )
     max_length: int = Field(512, ge=16, le=2048, description="Max tokens of question + candidate.")
     batch_size: int = Field(32, ge=1, description="Pairs per model forward pass.")
@@ -168,4 +176,5 @@ class Settings(BaseSettings):
         self.llm.models_dir = fix(self.llm.models_dir)
         if self.selector.checkpoint is not None:
             self.selector.checkpoint = fix(self.selector.checkpoint)
+        self.selector.rerank_checkpoint = fix(self.selector.rerank_checkpoint)
         return self

@@ -251,6 +251,12 @@ def build_components(settings: Settings) -> Components:
                 raise ConfigurationError(
                     "selector kind 'cross-encoder' needs GAINRAG_SELECTOR__CHECKPOINT"
                 )
+            if not (s.checkpoint / "config.json").is_file():
+                raise ConfigurationError(
+                    f"no selector checkpoint at {s.checkpoint} (GAINRAG_SELECTOR__CHECKPOINT); "
+                    "train one with `gainrag train selector` or set "
+                    "GAINRAG_SELECTOR__KIND=relevance for the untrained fallback"
+                )
             selector = CrossEncoderSelector(
                 s.checkpoint,
                 max_length=s.max_length,

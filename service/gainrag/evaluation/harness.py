@@ -15,6 +15,7 @@ from tqdm import tqdm
 from gainrag.config import Settings
 from gainrag.errors import ConfigurationError, GainRAGError
 from gainrag.evaluation.machine import machine_info
+from gainrag.evaluation.memo import MemoGenerator
 from gainrag.evaluation.metrics import (
     exact_match,
     f1_score,
@@ -36,7 +37,7 @@ class Preset:
     retrieve: bool
     pseudo_passage: bool
     select: bool
-    selector_kind: str | None = None  # None = the configured selector
+    rerank_selector: bool = False  # the relevance warm start instead of the configured selector
 
 
 PRESETS = {
@@ -45,7 +46,12 @@ PRESETS = {
         Preset("closed-book", "no passage: the LLM answers alone", False, False, False),
         Preset("retrieval", "retriever's top-n, no pseudo-passage", True, False, False),
         Preset(
-            "rerank", "relevance selector over retrieved passages", True, False, True, "relevance"
+            "rerank",
+            "relevance warm-start cross-encoder over retrieved passages",
+            True,
+            False,
+            True,
+            rerank_selector=True,
         ),
         Preset("gainrag", "configured selector over retrieved + pseudo-passage", True, True, True),
         Preset("gainrag-no-pseudo", "configured selector, no pseudo-passage", True, False, True),
@@ -63,8 +69,10 @@ def apply_preset(settings: Settings, preset: Preset) -> Settings:
         }
     )
     selector = settings.selector
-    if preset.selector_kind is not None:
-        selector = selector.model_copy(update={"kind": preset.selector_kind})
+    if preset.rerank_selector:
+        selector = selector.model_copy(
+            update={"kind": "cross-encoder", "checkpoint": selector.rerank_checkpoint}
+        )
     return settings.model_copy(update={"pipeline": pipeline, "selector": selector})
 
 
@@ -149,8 +157,12 @@ async def run_eval(
     concurrency: int = 8,
     top_n: int | None = None,
     show_progress: bool = True,
+    generation_memo: Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate one preset; returns the report (summary, settings and per-question records)."""
+    """Evaluate one preset; returns the report (summary, settings and per-question records).
+
+    ``generation_memo``: a JSONL memo of greedy generations shared by runs (see ``memo.py``).
+    """
     if preset_name not in PRESETS:
         raise ConfigurationError(
             f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}"
@@ -159,6 +171,10 @@ async def run_eval(
     settings = apply_preset(settings, preset)
     rows = load_questions(questions, limit)
     components = await asyncio.to_thread(build_components, settings)
+    memo = None
+    if generation_memo is not None:
+        memo = MemoGenerator(components.generator, generation_memo)
+        components.generator = memo
     pipeline = Pipeline(settings, components)
     # Concurrent questions let the generator batch prompts: same answers, ~2.5x the throughput.
     sem = asyncio.Semaphore(concurrency)
@@ -201,6 +217,9 @@ async def run_eval(
             "llm": settings.llm.model,
         },
         "machine": machine_info(),
+        "generation_memo": None
+        if memo is None
+        else {"path": str(generation_memo), "hits": memo.hits, "misses": memo.misses},
         **summary,
         "errors": errors,
         "records": done,

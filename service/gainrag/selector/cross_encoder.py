@@ -16,17 +16,21 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from gainrag.batching import MicroBatcher
 from gainrag.types import Passage
+from gainrag.util import file_sha256
 
 Pair = tuple[str, str]
 
 
 def checkpoint_version(path: Path) -> str:
-    """Short hash of a checkpoint's file names, sizes and mtimes (cheap; changes on retrain)."""
+    """Short hash of a checkpoint's file names and contents.
+
+    Contents, not mtimes: the shipped checkpoint must have the same version (and so the same
+    answer-cache keys) in every clone; hashing ~45 MB takes ~0.1 s once at start-up.
+    """
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
         if f.is_file():
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+            h.update(f"{f.name}:{file_sha256(f)}\n".encode())
     return h.hexdigest()[:12]
 
 
