@@ -151,3 +151,54 @@ def test_training_questions_interleave_files_and_are_seeded(tmp_path: Path) -> N
     got = [q["id"] for q in training_questions([a, b], 3, seed=1)]
     assert [i[0] for i in got] == ["a", "b", "a", "b", "a"]  # b has only 2 answerable questions
     assert got == [q["id"] for q in training_questions([a, b], 3, seed=1)]  # reproducible
+
+
+def test_relevance_then_distillation_through_the_cli(
+    env: None, tmp_path: Path, dev_questions: list[dict], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The two training jobs chained as documented, on a tiny slice: warm start, then KL from it.
+    qfile = tmp_path / "train.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in dev_questions[:2]))
+    tiny = ["--max-length", "64", "--epochs", "1"]
+    warm = tmp_path / "relevance"
+    rel = ["train", "relevance", "--questions", str(qfile), "--group-size", "3", "--k", "10"]
+    assert main([*rel, *tiny, "--out", str(warm)]) == 0
+    assert "relevance: 2 groups from 2 questions" in capsys.readouterr().out
+    assert json.loads((warm / "gainrag_training.json").read_text())["config"]["loss"] == "infonce"
+
+    groups = tmp_path / "groups.jsonl"
+    groups.write_text(
+        json.dumps(
+            {
+                "query": "who discovered x-rays",
+                "pos": ["Röntgen\nWilhelm Röntgen discovered X-rays."],
+                "neg": ["Cats\nA cat.", "Dogs\nA dog."],
+                "pos_scores": [-0.5],
+                "neg_scores": [-2.0, -2.5],
+            }
+        )
+        + "\n"
+    )
+    gain = tmp_path / "gainrag"
+    dis = ["train", "selector", "--groups", str(groups), "--init", str(warm), "--out", str(gain)]
+    assert main([*dis, *tiny]) == 0
+    meta = json.loads((gain / "gainrag_training.json").read_text())
+    assert meta["config"]["loss"] == "kl" and meta["init"] == str(warm) and meta["groups"] == 1
+
+    # without --init the warm start comes from the settings; a missing one is a clear error
+    assert (
+        main(
+            [
+                "train",
+                "selector",
+                "--groups",
+                str(groups),
+                "--init",
+                str(tmp_path / "x"),
+                "--out",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 2
+    )
+    assert "no warm-start checkpoint" in capsys.readouterr().err
