@@ -40,9 +40,12 @@ def test_gain_signals_then_selector_data(
         "--output",
         str(out),
     ]
-    assert main(args) == 0
+    # two shards (as two processes would run them) fill one file with disjoint questions
+    assert main([*args, "--shard", "1/2"]) == 0
+    assert main([*args, "--shard", "0/2"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 2
+    assert len(rows) == 2 and len({r["id"] for r in rows}) == 2
+    assert {r["id"] for r in rows} <= {str(q["id"]) for q in dev_questions[:3]}
     for row in rows:
         assert row["alpha"] == 0.5 and row["k"] == 3
         retrieved = [c for c in row["candidates"] if not c["pseudo"]]
@@ -50,6 +53,9 @@ def test_gain_signals_then_selector_data(
         assert all(math.isfinite(c["ppl"]) and c["ppl"] >= 1.0 for c in row["candidates"])
         assert all(isinstance(c["has_answer"], bool) for c in row["candidates"])
     capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*args, "--shard", "2/2"])
+    assert "need 0 <= I < N" in capsys.readouterr().err
 
     # Resumable: a rerun skips finished questions; a torn last line is dropped and redone.
     assert main(args) == 0

@@ -112,6 +112,7 @@ def _train(settings: Settings, args: argparse.Namespace) -> None:
             k=args.k,
             alpha=args.alpha,
             batch_questions=args.batch_questions,
+            shard=args.shard,
         )
         print(
             f"gain signals: {stats['written']} written, {stats['skipped']} already done "
@@ -170,6 +171,16 @@ def _train_selector(settings: Settings, args: argparse.Namespace) -> None:
     )
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N, e.g. 0/2, got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
 def question_args(parser: argparse.ArgumentParser, help_: str) -> None:
     """--questions FILE... and --limit, shared by the jobs that read training questions."""
     parser.add_argument("--questions", type=Path, nargs="+", required=True, help=help_)
@@ -220,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, default=0.5, help="contrastive weight")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-questions", type=int, default=8)
+    g.add_argument(
+        "--shard",
+        type=_shard,
+        default=(0, 1),
+        metavar="I/N",
+        help="process every N-th question from the I-th (0-based), to spread over processes",
+    )
     sd = t.add_parser("selector-data", help="gain signals -> distillation groups")
     sd.add_argument("--input", type=Path, required=True, help="gain-signals JSONL")
     sd.add_argument("--output", type=Path, required=True, help="groups JSONL")

@@ -8,6 +8,7 @@ interrupted job resumes where it stopped.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import random
 from itertools import zip_longest
@@ -30,23 +31,33 @@ from gainrag.types import Passage
 
 
 def finished_ids(path: Path) -> set[str]:
-    """Ids already in an output file; drops a torn last line left by an interrupted write."""
+    """Ids already in an output file; drops a torn last line left by an interrupted write.
+
+    Reads and repairs under the same lock the writers take, in place (same inode), so a shard
+    appending from another process neither shows up half-written nor loses later lines.
+    """
     if not path.exists():
         return set()
-    good: list[str] = []
     ids: set[str] = set()
-    torn = False
-    for line in path.read_text(encoding="utf-8").splitlines():
+    with path.open("r+", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            row = json.loads(line)
-            ids.add(str(row["id"]))
-            good.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            torn = True
-    if torn:  # rewrite without the broken line so appends start on a clean line
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in good), encoding="utf-8")
-        tmp.replace(path)
+            good: list[str] = []
+            torn = False
+            for line in f.read().splitlines():
+                try:
+                    row = json.loads(line)
+                    ids.add(str(row["id"]))
+                    good.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    torn = True
+            if torn:  # rewrite without the broken line so appends start on a clean line
+                f.seek(0)
+                f.write("".join(line + "\n" for line in good))
+                f.truncate()
+                f.flush()
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
     return ids
 
 
@@ -72,8 +83,17 @@ def synthesize(
     alpha: float = 0.5,
     batch_questions: int = 8,
     show_progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, int]:
-    """Append gain-labelled candidates for every question not yet in ``out``."""
+    """Append gain-labelled candidates for every question not yet in ``out``.
+
+    ``shard=(i, n)`` keeps every n-th question from the i-th: n processes with disjoint shards
+    can append to the same output (each line is written under an exclusive file lock).
+    """
+    i, n = shard
+    if not 0 <= i < n:
+        raise ValueError(f"shard index {i} is outside 0..{n - 1}")
+    questions = questions[i::n]
     done = finished_ids(out)
     todo = [q for q in questions if str(q["id"]) not in done]
     r, llm = settings.retrieval, settings.llm
@@ -143,8 +163,12 @@ def synthesize(
                     "candidates": cands,
                     **meta,
                 }
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                f.flush()  # a crash loses at most the question being written
+                fcntl.flock(f, fcntl.LOCK_EX)  # shards of other processes append here too
+                try:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    f.flush()  # a crash loses at most the question being written
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
                 written += 1
                 bar.update(1)
     return {"questions": len(questions), "skipped": len(questions) - len(todo), "written": written}
