@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test install prepare serve lint bench eval models-qwen clean distclean help
+.PHONY: run test install prepare serve lint bench eval train models-qwen clean distclean help
 
 help:
 	@echo "make run    install, prepare models and index, serve on 127.0.0.1:8000"
@@ -68,6 +68,24 @@ eval: prepare
 	    --limit $(EVAL_LIMIT) --preset $$p --concurrency 16 \
 	    --generation-memo var/eval/generation_memo.jsonl \
 	    --output benchmarks/results/eval_$${d}_$$p.json || exit 1; done; done
+
+# The shipped selectors, end to end, with the exact commands of their model cards (hours on a
+# 2-core CPU; every step resumes). Two shards of the gain-signal job use both cores.
+TRAIN_QUESTIONS = data/questions/nq_train.jsonl data/questions/squad_train.jsonl
+SIGNALS = data/train/gain_signals_k10.jsonl
+train: prepare
+	OMP_NUM_THREADS=1 $(BIN)/gainrag train relevance --questions $(TRAIN_QUESTIONS) \
+	  --limit 300 --seed 1 --group-size 8 --k 50 --max-length 256 --epochs 1 --lr 5e-5 \
+	  --save-every 100 --out var/train/relevance
+	GAIN="$(BIN)/gainrag train gain-signals --questions $(TRAIN_QUESTIONS) --limit 250 --k 10 \
+	  --output $(SIGNALS)"; export OMP_NUM_THREADS=1; \
+	  $$GAIN --shard 0/2 & first=$$!; $$GAIN --shard 1/2; second=$$?; \
+	  wait $$first && test $$second = 0
+	$(BIN)/gainrag train selector-data --input $(SIGNALS) --group-size 11 \
+	  --output var/train/groups_k10.jsonl
+	$(BIN)/gainrag train selector --groups var/train/groups_k10.jsonl --init var/train/relevance \
+	  $(DISTILL_ARGS) --out var/train/gainrag
+	@echo "new selectors in var/train/{relevance,gainrag}; copy them to models/selector/ to ship"
 
 clean:
 	rm -rf $(VENV) var

