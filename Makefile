@@ -84,7 +84,7 @@ train: prepare
 	$(BIN)/gainrag train selector-data --input $(SIGNALS) --group-size 11 \
 	  --output var/train/groups_k10.jsonl
 	$(BIN)/gainrag train selector --groups var/train/groups_k10.jsonl --init var/train/relevance \
-	  $(DISTILL_ARGS) --out var/train/gainrag
+	  --save-every 100 --out var/train/gainrag
 	@echo "new selectors in var/train/{relevance,gainrag}; copy them to models/selector/ to ship"
 
 clean:

@@ -93,8 +93,11 @@ def load_questions(path: Path, limit: int | None = None) -> list[dict[str, Any]]
     return rows
 
 
-async def _run_one(pipeline: Pipeline, row: dict[str, Any], top_n: int | None) -> dict[str, Any]:
+async def _run_one(
+    pipeline: Pipeline, row: dict[str, Any], top_n: int | None, k: int
+) -> dict[str, Any]:
     result = await pipeline.answer(row["question"], top_n=top_n)
+    ks = [x for x in RECALL_KS if x <= k]  # recall@100 of a top-20 list would just repeat @20
     answers = row["answers"]
     record: dict[str, Any] = {
         "id": row["id"],
@@ -110,14 +113,14 @@ async def _run_one(pipeline: Pipeline, row: dict[str, Any], top_n: int | None) -
     }
     if result.retrieved:
         hits = [has_answer(r.passage.text, answers) for r in result.retrieved]
-        record["recall"] = recall_at(hits, RECALL_KS)
+        record["recall"] = recall_at(hits, ks)
         record["selected_has_answer"] = any(
             has_answer(s.passage.text, answers) for s in result.selected
         )
         gold = set(row.get("gold_ids") or [])
         if gold:
             ids = [r.passage.id for r in result.retrieved]
-            record["gold_recall"] = {k: float(bool(gold & set(ids[:k]))) for k in RECALL_KS}
+            record["gold_recall"] = {x: float(bool(gold & set(ids[:x]))) for x in ks}
     return record
 
 
@@ -138,13 +141,13 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
     with_ret = [r for r in records if "recall" in r]
     if with_ret:
-        out["recall"] = {f"@{k}": mean(r["recall"][k] for r in with_ret) for k in RECALL_KS}
+        ks = [k for k in RECALL_KS if all(k in r["recall"] for r in with_ret)]
+        out["recall"] = {f"@{k}": mean(r["recall"][k] for r in with_ret) for k in ks}
         out["selected_has_answer"] = mean(float(r["selected_has_answer"]) for r in with_ret)
     with_gold = [r for r in records if "gold_recall" in r]
     if with_gold:
-        out["gold_recall"] = {
-            f"@{k}": mean(r["gold_recall"][k] for r in with_gold) for k in RECALL_KS
-        }
+        gks = [k for k in RECALL_KS if all(k in r["gold_recall"] for r in with_gold)]
+        out["gold_recall"] = {f"@{k}": mean(r["gold_recall"][k] for r in with_gold) for k in gks}
     return out
 
 
@@ -191,7 +194,7 @@ async def run_eval(
             async def one(i: int) -> None:
                 async with sem:
                     try:
-                        records[i] = await _run_one(pipeline, rows[i], top_n)
+                        records[i] = await _run_one(pipeline, rows[i], top_n, settings.retrieval.k)
                     except GainRAGError as exc:  # one bad question must not sink the run
                         errors.append(
                             {"id": rows[i]["id"], "code": exc.code, "message": exc.message}
@@ -241,7 +244,8 @@ def format_table(reports: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
-        rec = r.get("recall") or {}
+        k_run = (r.get("settings") or {}).get("k", max(RECALL_KS))
+        rec = {key: v for key, v in (r.get("recall") or {}).items() if int(key[1:]) <= k_run}
         lat = r.get("latency_ms") or {}
         lines.append(
             f"| {r['preset']} | {r['n']} | {len(r.get('errors', []))} | {pct(r.get('em'))} | "
