@@ -64,7 +64,8 @@ EVAL_SETS ?= nq_dev squad_dev
 EVAL_LIMIT ?= 300
 eval: prepare
 	for d in $(EVAL_SETS); do for p in $(EVAL_PRESETS); do \
-	  GAINRAG_RETRIEVAL__K=20 $(BIN)/gainrag eval --questions data/questions/$$d.jsonl \
+	  GAINRAG_RETRIEVAL__K=20 GAINRAG_PIPELINE__TIMEOUT_S=600 \
+	  $(BIN)/gainrag eval --questions data/questions/$$d.jsonl \
 	    --limit $(EVAL_LIMIT) --preset $$p --concurrency 16 \
 	    --generation-memo var/eval/generation_memo.jsonl \
 	    --output benchmarks/results/eval_$${d}_$$p.json || exit 1; done; done
