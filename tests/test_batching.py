@@ -12,6 +12,20 @@ from gainrag.batching import MicroBatcher
 from gainrag.errors import OverloadedError
 
 
+class Gated:
+    """A model whose batches block until the test opens the gate (to hold the queue still)."""
+
+    def __init__(self) -> None:
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.ran: list[int] = []
+
+    def run(self, items: list[int]) -> list[int]:
+        self.entered.set()
+        self.gate.wait(5)
+        self.ran.extend(items)
+        return items
+
+
 async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
     """Yield to the loop until cond() holds: waits on states, not on how fast the machine is."""
     async with asyncio.timeout(timeout):
@@ -69,50 +83,36 @@ async def test_keys_are_never_mixed_in_one_batch() -> None:
 
 
 async def test_full_queue_rejects_with_overloaded() -> None:
-    gate, entered = threading.Event(), threading.Event()
-
-    def run(items: list[int]) -> list[int]:
-        entered.set()
-        gate.wait(5)
-        return items
-
+    model = Gated()
     b: MicroBatcher[int, int] = MicroBatcher(
-        "t", run, max_batch_cost=1, max_wait_s=0.0, max_queue=2
+        "t", model.run, max_batch_cost=1, max_wait_s=0.0, max_queue=2
     )
     first = asyncio.ensure_future(b.submit(0))
-    await until(entered.is_set)  # the first batch is now running (blocked on the gate)
+    await until(model.entered.is_set)  # the first batch is now running (blocked on the gate)
     queued = [asyncio.ensure_future(b.submit(i)) for i in (1, 2)]
     await until(lambda: b.queue_size == 2)
     with pytest.raises(OverloadedError):
         await b.submit(3)
     assert b.stats.rejected == 1
-    gate.set()
+    model.gate.set()
     assert await asyncio.gather(first, *queued) == [0, 1, 2]
     await b.close()
 
 
 async def test_cancelled_callers_are_dropped_before_the_model_runs() -> None:
-    gate, entered = threading.Event(), threading.Event()
-    ran: list[int] = []
-
-    def run(items: list[int]) -> list[int]:
-        entered.set()
-        gate.wait(5)
-        ran.extend(items)
-        return items
-
+    model = Gated()
     b: MicroBatcher[int, int] = MicroBatcher(
-        "t", run, max_batch_cost=1, max_wait_s=0.0, max_queue=10
+        "t", model.run, max_batch_cost=1, max_wait_s=0.0, max_queue=10
     )
     first = asyncio.ensure_future(b.submit(0))
-    await until(entered.is_set)
+    await until(model.entered.is_set)
     gone = asyncio.ensure_future(b.submit(1))
     kept = asyncio.ensure_future(b.submit(2))
     await until(lambda: b.queue_size == 2)
     gone.cancel()  # the client went away while queued
-    gate.set()
+    model.gate.set()
     assert await first == 0 and await kept == 2
-    assert ran == [0, 2]
+    assert model.ran == [0, 2]
     assert b.stats.dropped == 1
     await b.close()
 
@@ -167,22 +167,16 @@ async def test_per_item_exceptions_reach_only_their_caller() -> None:
 
 
 async def test_close_fails_in_flight_and_later_requests() -> None:
-    gate, entered = threading.Event(), threading.Event()
-
-    def run(items: list[int]) -> list[int]:
-        entered.set()
-        gate.wait(5)
-        return items
-
+    model = Gated()
     b: MicroBatcher[int, int] = MicroBatcher(
-        "t", run, max_batch_cost=1, max_wait_s=0.0, max_queue=10
+        "t", model.run, max_batch_cost=1, max_wait_s=0.0, max_queue=10
     )
     running = asyncio.ensure_future(b.submit(0))
-    await until(entered.is_set)
+    await until(model.entered.is_set)
     queued = asyncio.ensure_future(b.submit(1))
     await until(lambda: b.queue_size == 1)
     await b.close()
-    gate.set()
+    model.gate.set()
     for fut in (running, queued):
         with pytest.raises(OverloadedError, match="shutting down"):
             await asyncio.wait_for(fut, 5)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import fcntl
 import json
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tqdm import tqdm
 
@@ -30,6 +32,16 @@ from gainrag.training.gain import GainScorer
 from gainrag.types import Passage
 
 
+@contextmanager
+def _locked(f: IO[str]) -> Iterator[None]:
+    """An exclusive lock on an open output file, taken by every shard's reads and writes."""
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def finished_ids(path: Path) -> set[str]:
     """Ids already in an output file; drops a torn last line left by an interrupted write.
 
@@ -39,25 +51,21 @@ def finished_ids(path: Path) -> set[str]:
     if not path.exists():
         return set()
     ids: set[str] = set()
-    with path.open("r+", encoding="utf-8") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            good: list[str] = []
-            torn = False
-            for line in f.read().splitlines():
-                try:
-                    row = json.loads(line)
-                    ids.add(str(row["id"]))
-                    good.append(line)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    torn = True
-            if torn:  # rewrite without the broken line so appends start on a clean line
-                f.seek(0)
-                f.write("".join(line + "\n" for line in good))
-                f.truncate()
-                f.flush()
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with path.open("r+", encoding="utf-8") as f, _locked(f):
+        good: list[str] = []
+        torn = False
+        for line in f.read().splitlines():
+            try:
+                row = json.loads(line)
+                ids.add(str(row["id"]))
+                good.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                torn = True
+        if torn:  # rewrite without the broken line so appends start on a clean line
+            f.seek(0)
+            f.write("".join(line + "\n" for line in good))
+            f.truncate()
+            f.flush()
     return ids
 
 
@@ -163,12 +171,9 @@ def synthesize(
                     "candidates": cands,
                     **meta,
                 }
-                fcntl.flock(f, fcntl.LOCK_EX)  # shards of other processes append here too
-                try:
+                with _locked(f):  # shards of other processes append here too
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
                     f.flush()  # a crash loses at most the question being written
-                finally:
-                    fcntl.flock(f, fcntl.LOCK_UN)
                 written += 1
                 bar.update(1)
     return {"questions": len(questions), "skipped": len(questions) - len(todo), "written": written}
