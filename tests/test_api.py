@@ -282,8 +282,9 @@ class _BrokenSelector:
 
 
 async def test_backend_failure_is_502_without_leaking_details(
-    settings: Settings, components: Components
+    index_dir: Path, small_corpus: Path, components: Components
 ) -> None:
+    settings = make_settings(index_dir, small_corpus, pipeline={"fallback": False})
     broken = Components(components.retriever, _BrokenSelector(), components.generator)
     app = create_app(settings, broken)
     async with LifespanManager(app) as manager:
@@ -292,6 +293,26 @@ async def test_backend_failure_is_502_without_leaking_details(
             r = await c.post("/answer", json={"question": "who won"})
     err = assert_error(r, 502, "select_failed", "select")
     assert "secret" not in err["message"]
+
+
+async def test_selector_failure_falls_back_to_retrieval_order(
+    settings: Settings, components: Components
+) -> None:
+    broken = Components(components.retriever, _BrokenSelector(), components.generator)
+    app = create_app(settings, broken)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
+            r = await c.post("/answer", json={"question": "who won", "return_candidates": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [d["kind"] for d in body["degraded"]] == ["selector_down"]
+    assert "secret" not in r.text
+    ranks = [c.get("retrieval_rank") for c in body["candidates"]]
+    retrieved = [x for x in ranks if x is not None]
+    assert retrieved == list(range(len(retrieved)))  # retrieval order ...
+    assert all(x is None for x in ranks[len(retrieved) :])  # ... the pseudo-passage last
+    assert body["passages"][0]["retrieval_rank"] == 0
 
 
 async def test_deadline_is_504(index_dir: Path, small_corpus: Path, components: Components) -> None:

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from gainrag import metrics
 from gainrag.errors import OverloadedError
 
 I = TypeVar("I")  # noqa: E741 - the conventional name for an input type variable
@@ -82,6 +83,11 @@ class MicroBatcher(Generic[I, O]):
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.stats = BatchStats()
+        self._m_queue = metrics.BATCH_QUEUE.labels(name)
+        self._m_requests = metrics.BATCH_REQUESTS.labels(name)
+        self._m_cost = metrics.BATCH_COST.labels(name)
+        self._m_rejected = metrics.BATCH_REJECTED.labels(name)
+        self._m_dropped = metrics.BATCH_DROPPED.labels(name)
 
     @property
     def queue_size(self) -> int:
@@ -121,19 +127,25 @@ class MicroBatcher(Generic[I, O]):
             self._queue = deque(p for p in self._queue if not p.future.done())
             if len(self._queue) >= self._max_queue:
                 self.stats.rejected += 1
+                self._m_rejected.inc()
                 raise OverloadedError(
                     f"{self.name} queue is full ({self._max_queue} waiting); retry shortly"
                 )
         fut: asyncio.Future[O] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(item, max(1, self._cost(item)), self._key(item), fut))
+        self._m_queue.set(len(self._queue))
         self._wakeup.set()
         return await fut
+
+    def _count_dropped(self, n: int = 1) -> None:
+        self.stats.dropped += n
+        self._m_dropped.inc(n)
 
     def _pop_live(self) -> _Pending[I, O] | None:
         while self._queue:
             p = self._queue.popleft()
             if p.future.done():  # caller cancelled (client went away)
-                self.stats.dropped += 1
+                self._count_dropped()
                 continue
             return p
         return None
@@ -145,7 +157,7 @@ class MicroBatcher(Generic[I, O]):
         while self._queue:
             p = self._queue.popleft()
             if p.future.done():
-                self.stats.dropped += 1
+                self._count_dropped()
             elif p.key == key and p.cost <= budget:
                 batch.append(p)
                 budget -= p.cost
@@ -189,13 +201,17 @@ class MicroBatcher(Generic[I, O]):
                 self._take_compatible(batch, budget)
                 break
         live = [p for p in batch if not p.future.done()]
-        self.stats.dropped += len(batch) - len(live)
+        if len(batch) > len(live):
+            self._count_dropped(len(batch) - len(live))
         self._current = live
+        self._m_queue.set(len(self._queue))
         if not live:
             return
         self.stats.batches += 1
         self.stats.items += len(live)
         self.stats.last_batch_sizes.append(len(live))
+        self._m_requests.observe(len(live))
+        self._m_cost.observe(sum(p.cost for p in live))
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(

@@ -64,7 +64,8 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> None:
     from gainrag.retrieval.index import read_manifest
 
     # Fail fast on the common mistake instead of serving a gateway that never becomes ready.
-    if settings.pipeline.retrieve and read_manifest(settings.retrieval.index_dir) is None:
+    r = settings.retrieval
+    if settings.pipeline.retrieve and r.url is None and read_manifest(r.index_dir) is None:
         raise ConfigurationError(
             f"no index at {settings.retrieval.index_dir}; run `gainrag prepare` (or `make run`)"
         )
@@ -74,6 +75,34 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> None:
         host=host or settings.host,
         port=port or settings.port,
         log_config=None,  # keep our JSON logging
+        access_log=False,
+    )
+
+
+def _worker(settings: Settings, kind: str, host: str | None, port: int | None) -> None:
+    import uvicorn
+    from fastapi import FastAPI
+
+    w = settings.worker
+    app: FastAPI
+    if kind == "retrieval":
+        from gainrag.retrieval.index import read_manifest
+        from gainrag.retrieval.worker import create_retrieval_app
+
+        if read_manifest(settings.retrieval.index_dir) is None:
+            raise ConfigurationError(
+                f"no index at {settings.retrieval.index_dir}; run `gainrag index build`"
+            )
+        app, default_port = create_retrieval_app(settings), w.retrieval_port
+    else:
+        from gainrag.selector.worker import create_selector_app
+
+        app, default_port = create_selector_app(settings), w.selector_port
+    uvicorn.run(
+        app,
+        host=host or settings.host,
+        port=port or default_port,
+        log_config=None,
         access_log=False,
     )
 
@@ -208,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
 
+    w = sub.add_parser("worker", help="serve one stage as a worker for a remote gateway")
+    w.add_argument("kind", choices=["retrieval", "selector"])
+    w.add_argument("--host", help="bind address (default GAINRAG_HOST)")
+    w.add_argument("--port", type=int, help="default: 8001 (retrieval) or 8002 (selector)")
+
     e = sub.add_parser("eval", help="evaluate a pipeline preset on a question file")
     e.add_argument("--questions", type=Path, required=True, help="JSONL with question, answers")
     e.add_argument("--preset", choices=sorted(PRESETS), default="gainrag")
@@ -298,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             _index_build(settings, args.corpus, args.out, args.force)
         elif args.cmd == "serve":
             _serve(settings, args.host, args.port)
+        elif args.cmd == "worker":
+            _worker(settings, args.kind, args.host, args.port)
         elif args.cmd == "eval":
             _eval(settings, args)
         elif args.cmd == "train":

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +30,11 @@ class RetrievalSettings(BaseModel):
     use_gpu: Literal["auto", "never"] = Field(
         "auto", description="'auto' moves the index to GPU FAISS when the installed faiss has GPUs."
     )
+    url: str | None = Field(
+        None,
+        description="URL of a retrieval worker (`gainrag worker retrieval`); unset: in-process.",
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Deadline of one retrieval worker call.")
 
 
 class SelectorSettings(BaseModel):
@@ -57,18 +62,40 @@ class SelectorSettings(BaseModel):
     )
     max_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits for more requests.")
     max_queue: int = Field(64, ge=1, description="Queued requests before 429 Overloaded.")
+    url: str | None = Field(
+        None,
+        description="Base URL of a selector worker (`gainrag worker selector`); unset: in-process.",
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Deadline of one selector worker call.")
 
 
 class LLMSettings(BaseModel):
     """The LLM that writes the pseudo-passage and the answer."""
 
-    backend: Literal["transformers"] = Field(
-        "transformers", description="In-process transformers (the OpenAI/vLLM backend is planned)."
+    backend: Literal["auto", "transformers", "openai"] = Field(
+        "auto",
+        description="'openai': an OpenAI-compatible server (vLLM, llama.cpp) at `base_url`; "
+        "'transformers': in-process; 'auto': openai when `base_url` is set.",
     )
     model: str = Field(
         "smollm2-135m",
-        description="'smollm2-135m', 'qwen2.5-coder-0.5b' (bundled GGUFs) or a local HF directory.",
+        description="In-process: 'smollm2-135m', 'qwen2.5-coder-0.5b' (bundled GGUFs) or a local "
+        "HF directory. OpenAI backend: the served model name.",
     )
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible API root, e.g. http://llm:8080/v1 (vLLM, llama.cpp)."
+    )
+    api_key: SecretStr | None = Field(None, description="Bearer token for the LLM server.")
+    model_version: str | None = Field(
+        None,
+        description="OpenAI backend: a version for the served weights (goes into cache keys); "
+        "default: the model name.",
+    )
+    timeout_s: float = Field(60.0, gt=0, description="OpenAI backend: deadline of one call.")
+    connect_retries: int = Field(
+        2, ge=0, le=10, description="OpenAI backend: retries on connection errors only."
+    )
+    max_connections: int = Field(64, ge=1, description="OpenAI backend: connection pool size.")
     models_dir: Path = Field(
         Path("~/.cache/gainrag/models"),
         description="Cache of converted models, shared by every checkout on the machine.",
@@ -103,6 +130,11 @@ class PipelineSettings(BaseModel):
         True, description="Rescore candidates with the selector (else retrieval order)."
     )
     timeout_s: float = Field(120.0, gt=0, description="Deadline for one /answer request.")
+    fallback: bool = Field(
+        True,
+        description="Degrade instead of failing: retrieval down -> pseudo-passage only; "
+        "selector down -> retrieval order (the response lists what degraded).",
+    )
 
     @model_validator(mode="after")
     def _pseudo_needs_selector(self) -> PipelineSettings:
@@ -118,6 +150,38 @@ class ApiSettings(BaseModel):
     max_question_chars: int = Field(1000, ge=1, description="Longest question accepted.")
     max_body_bytes: int = Field(16_384, ge=256, description="Largest request body accepted.")
     max_in_flight: int = Field(32, ge=1, description="Concurrent /answer requests before 429.")
+
+
+class RedisSettings(BaseModel):
+    """Answer and pseudo-passage cache."""
+
+    url: str | None = Field(None, description="redis://host:6379/0; unset = no cache.")
+    ttl_s: int = Field(86_400, ge=1, description="Lifetime of a cached answer or pseudo-passage.")
+    timeout_ms: float = Field(
+        100.0, gt=0, description="Budget of one cache call; slower = answered without cache."
+    )
+    retry_s: float = Field(
+        5.0, ge=0, description="After a cache failure, skip the cache this long before retrying."
+    )
+    prefix: str = Field("gainrag:", description="Key prefix (share one Redis between services).")
+
+
+class WorkerSettings(BaseModel):
+    """The retrieval and selector workers."""
+
+    retrieval_port: int = Field(8001, ge=1, le=65535, description="Port of the retrieval worker.")
+    selector_port: int = Field(8002, ge=1, le=65535, description="Port of the selector worker.")
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of the retrieval worker's POST /admin/reload-index; "
+        "unset = endpoint disabled.",
+    )
+    max_queries: int = Field(256, ge=1, description="Queries per /retrieve request.")
+    max_documents: int = Field(1024, ge=1, description="Documents per /rerank request.")
+    max_text_chars: int = Field(20_000, ge=1, description="Longest query or document accepted.")
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body a worker accepts."
+    )
 
 
 def _fmt_default(value: object) -> str:
@@ -142,6 +206,8 @@ class Settings(BaseSettings):
     llm: LLMSettings = LLMSettings()
     pipeline: PipelineSettings = PipelineSettings()
     api: ApiSettings = ApiSettings()
+    redis: RedisSettings = RedisSettings()
+    worker: WorkerSettings = WorkerSettings()
 
     @classmethod
     def env_reference(cls) -> list[tuple[str, str, str]]:

@@ -43,6 +43,22 @@ class ValidationFailedError(GainRAGError):
     code = "validation_error"
 
 
+class AuthenticationError(GainRAGError):
+    """A protected endpoint was called without the right credentials."""
+
+    status_code = 401
+    type = "authentication_error"
+    code = "unauthorized"
+
+
+class ForbiddenError(GainRAGError):
+    """The endpoint exists but is disabled by configuration."""
+
+    status_code = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
 class ClientClosedError(GainRAGError):
     """The client disconnected before the answer was ready; the work was cancelled."""
 

@@ -1,8 +1,12 @@
-"""The answer path: (retrieve || pseudo-passage) -> select -> generate.
+"""The answer path: cache -> (retrieve || pseudo-passage) -> select -> generate.
 
 Plain async code over the component interfaces, so it runs the same with in-process models or
 remote workers. Retrieval and the pseudo-passage run concurrently: they are independent, and the
 pseudo-passage (an LLM generation) is usually the slowest stage.
+
+Failure policy (``pipeline.fallback``, on by default): retrieval down -> answer from the
+pseudo-passage alone; selector down -> retrieval order; both are listed in ``degraded``, counted
+in ``gainrag_fallbacks_total`` and never cached. LLM down -> 503 (nothing can answer).
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from gainrag import metrics
+from gainrag.cache import Cache, cache_key
 from gainrag.config import PipelineSettings, Settings
 from gainrag.errors import (
     ConfigurationError,
     GainRAGError,
+    UnavailableError,
     UpstreamError,
     UpstreamTimeoutError,
     ValidationFailedError,
@@ -28,7 +35,7 @@ from gainrag.llm import prompts
 from gainrag.llm.base import Generator
 from gainrag.retrieval.base import Retriever
 from gainrag.selector.base import Selector
-from gainrag.types import AnswerResult, Passage, Retrieved, Scored
+from gainrag.types import AnswerResult, Degradation, Passage, Retrieved, Scored
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,6 +44,8 @@ B = TypeVar("B")
 
 STAGES = ("retrieve", "pseudo", "select", "generate")
 PSEUDO_ID = "pseudo"
+# A dependency that is down, failing or too slow: these degrade; bad input and 429 do not.
+_DEPENDENCY_FAILURES = (UnavailableError, UpstreamError, UpstreamTimeoutError)
 
 
 @dataclass
@@ -46,10 +55,22 @@ class Components:
     retriever: Retriever | None
     selector: Selector | None
     generator: Generator
+    cache: Cache | None = None
+
+    async def refresh(self) -> None:
+        """Ask remote workers for their model versions (best effort: a worker may be down)."""
+        for c in (self.retriever, self.selector):
+            refresh = getattr(c, "refresh", None)
+            if refresh is None:
+                continue
+            try:
+                await refresh()
+            except GainRAGError as exc:
+                log.warning("could not read versions from a worker: %s", exc.message)
 
     async def close(self) -> None:
         """Close every component."""
-        for c in (self.retriever, self.selector, self.generator):
+        for c in (self.retriever, self.selector, self.generator, self.cache):
             if c is not None:
                 await c.close()
 
@@ -82,6 +103,21 @@ class Pipeline:
             "prompt_version": prompts.PROMPT_VERSION,
         }
 
+    def _answer_key(self, question: str, top_n: int) -> str | None:
+        """Cache key of an answer, or None while a remote worker's version is unknown."""
+        versions: dict[str, object] = dict(self.models)
+        if "unknown" in versions.values():
+            return None
+        o, llm = self.options, self.settings.llm
+        versions.update(
+            top_n=top_n,
+            k=self.settings.retrieval.k if o.retrieve else 0,
+            pipeline=[o.retrieve, o.pseudo_passage, o.select],
+            max_new_tokens=[llm.max_new_tokens_pseudo, llm.max_new_tokens_answer],
+            max_passage_words=llm.max_passage_words,
+        )
+        return cache_key("answer", question, versions)
+
     async def _timed(self, stage: str, timings: dict[str, float], aw: Awaitable[T]) -> T:
         start = time.perf_counter()
         try:
@@ -93,16 +129,36 @@ class Pipeline:
             log.exception("stage %s failed", stage)
             raise UpstreamError(f"the {stage} stage failed", code=f"{stage}_failed") from exc
         finally:
-            timings[stage] = (time.perf_counter() - start) * 1000.0
+            elapsed = time.perf_counter() - start
+            timings[stage] = elapsed * 1000.0
+            metrics.STAGE_SECONDS.labels(stage).observe(elapsed)
 
-    async def _pseudo(self, question: str) -> str:
-        return await self.c.generator.chat(
-            prompts.pseudo_prompt(question),
-            max_new_tokens=self.settings.llm.max_new_tokens_pseudo,
-        )
+    async def _pseudo(self, question: str, read_cache: bool) -> str:
+        g, budget = self.c.generator, self.settings.llm.max_new_tokens_pseudo
+        cache, key = self.c.cache, None
+        if cache is not None:
+            key = cache_key(
+                "pseudo",
+                question,
+                {"g": g.name, "gv": g.version, "p": prompts.PROMPT_VERSION, "max": budget},
+            )
+            if read_cache:
+                hit = await cache.get("pseudo", key)
+                if isinstance(hit, str):
+                    return hit
+        text = await g.chat(prompts.pseudo_prompt(question), max_new_tokens=budget)
+        if cache is not None and key is not None:
+            await cache.set("pseudo", key, text)
+        return text
 
-    async def answer(self, question: str, *, top_n: int | None = None) -> AnswerResult:
-        """Answer one question; raises GainRAGError subclasses on bad input or failures."""
+    async def answer(
+        self, question: str, *, top_n: int | None = None, use_cache: bool = True
+    ) -> AnswerResult:
+        """Answer one question; raises GainRAGError subclasses on bad input or failures.
+
+        ``use_cache=False`` (the client's ``Cache-Control: no-cache``) skips cache reads but
+        stores the fresh result.
+        """
         o = self.options
         limit = self.settings.api.max_question_chars
         if not question.strip():
@@ -121,17 +177,45 @@ class Pipeline:
                 f"'top_n' must be between 1 and {o.max_top_n}, got {top_n}",
                 code="top_n_out_of_range",
             )
+        question = question.strip()
+        start = time.perf_counter()
+        cache = self.c.cache
+        key = self._answer_key(question, top_n) if cache is not None else None
+        if cache is not None and key is not None and use_cache:
+            hit = await cache.get("answer", key)
+            if hit is not None:
+                try:
+                    result = AnswerResult.from_cache(hit)
+                except (KeyError, TypeError):
+                    log.warning("ignoring a cached answer of an unexpected shape")
+                else:
+                    result.timings_ms = dict.fromkeys(STAGES, 0.0)
+                    result.timings_ms["total"] = (time.perf_counter() - start) * 1000.0
+                    metrics.ANSWERS.labels("cache").inc()
+                    return result
         try:
             async with asyncio.timeout(o.timeout_s):
-                return await self._answer(question.strip(), top_n)
+                result = await self._answer(question, top_n, read_cache=use_cache)
         except TimeoutError as exc:
             raise UpstreamTimeoutError(
                 f"no answer within {o.timeout_s:g} s (GAINRAG_PIPELINE__TIMEOUT_S)"
             ) from exc
+        metrics.ANSWERS.labels("pipeline").inc()
+        if any(s.passage.pseudo for s in result.selected):
+            metrics.PSEUDO_SELECTED.inc()
+        if cache is not None and key is not None and not result.degraded:
+            await cache.set("answer", key, result.to_cache())
+        return result
 
-    async def _answer(self, question: str, top_n: int) -> AnswerResult:
+    def _degrade(self, degraded: list[Degradation], kind: str, message: str) -> None:
+        log.warning("degraded answer (%s): %s", kind, message)
+        metrics.FALLBACKS.labels(kind).inc()
+        degraded.append(Degradation(kind, message))
+
+    async def _answer(self, question: str, top_n: int, *, read_cache: bool) -> AnswerResult:
         o = self.options
         timings = dict.fromkeys(STAGES, 0.0)
+        degraded: list[Degradation] = []
         start = time.perf_counter()
 
         async def no_retrieval() -> list[Retrieved]:
@@ -140,15 +224,25 @@ class Pipeline:
         async def no_pseudo() -> str:
             return ""
 
+        async def retrieve(retriever: Retriever) -> list[Retrieved]:
+            aw = retriever.retrieve(question, self.settings.retrieval.k)
+            try:
+                return await self._timed("retrieve", timings, aw)
+            except _DEPENDENCY_FAILURES as exc:
+                if not o.fallback:
+                    raise
+                # The pseudo-passage keeps going: it is the answer's only context now.
+                basis = "the pseudo-passage alone" if o.pseudo_passage else "no passage"
+                self._degrade(degraded, "retrieval_down", f"{exc.message}; answered from {basis}")
+                return []
+
         retrieve_aw = (
-            self._timed(
-                "retrieve", timings, self.c.retriever.retrieve(question, self.settings.retrieval.k)
-            )
+            retrieve(self.c.retriever)
             if o.retrieve and self.c.retriever is not None
             else no_retrieval()
         )
         pseudo_aw = (
-            self._timed("pseudo", timings, self._pseudo(question))
+            self._timed("pseudo", timings, self._pseudo(question, read_cache))
             if o.pseudo_passage
             else no_pseudo()
         )
@@ -162,19 +256,35 @@ class Pipeline:
         if pseudo_kept:  # its score comes from the selector (settings require one)
             candidates.append(Scored(Passage(PSEUDO_ID, "", pseudo_text.strip(), pseudo=True), 0.0))
 
+        ranked = candidates  # retrieval order, the pseudo-passage last
         if o.select and candidates and self.c.selector is not None:
-            scores = await self._timed(
-                "select",
-                timings,
-                self.c.selector.score(question, [s.passage for s in candidates]),
-            )
-            if not all(math.isfinite(x) for x in scores):
-                # e.g. fp16 overflow in a cross-encoder: ranking on NaN would be silently wrong
-                raise UpstreamError("the selector returned non-finite scores", code="select_failed")
-            for s, score in zip(candidates, scores, strict=True):
-                s.score = float(score)
-        # Stable sort: ties keep retrieval order.
-        ranked = sorted(candidates, key=lambda s: -s.score)
+            try:
+                scores = await self._timed(
+                    "select",
+                    timings,
+                    self.c.selector.score(question, [s.passage for s in candidates]),
+                )
+                if not all(math.isfinite(x) for x in scores):
+                    # e.g. fp16 overflow in a cross-encoder: ranking on NaN would be silently wrong
+                    raise UpstreamError(
+                        "the selector returned non-finite scores", code="select_failed"
+                    )
+            except _DEPENDENCY_FAILURES as exc:
+                if not o.fallback:
+                    raise
+                self._degrade(
+                    degraded,
+                    "selector_down",
+                    f"{exc.message}; candidates kept in retrieval order (scores are "
+                    "retrieval scores; the pseudo-passage ranks last)",
+                )
+                if pseudo_kept:
+                    candidates[-1].score = -1.0  # below any cosine of a retrieved passage
+            else:
+                for s, score in zip(candidates, scores, strict=True):
+                    s.score = float(score)
+                # Stable sort: ties keep retrieval order.
+                ranked = sorted(candidates, key=lambda s: -s.score)
         selected = ranked[:top_n]
 
         answer = await self._timed(
@@ -195,6 +305,7 @@ class Pipeline:
             retrieved=retrieved,
             pseudo_passage=pseudo_text.strip() if o.pseudo_passage else None,
             timings_ms=timings,
+            degraded=degraded,
         )
 
 
@@ -218,58 +329,89 @@ async def gather_or_cancel(first: Awaitable[A], second: Awaitable[B]) -> tuple[A
 
 
 def build_components(settings: Settings) -> Components:
-    """Load the models the settings ask for (once, at start-up)."""
-    import torch
-
-    from gainrag.models import prepare_llm
-    from gainrag.retrieval.encoder import BiEncoder
-    from gainrag.retrieval.local import LocalRetriever
-    from gainrag.selector.cross_encoder import CrossEncoderSelector
-    from gainrag.selector.relevance import RelevanceSelector
-
-    if settings.llm.threads > 0:
-        torch.set_num_threads(settings.llm.threads)
+    """Build what the settings ask for (once, at start-up): remote clients where a worker URL is
+    set, in-process models otherwise."""
     o, r, s, llm = settings.pipeline, settings.retrieval, settings.selector, settings.llm
 
-    if llm.backend != "transformers":  # pragma: no cover - guarded by the Literal type
-        raise ConfigurationError(f"unknown LLM backend {llm.backend!r}")
-    generator = _build_generator(settings, prepare_llm(llm.model, llm.models_dir))
+    use_openai = llm.backend == "openai" or (llm.backend == "auto" and llm.base_url is not None)
+    if use_openai:
+        from gainrag.llm.openai_backend import OpenAIGenerator
+
+        if not llm.base_url:
+            raise ConfigurationError("GAINRAG_LLM__BACKEND=openai needs GAINRAG_LLM__BASE_URL")
+        generator: Generator = OpenAIGenerator(llm)
+    else:
+        import torch
+
+        from gainrag.models import prepare_llm
+
+        if llm.threads > 0:
+            torch.set_num_threads(llm.threads)
+        generator = _build_generator(settings, prepare_llm(llm.model, llm.models_dir))
 
     kind = s.kind
     if kind == "auto":
         kind = "cross-encoder" if s.checkpoint is not None else "relevance"
-    need_encoder = o.retrieve or (o.select and kind == "relevance")
-    encoder = BiEncoder.from_settings(r) if need_encoder else None
-    retriever = (
-        LocalRetriever.from_settings(r, encoder) if encoder is not None and o.retrieve else None
-    )
+    local_retrieval = o.retrieve and r.url is None
+    local_selector = o.select and s.url is None
+    encoder = None
+    if local_retrieval or (local_selector and kind == "relevance"):
+        from gainrag.retrieval.encoder import BiEncoder
+
+        encoder = BiEncoder.from_settings(r)
+
+    retriever: Retriever | None = None
+    if o.retrieve and r.url is not None:
+        from gainrag.retrieval.remote import RemoteRetriever
+
+        retriever = RemoteRetriever(r.url, timeout_s=r.timeout_s)
+    elif local_retrieval:
+        from gainrag.retrieval.local import LocalRetriever
+
+        assert encoder is not None
+        retriever = LocalRetriever.from_settings(r, encoder)
 
     selector: Selector | None = None
-    if o.select:
-        if kind == "cross-encoder":
-            if s.checkpoint is None:
-                raise ConfigurationError(
-                    "selector kind 'cross-encoder' needs GAINRAG_SELECTOR__CHECKPOINT"
-                )
-            if not (s.checkpoint / "config.json").is_file():
-                raise ConfigurationError(
-                    f"no selector checkpoint at {s.checkpoint} (GAINRAG_SELECTOR__CHECKPOINT); "
-                    "train one with `gainrag train selector` or set "
-                    "GAINRAG_SELECTOR__KIND=relevance for the untrained fallback"
-                )
-            selector = CrossEncoderSelector(
-                s.checkpoint,
-                max_length=s.max_length,
-                batch_size=s.batch_size,
-                max_batch_pairs=s.max_batch_pairs,
-                max_wait_s=s.max_wait_ms / 1000.0,
-                max_queue=s.max_queue,
-            )
-        else:
-            assert encoder is not None
-            index = retriever.index if retriever is not None else None
-            selector = RelevanceSelector(encoder, index, max_queue=s.max_queue)
-    return Components(retriever=retriever, selector=selector, generator=generator)
+    if o.select and s.url is not None:
+        from gainrag.selector.remote import RemoteSelector
+
+        selector = RemoteSelector(s.url, timeout_s=s.timeout_s)
+    elif local_selector and kind == "cross-encoder":
+        selector = build_cross_encoder(settings)
+    elif local_selector:
+        from gainrag.selector.relevance import RelevanceSelector
+
+        assert encoder is not None
+        index = getattr(retriever, "index", None)
+        selector = RelevanceSelector(encoder, index, max_queue=s.max_queue)
+
+    cache = None
+    if settings.redis.url:
+        cache = Cache(settings.redis)
+    return Components(retriever=retriever, selector=selector, generator=generator, cache=cache)
+
+
+def build_cross_encoder(settings: Settings) -> Selector:
+    """The in-process cross-encoder selector of the settings (also the selector worker's model)."""
+    from gainrag.selector.cross_encoder import CrossEncoderSelector
+
+    s = settings.selector
+    if s.checkpoint is None:
+        raise ConfigurationError("selector kind 'cross-encoder' needs GAINRAG_SELECTOR__CHECKPOINT")
+    if not (s.checkpoint / "config.json").is_file():
+        raise ConfigurationError(
+            f"no selector checkpoint at {s.checkpoint} (GAINRAG_SELECTOR__CHECKPOINT); "
+            "train one with `gainrag train selector` or set "
+            "GAINRAG_SELECTOR__KIND=relevance for the untrained fallback"
+        )
+    return CrossEncoderSelector(
+        s.checkpoint,
+        max_length=s.max_length,
+        batch_size=s.batch_size,
+        max_batch_pairs=s.max_batch_pairs,
+        max_wait_s=s.max_wait_ms / 1000.0,
+        max_queue=s.max_queue,
+    )
 
 
 def _build_generator(settings: Settings, path: Path) -> Generator:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,14 @@ class Scored:
     retrieval_score: float | None = None
 
 
+@dataclass(frozen=True)
+class Degradation:
+    """A dependency failed and the pipeline answered anyway (see the fallback policy)."""
+
+    kind: str  # retrieval_down | selector_down
+    message: str
+
+
 @dataclass
 class AnswerResult:
     """Everything one pass through the pipeline produced."""
@@ -48,3 +57,35 @@ class AnswerResult:
     retrieved: list[Retrieved]
     pseudo_passage: str | None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    degraded: list[Degradation] = field(default_factory=list)
+    cached: bool = False
+
+    def to_cache(self) -> dict[str, Any]:
+        """JSON-able form for the answer cache (timings and flags are per request, not kept)."""
+        return {
+            "answer": self.answer,
+            "selected": [asdict(s) for s in self.selected],
+            "candidates": [asdict(s) for s in self.candidates],
+            "retrieved": [asdict(r) for r in self.retrieved],
+            "pseudo_passage": self.pseudo_passage,
+        }
+
+    @classmethod
+    def from_cache(cls, data: dict[str, Any]) -> AnswerResult:
+        """Inverse of :meth:`to_cache`; raises KeyError/TypeError on a foreign shape."""
+
+        def scored(d: dict[str, Any]) -> Scored:
+            return Scored(
+                Passage(**d["passage"]), d["score"], d["retrieval_rank"], d["retrieval_score"]
+            )
+
+        return cls(
+            answer=data["answer"],
+            selected=[scored(d) for d in data["selected"]],
+            candidates=[scored(d) for d in data["candidates"]],
+            retrieved=[
+                Retrieved(Passage(**d["passage"]), d["rank"], d["score"]) for d in data["retrieved"]
+            ],
+            pseudo_passage=data["pseudo_passage"],
+            cached=True,
+        )

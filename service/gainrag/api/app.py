@@ -10,9 +10,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
-from gainrag import __version__
-from gainrag.api.errors import install_error_handlers
-from gainrag.api.middleware import RequestContextMiddleware
+from gainrag.api.base import base_app
 from gainrag.api.routes import router
 from gainrag.config import Settings
 from gainrag.errors import GainRAGError
@@ -45,6 +43,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
         try:
             # Blocking CPU/disk work: keep it off the event loop.
             comps = await asyncio.to_thread(build_components, settings)
+            await comps.refresh()  # versions of remote workers, for cache keys and responses
             state.pipeline = Pipeline(settings, comps)
         except GainRAGError as exc:
             state.load_error = exc.message
@@ -62,6 +61,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
         state: AppState = app.state.gainrag
         loader: asyncio.Task[Components | None] | None = None
         if components is not None:
+            await components.refresh()
             state.pipeline = Pipeline(settings, components)
         else:
             loader = asyncio.create_task(load(state))
@@ -74,14 +74,12 @@ def create_app(settings: Settings | None = None, components: Components | None =
                 if comps is not None:
                     await comps.close()
 
-    app = FastAPI(
-        title="gainrag",
-        version=__version__,
-        description="GainRAG inference: retrieve || pseudo-passage -> select -> generate.",
+    app = base_app(
+        "gainrag",
+        "GainRAG inference: retrieve || pseudo-passage -> select -> generate.",
+        max_body_bytes=settings.api.max_body_bytes,
         lifespan=lifespan,
     )
     app.state.gainrag = AppState(settings=settings)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.api.max_body_bytes)
-    install_error_handlers(app)
     app.include_router(router)
     return app

@@ -1,24 +1,38 @@
-"""Pure ASGI middleware (cheaper than BaseHTTPMiddleware): request ids and a body size limit."""
+"""Pure ASGI middleware (cheaper than BaseHTTPMiddleware): request ids, a body size limit and
+the request latency histogram."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
+import time
 import uuid
 from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gainrag import metrics
 from gainrag.logs import request_id_var
 
 log = logging.getLogger(__name__)
 _VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
+_QUIET = {"/metrics", "/health", "/ready"}  # probes and scrapes would drown the access log
+
+
+def _route_label(scope: Scope) -> str:
+    # The route template, never the raw path: unmatched paths would explode label cardinality.
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
 class RequestContextMiddleware:
-    """Assign/propagate ``X-Request-ID`` and reject bodies over ``max_body_bytes`` with 413."""
+    """Assign/propagate ``X-Request-ID``, reject bodies over ``max_body_bytes`` with 413 and
+    observe ``gainrag_http_request_seconds{route, method, status}``."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app
@@ -34,9 +48,12 @@ class RequestContextMiddleware:
         rid = given if _VALID_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         token = request_id_var.set(rid)
+        start = time.perf_counter()
+        status = 500
         try:
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+                status = 413
                 await self._reject(send, rid)
                 return
             seen = 0
@@ -55,9 +72,10 @@ class RequestContextMiddleware:
             started = False
 
             async def send_with_id(message: Message) -> None:
-                nonlocal started
+                nonlocal started, status
                 if message["type"] == "http.response.start":
                     started = True
+                    status = int(message["status"])
                     message["headers"] = [
                         *message.get("headers", []),
                         (b"x-request-id", rid.encode()),
@@ -81,6 +99,13 @@ class RequestContextMiddleware:
                     "internal_error",
                 )
         finally:
+            elapsed = time.perf_counter() - start
+            route = _route_label(scope)
+            metrics.HTTP_SECONDS.labels(route, scope["method"], str(status)).observe(elapsed)
+            if route not in _QUIET:  # the access log, with the request id of the line
+                log.info(
+                    "%s %s %d %.1f ms", scope["method"], scope["path"], status, elapsed * 1000
+                )
             request_id_var.reset(token)
 
     async def _reject(self, send: Send, rid: str) -> None:

@@ -6,10 +6,17 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 
-from gainrag.api.schemas import AnswerRequest, AnswerResponse, ErrorResponse, PassageOut, Timings
+from gainrag.api.schemas import (
+    AnswerRequest,
+    AnswerResponse,
+    DegradationOut,
+    ErrorResponse,
+    PassageOut,
+    Timings,
+)
 from gainrag.errors import ClientClosedError, OverloadedError, UnavailableError
 from gainrag.pipeline import Pipeline
 from gainrag.types import Scored
@@ -90,10 +97,22 @@ def _passage_out(s: Scored) -> PassageOut:
     "/answer", response_model=AnswerResponse, responses=_ERRORS, response_model_exclude_none=True
 )
 async def answer(
-    body: AnswerRequest, request: Request, pipeline: Annotated[Pipeline, Depends(admitted_pipeline)]
+    body: AnswerRequest,
+    request: Request,
+    response: Response,
+    pipeline: Annotated[Pipeline, Depends(admitted_pipeline)],
+    cache_control: Annotated[str | None, Header()] = None,
 ) -> AnswerResponse:
-    """Answer a question with GainRAG: retrieve || pseudo-passage, select, generate."""
-    result = await until_disconnect(request, pipeline.answer(body.question, top_n=body.top_n))
+    """Answer a question with GainRAG: retrieve || pseudo-passage, select, generate.
+
+    ``Cache-Control: no-cache`` computes a fresh answer (and stores it) instead of reading the
+    cache; ``cached`` and the ``X-Cache`` header say whether the answer came from it.
+    """
+    use_cache = not _no_cache(cache_control)
+    result = await until_disconnect(
+        request, pipeline.answer(body.question, top_n=body.top_n, use_cache=use_cache)
+    )
+    response.headers["x-cache"] = "HIT" if result.cached else "MISS"
     return AnswerResponse(
         request_id=request.state.request_id,
         answer=result.answer,
@@ -102,7 +121,16 @@ async def answer(
         pseudo_passage=result.pseudo_passage,
         timings_ms=Timings(**result.timings_ms),
         models=pipeline.models,
+        cached=result.cached,
+        degraded=[DegradationOut(kind=d.kind, message=d.message) for d in result.degraded],
     )
+
+
+def _no_cache(header: str | None) -> bool:
+    if not header:
+        return False
+    directives = {d.strip().split("=", 1)[0].lower() for d in header.split(",")}
+    return bool(directives & {"no-cache", "no-store"})
 
 
 @router.get("/health")

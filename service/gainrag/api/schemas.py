@@ -39,6 +39,13 @@ class Timings(BaseModel):
     total: float
 
 
+class DegradationOut(BaseModel):
+    """A dependency that failed, and how the answer was made without it."""
+
+    kind: str = Field(..., description="'retrieval_down' or 'selector_down'.")
+    message: str
+
+
 class AnswerResponse(BaseModel):
     """Body of a successful ``POST /answer``."""
 
@@ -51,6 +58,11 @@ class AnswerResponse(BaseModel):
     )
     timings_ms: Timings
     models: dict[str, str]
+    cached: bool = Field(False, description="True when the answer came from the cache.")
+    degraded: list[DegradationOut] = Field(
+        default_factory=list,
+        description="Empty normally; lists each fallback used (see the README's failure policy).",
+    )
 
 
 class ErrorBody(BaseModel):

@@ -18,16 +18,8 @@ class LocalRetriever:
     def __init__(
         self, encoder: BiEncoder, index: DenseIndex, *, max_batch: int = 64, max_queue: int = 256
     ) -> None:
-        m = index.manifest
-        built = (m["encoder"], m["dim"], m.get("max_length"))
-        if built != (encoder.name, encoder.dim, encoder.max_length):
-            raise ConfigurationError(
-                f"index was built with encoder {built[0]} (dim {built[1]}, max_length {built[2]}), "
-                f"not {encoder.name} (dim {encoder.dim}, max_length {encoder.max_length}); "
-                "rebuild it with `gainrag index build --force`",
-                code="index_mismatch",
-            )
         self.encoder = encoder
+        self._check(index)
         self.index = index
         self.name = f"faiss-{'gpu' if index.on_gpu else 'cpu'}:{encoder.name}"
         self.version = index.version
@@ -39,6 +31,28 @@ class LocalRetriever:
             max_queue=max_queue,
         )
 
+    def _check(self, index: DenseIndex) -> None:
+        m, e = index.manifest, self.encoder
+        built = (m["encoder"], m["dim"], m.get("max_length"))
+        if built != (e.name, e.dim, e.max_length):
+            raise ConfigurationError(
+                f"index was built with encoder {built[0]} (dim {built[1]}, max_length {built[2]}), "
+                f"not {e.name} (dim {e.dim}, max_length {e.max_length}); "
+                "rebuild it with `gainrag index build --force`",
+                code="index_mismatch",
+            )
+
+    def swap_index(self, index: DenseIndex) -> DenseIndex:
+        """Serve ``index`` from now on; return the previous one.
+
+        One attribute assignment, so the switch is atomic: a batch already searching keeps the
+        index it started with (``_run`` reads it once), the next batch uses the new one.
+        """
+        self._check(index)
+        old, self.index = self.index, index
+        self.version = index.version
+        return old
+
     @classmethod
     def from_settings(cls, r: RetrievalSettings, encoder: BiEncoder) -> LocalRetriever:
         """Load the configured index for ``encoder`` (GPU FAISS when available and allowed)."""
@@ -46,8 +60,9 @@ class LocalRetriever:
 
     def search_many(self, questions: list[str], k: int) -> list[list[Retrieved]]:
         """Synchronous batched search (one encode, one FAISS call)."""
+        index = self.index  # read once: a hot swap during this batch does not mix indexes
         vecs: np.ndarray = self.encoder.encode(questions)
-        return self.index.search(vecs, k)
+        return index.search(vecs, k)
 
     def _run(self, items: list[tuple[str, int]]) -> list[list[Retrieved]]:
         kmax = max(k for _, k in items)

@@ -53,10 +53,15 @@ class CrossEncoderScorer:
         self.max_length = max_length
         self.batch_size = batch_size
 
-    @torch.inference_mode()
     def score_pairs(self, pairs: list[Pair]) -> list[float]:
         """Raw logits, in input order."""
+        return self.score_pairs_counted(pairs)[0]
+
+    @torch.inference_mode()
+    def score_pairs_counted(self, pairs: list[Pair]) -> tuple[list[float], list[int]]:
+        """Raw logits and the number of (truncated) tokens of each pair, in input order."""
         scores = [0.0] * len(pairs)
+        tokens = [0] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
@@ -69,9 +74,11 @@ class CrossEncoderScorer:
                 return_tensors="pt",
             ).to(self.device)
             logits = self.model(**enc).logits.view(-1).float().cpu().tolist()
-            for i, s in zip(idx, logits, strict=True):
+            lengths = enc["attention_mask"].sum(dim=1).tolist()
+            for i, s, n in zip(idx, logits, lengths, strict=True):
                 scores[i] = s
-        return scores
+                tokens[i] = int(n)
+        return scores, tokens
 
 
 class CrossEncoderSelector:
@@ -90,7 +97,7 @@ class CrossEncoderSelector:
         self.scorer = CrossEncoderScorer(path, max_length=max_length, batch_size=batch_size)
         self.name = f"cross-encoder:{path.name}"
         self.version = checkpoint_version(path)
-        self.batcher: MicroBatcher[list[Pair], list[float]] = MicroBatcher(
+        self.batcher: MicroBatcher[list[Pair], tuple[list[float], int]] = MicroBatcher(
             "selector",
             self._run,
             max_batch_cost=max_batch_pairs,
@@ -99,20 +106,28 @@ class CrossEncoderSelector:
             cost=len,
         )
 
-    def _run(self, requests: list[list[Pair]]) -> list[list[float]]:
+    def _run(self, requests: list[list[Pair]]) -> list[tuple[list[float], int]]:
+        # All pairs of all requests in the batch are sorted by length together (score_pairs),
+        # so short documents of one request pad with short documents of another.
         flat = [pair for req in requests for pair in req]
-        scores = self.scorer.score_pairs(flat)
+        scores, tokens = self.scorer.score_pairs_counted(flat)
         out, pos = [], 0
         for req in requests:
-            out.append(scores[pos : pos + len(req)])
-            pos += len(req)
+            end = pos + len(req)
+            out.append((scores[pos:end], sum(tokens[pos:end])))
+            pos = end
         return out
+
+    async def score_texts(self, query: str, documents: list[str]) -> tuple[list[float], int]:
+        """One logit per document, in order, and the tokens scored (the /rerank worker's view)."""
+        if not documents:
+            return [], 0
+        return await self.batcher.submit([(query, d) for d in documents])
 
     async def score(self, question: str, candidates: list[Passage]) -> list[float]:
         """One logit per candidate."""
-        if not candidates:
-            return []
-        return await self.batcher.submit([(question, c.as_candidate_text()) for c in candidates])
+        scores, _ = await self.score_texts(question, [c.as_candidate_text() for c in candidates])
+        return scores
 
     async def close(self) -> None:
         """Stop the batcher thread."""

@@ -1,0 +1,126 @@
+"""Redis cache of answers and pseudo-passages, which never makes a request fail.
+
+Keys hash the normalised question with every version that changes the result (index, selector,
+generator, prompts, top_n, k, the pipeline switches and generation budgets). Every call has a
+bounded budget (``timeout_ms``): a down or slow Redis costs at most that, the request is answered
+without the cache, the failure is logged once and counted, and for ``retry_s`` afterwards the cache
+is skipped outright so a dead Redis does not add its timeout to every request. The first call
+after that window is a probe: success logs the recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import time
+import unicodedata
+from typing import Any
+
+from redis.asyncio import Redis
+
+from gainrag import metrics
+from gainrag.config import RedisSettings
+
+log = logging.getLogger(__name__)
+
+_SPACES = re.compile(r"\s+")
+
+
+def normalize_question(question: str) -> str:
+    """Case, Unicode form, inner whitespace and trailing '?'/'.' do not change the answer key."""
+    q = unicodedata.normalize("NFKC", question).casefold()
+    return _SPACES.sub(" ", q).strip().rstrip("?.!").strip()
+
+
+def cache_key(kind: str, question: str, versions: dict[str, Any]) -> str:
+    """``<kind>:<sha256>`` of the normalised question and the versions (order-independent)."""
+    blob = json.dumps(
+        {"q": normalize_question(question), "v": versions}, sort_keys=True, ensure_ascii=False
+    )
+    return f"{kind}:{hashlib.sha256(blob.encode()).hexdigest()}"
+
+
+class Cache:
+    """Get/set JSON values in Redis within a time budget; failures degrade to a miss."""
+
+    def __init__(self, settings: RedisSettings) -> None:
+        if not settings.url:
+            raise ValueError("the cache needs GAINRAG_REDIS__URL")
+        self.settings = settings
+        self.timeout_s = settings.timeout_ms / 1000.0
+        # No retries inside redis-py: one bounded attempt, then the request goes on without us.
+        self.client = Redis.from_url(
+            settings.url,
+            socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            retry_on_timeout=False,
+            decode_responses=False,
+        )
+        self._down_until = 0.0
+        self._down = False
+
+    def _skip(self, kind: str) -> bool:
+        if self._down and time.monotonic() < self._down_until:
+            metrics.CACHE.labels(kind, "skipped").inc()
+            return True
+        return False
+
+    def _failed(self, kind: str, op: str, exc: BaseException) -> None:
+        metrics.CACHE.labels(kind, "error").inc()
+        if not self._down:  # log once per outage, not once per request
+            log.warning(
+                "cache unavailable (%s %s: %s); answering without it, retrying in %g s",
+                kind,
+                op,
+                type(exc).__name__,
+                self.settings.retry_s,
+            )
+        self._down = True
+        self._down_until = time.monotonic() + self.settings.retry_s
+
+    def _ok(self) -> None:
+        if self._down:
+            log.info("cache available again")
+        self._down = False
+
+    async def get(self, kind: str, key: str) -> Any | None:
+        """The cached value, or None on a miss, an error or while the cache is skipped."""
+        if self._skip(kind):
+            return None
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                raw = await self.client.get(self.settings.prefix + key)
+        except Exception as exc:  # ConnectionError, TimeoutError, protocol errors: all a miss
+            self._failed(kind, "get", exc)
+            return None
+        self._ok()
+        if raw is None:
+            metrics.CACHE.labels(kind, "miss").inc()
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:  # written by an incompatible version: treat as a miss
+            metrics.CACHE.labels(kind, "miss").inc()
+            return None
+        metrics.CACHE.labels(kind, "hit").inc()
+        return value
+
+    async def set(self, kind: str, key: str, value: Any) -> None:
+        """Store a value with the configured TTL; failures are counted, never raised."""
+        if self._skip(kind):
+            return
+        data = json.dumps(value, ensure_ascii=False).encode()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.client.set(self.settings.prefix + key, data, ex=self.settings.ttl_s)
+        except Exception as exc:
+            self._failed(kind, "set", exc)
+            return
+        self._ok()
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.client.aclose()

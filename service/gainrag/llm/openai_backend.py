@@ -1,0 +1,66 @@
+"""OpenAI-compatible chat backend: vLLM's ``/v1/chat/completions`` (or llama.cpp's server).
+
+Used for both the pseudo-passage and the answer. The server applies the model's chat template;
+decoding is greedy (temperature 0) like the in-process backend. Batching happens in the server
+(vLLM's continuous batching), so concurrent requests are simply sent concurrently over a pooled
+connection set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from gainrag.config import LLMSettings
+from gainrag.remote import Upstream, make_client, malformed
+
+
+class OpenAIGenerator:
+    """A chat model behind an OpenAI-compatible HTTP API."""
+
+    def __init__(self, settings: LLMSettings) -> None:
+        if not settings.base_url:
+            raise ValueError("the OpenAI backend needs GAINRAG_LLM__BASE_URL")
+        headers = {}
+        if settings.api_key is not None:
+            headers["authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
+        client = make_client(
+            settings.base_url,
+            timeout_s=settings.timeout_s,
+            max_connections=settings.max_connections,
+            headers=headers,
+        )
+        self.upstream = Upstream(
+            "llm", client, connect_retries=settings.connect_retries, uuid_request_ids_only=True
+        )
+        self.model = settings.model
+        self.name = f"openai:{settings.model}"
+        # The served name is all we know of the weights; operators pin a real version with
+        # GAINRAG_LLM__MODEL_VERSION so cache keys change when the weights do.
+        self.version = (
+            settings.model_version or hashlib.sha256(settings.model.encode()).hexdigest()[:12]
+        )
+
+    async def chat(self, message: str, *, max_new_tokens: int) -> str:
+        """Greedy reply to one user message."""
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": message}],
+            "max_tokens": max_new_tokens,
+            "temperature": 0.0,
+            "stream": False,
+        }
+        body = await self.upstream.request("POST", "/chat/completions", payload)
+        try:
+            content = body["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise malformed("llm", "no choices[0].message.content") from exc
+        if content is None:  # e.g. a reasoning model that spent its budget thinking
+            return ""
+        if not isinstance(content, str):
+            raise malformed("llm", "content is not a string")
+        return content
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.upstream.close()

@@ -1,0 +1,78 @@
+"""Prometheus metrics of the gateway and the workers (one process-wide registry).
+
+Every process serves them at ``GET /metrics``. Names are documented in the README; the Grafana
+dashboard in ``deploy/grafana`` reads exactly these.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+# Latency buckets from 1 ms (gateway overhead, cache hits) to 2 min (CPU generation).
+_SECONDS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 120,
+)  # fmt: skip
+_SIZES = (1, 2, 4, 8, 16, 32, 64, 101, 128, 202, 256, 512, 1024, 2048)
+
+HTTP_SECONDS = Histogram(
+    "gainrag_http_request_seconds",
+    "HTTP request latency by route template, method and status.",
+    ["route", "method", "status"],
+    buckets=_SECONDS,
+)
+STAGE_SECONDS = Histogram(
+    "gainrag_stage_seconds",
+    "Wall time of one pipeline stage of one /answer request.",
+    ["stage"],
+    buckets=_SECONDS,
+)
+BATCH_QUEUE = Gauge(
+    "gainrag_batch_queue_size", "Requests waiting in a dynamic batcher.", ["batcher"]
+)
+BATCH_REQUESTS = Histogram(
+    "gainrag_batch_requests",
+    "Requests packed into one model batch (one observation per batch run).",
+    ["batcher"],
+    buckets=_SIZES,
+)
+BATCH_COST = Histogram(
+    "gainrag_batch_cost",
+    "Cost units in one model batch: pairs (selector), queries (retriever), prompts (LLM).",
+    ["batcher"],
+    buckets=_SIZES,
+)
+BATCH_REJECTED = Counter(
+    "gainrag_batch_rejected_total", "Requests refused with 429 (queue full).", ["batcher"]
+)
+BATCH_DROPPED = Counter(
+    "gainrag_batch_dropped_total",
+    "Requests dropped before reaching the model because their caller went away.",
+    ["batcher"],
+)
+CACHE = Counter(
+    "gainrag_cache_requests_total",
+    "Cache lookups by kind (answer, pseudo) and result (hit, miss, error, skipped).",
+    ["kind", "result"],
+)
+PSEUDO_SELECTED = Counter(
+    "gainrag_pseudo_selected_total", "Answers whose selected passages include the pseudo-passage."
+)
+ANSWERS = Counter("gainrag_answers_total", "Answers returned, by source.", ["source"])
+FALLBACKS = Counter(
+    "gainrag_fallbacks_total",
+    "Degraded answers by kind (retrieval_down, selector_down).",
+    ["kind"],
+)
+UPSTREAM = Counter(
+    "gainrag_upstream_requests_total",
+    "Calls to remote workers and the LLM server by upstream and outcome.",
+    ["upstream", "outcome"],
+)
+INDEX_INFO = Gauge(
+    "gainrag_index_passages", "Passages in the loaded index, labelled by version.", ["version"]
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text and its content type."""
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,166 @@
+"""HTTP plumbing shared by the clients of remote workers and of the LLM server.
+
+One pooled ``httpx.AsyncClient`` per upstream, created once; each call carries the request id,
+retries only errors that happen before the request reached the server (connect errors, so a retry
+can never run the work twice) and maps failures onto the domain errors:
+
+- cannot connect (after retries) -> :class:`UnavailableError` (503)
+- deadline passed -> :class:`UpstreamTimeoutError` (504)
+- 429 from upstream -> :class:`OverloadedError` (429)
+- any other non-2xx or a malformed body -> :class:`UpstreamError` (502)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import httpx
+
+from gainrag import metrics
+from gainrag.errors import (
+    OverloadedError,
+    UnavailableError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from gainrag.logs import request_id_var
+
+log = logging.getLogger(__name__)
+
+
+def make_client(
+    base_url: str,
+    *,
+    timeout_s: float,
+    max_connections: int = 64,
+    headers: dict[str, str] | None = None,
+) -> httpx.AsyncClient:
+    """A pooled client for one upstream (keep-alive connections are reused across requests)."""
+    return httpx.AsyncClient(
+        base_url=base_url.rstrip("/"),
+        timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
+        limits=httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        ),
+        headers=headers,
+    )
+
+
+class Upstream:
+    """A named upstream service: JSON calls with the error policy above."""
+
+    def __init__(
+        self,
+        name: str,
+        client: httpx.AsyncClient,
+        *,
+        connect_retries: int = 2,
+        uuid_request_ids_only: bool = False,
+    ) -> None:
+        self.name = name
+        self.client = client
+        self.connect_retries = connect_retries
+        # llama-cpp-python's server answers 400 to an X-Request-ID that is not a UUID (vLLM
+        # takes any); the gateway's own ids are UUIDs, a client's free-form id is not forwarded.
+        self.uuid_request_ids_only = uuid_request_ids_only
+
+    @property
+    def base_url(self) -> str:
+        """Where it is."""
+        return str(self.client.base_url)
+
+    async def request(
+        self, method: str, path: str, payload: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Send one JSON request; return the JSON object of a 2xx response."""
+        headers = {}
+        rid = request_id_var.get()
+        if rid and (not self.uuid_request_ids_only or _is_uuid(rid)):
+            headers["x-request-id"] = rid  # one id across gateway and worker logs
+        attempt = 0
+        while True:
+            try:
+                resp = await self.client.request(method, path, json=payload, headers=headers)
+                break
+            except httpx.ConnectError as exc:  # nothing reached the server: safe to retry
+                if attempt < self.connect_retries:
+                    attempt += 1
+                    await asyncio.sleep(0.05 * 2**attempt)
+                    continue
+                metrics.UPSTREAM.labels(self.name, "unavailable").inc()
+                raise UnavailableError(
+                    f"the {self.name} at {self.base_url} is unreachable", code=f"{self.name}_down"
+                ) from exc
+            except httpx.TimeoutException as exc:
+                metrics.UPSTREAM.labels(self.name, "timeout").inc()
+                raise UpstreamTimeoutError(
+                    f"the {self.name} at {self.base_url} did not answer in time",
+                    code=f"{self.name}_timeout",
+                ) from exc
+            except httpx.HTTPError as exc:  # connection dropped mid-request, protocol errors
+                metrics.UPSTREAM.labels(self.name, "error").inc()
+                raise UpstreamError(
+                    f"the {self.name} at {self.base_url} failed: {type(exc).__name__}",
+                    code=f"{self.name}_error",
+                ) from exc
+        if resp.status_code == 429:
+            metrics.UPSTREAM.labels(self.name, "overloaded").inc()
+            raise OverloadedError(f"the {self.name} is overloaded; retry shortly")
+        if resp.status_code >= 400:
+            metrics.UPSTREAM.labels(self.name, f"http_{resp.status_code}").inc()
+            detail = _error_message(resp)
+            log.warning("%s answered %d: %s", self.name, resp.status_code, detail)
+            raise UpstreamError(
+                f"the {self.name} answered HTTP {resp.status_code}: {detail}",
+                code=f"{self.name}_error",
+            )
+        try:
+            body = resp.json()
+        except ValueError as exc:
+            metrics.UPSTREAM.labels(self.name, "bad_response").inc()
+            raise UpstreamError(
+                f"the {self.name} sent a body that is not JSON", code=f"{self.name}_error"
+            ) from exc
+        if not isinstance(body, dict):
+            metrics.UPSTREAM.labels(self.name, "bad_response").inc()
+            raise UpstreamError(
+                f"the {self.name} sent an unexpected body", code=f"{self.name}_error"
+            )
+        metrics.UPSTREAM.labels(self.name, "ok").inc()
+        return body
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.client.aclose()
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _error_message(resp: httpx.Response) -> str:
+    """The upstream's own error message (our shape, OpenAI's, or FastAPI's), shortened."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:200] or resp.reason_phrase
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])[:300]
+        if isinstance(body.get("detail"), str):
+            return str(body["detail"])[:300]
+    return str(body)[:200]
+
+
+def malformed(name: str, what: str) -> UpstreamError:
+    """The error for a 2xx body that does not have the promised shape."""
+    metrics.UPSTREAM.labels(name, "bad_response").inc()
+    return UpstreamError(f"the {name} sent a malformed response ({what})", code=f"{name}_error")

@@ -1,0 +1,194 @@
+"""The retrieval worker (``gainrag worker retrieval``): ``POST /retrieve`` over HTTP.
+
+Queries of concurrent requests are batched into one encoder pass and one FAISS search by the
+retriever's batcher. ``POST /admin/reload-index`` (bearer token) loads another index directory
+and switches to it atomically: in-flight searches finish on the index they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, FastAPI, Header, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from gainrag import metrics
+from gainrag.api.routes import until_disconnect
+from gainrag.api.schemas import ErrorResponse
+from gainrag.api.worker import WorkerState, worker_app
+from gainrag.config import Settings
+from gainrag.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ForbiddenError,
+    ValidationFailedError,
+)
+from gainrag.retrieval.local import LocalRetriever
+
+log = logging.getLogger(__name__)
+_ERRORS: dict[int | str, dict[str, object]] = {
+    c: {"model": ErrorResponse} for c in (401, 403, 413, 422, 429, 503)
+}
+
+
+class RetrieveRequest(BaseModel):
+    """Body of ``POST /retrieve``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queries: list[StrictStr] = Field(..., min_length=1, description="Questions to search for.")
+    k: StrictInt = Field(100, ge=1, le=1000, description="Passages per query.")
+
+
+class Hit(BaseModel):
+    """One retrieved passage."""
+
+    id: str
+    title: str
+    text: str
+    score: float = Field(..., description="Cosine similarity of normalised vectors.")
+
+
+class RetrieveResponse(BaseModel):
+    """Per query, its top-k passages, best first."""
+
+    results: list[list[Hit]]
+    index_version: str
+    encoder: str
+
+
+class ReloadRequest(BaseModel):
+    """Body of ``POST /admin/reload-index``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index_dir: StrictStr | None = Field(
+        None, description="Index directory to load; default: the configured one (rebuilt in place)."
+    )
+
+
+class ReloadResponse(BaseModel):
+    """What the swap did."""
+
+    previous_version: str
+    version: str
+    count: int
+    index_dir: str
+
+
+def _models(r: LocalRetriever) -> dict[str, str]:
+    return {
+        "retriever": r.name,
+        "index_version": r.version,
+        "passages": str(len(r.index.passages)),
+    }
+
+
+def create_retrieval_app(
+    settings: Settings | None = None, retriever: LocalRetriever | None = None
+) -> FastAPI:
+    """The retrieval worker app (``retriever`` lets tests share a loaded one)."""
+    settings = settings or Settings()
+    router = APIRouter()
+    reload_lock = asyncio.Lock()
+
+    def load() -> LocalRetriever:
+        from gainrag.retrieval.encoder import BiEncoder
+
+        r = settings.retrieval
+        loaded = LocalRetriever.from_settings(r, BiEncoder.from_settings(r))
+        metrics.INDEX_INFO.labels(loaded.version).set(len(loaded.index.passages))
+        return loaded
+
+    def state(request: Request) -> WorkerState[LocalRetriever]:
+        s: WorkerState[LocalRetriever] = request.app.state.worker
+        return s
+
+    @router.post("/retrieve", response_model=RetrieveResponse, responses=_ERRORS)
+    async def retrieve(body: RetrieveRequest, request: Request) -> RetrieveResponse:
+        """Top-k passages for each query; concurrent requests share encoder and FAISS batches."""
+        r = state(request).require()
+        w = settings.worker
+        if len(body.queries) > w.max_queries:
+            raise ValidationFailedError(
+                f"{len(body.queries)} queries; the limit is {w.max_queries} per request "
+                "(GAINRAG_WORKER__MAX_QUERIES)",
+                code="too_many_queries",
+            )
+        for i, q in enumerate(body.queries):
+            if not q.strip() or len(q) > w.max_text_chars:
+                raise ValidationFailedError(
+                    f"queries[{i}] must be non-empty text of at most {w.max_text_chars} characters",
+                    code="invalid_query",
+                )
+        version = r.version
+        results = await until_disconnect(
+            request, asyncio.gather(*(r.retrieve(q, body.k) for q in body.queries))
+        )
+        return RetrieveResponse(
+            results=[
+                [Hit(id=h.passage.id, title=h.passage.title, text=h.passage.text, score=h.score)
+                 for h in hits]
+                for hits in results
+            ],
+            index_version=version,
+            encoder=r.encoder.name,
+        )  # fmt: skip
+
+    @router.post("/admin/reload-index", response_model=ReloadResponse, responses=_ERRORS)
+    async def reload_index(
+        request: Request,
+        body: ReloadRequest | None = None,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> ReloadResponse:
+        """Load an index directory and switch to it atomically (bearer token required)."""
+        token = settings.worker.admin_token
+        if token is None:
+            raise ForbiddenError(
+                "the admin endpoint is disabled; set GAINRAG_WORKER__ADMIN_TOKEN to enable it",
+                code="admin_disabled",
+            )
+        scheme, _, given = (authorization or "").partition(" ")
+        expected = token.get_secret_value().encode()
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            given.strip().encode(), expected
+        ):
+            raise AuthenticationError("missing or wrong bearer token", code="bad_token")
+        r = state(request).require()
+        from gainrag.retrieval.index import DenseIndex
+
+        index_dir = (
+            Path(body.index_dir) if body and body.index_dir else settings.retrieval.index_dir
+        )
+        async with reload_lock:  # one load at a time; searches go on meanwhile
+            try:
+                new = await asyncio.to_thread(
+                    DenseIndex.load, index_dir, use_gpu=settings.retrieval.use_gpu == "auto"
+                )
+                old = r.swap_index(new)
+            except ConfigurationError as exc:
+                raise ValidationFailedError(exc.message, code=exc.code) from exc
+        if old.version != new.version:
+            metrics.INDEX_INFO.remove(old.version)
+        metrics.INDEX_INFO.labels(new.version).set(len(new.passages))
+        log.info("index swapped: %s -> %s (%s)", old.version, new.version, index_dir)
+        return ReloadResponse(
+            previous_version=old.version,
+            version=new.version,
+            count=len(new.passages),
+            index_dir=str(index_dir),
+        )
+
+    return worker_app(
+        "gainrag retrieval worker",
+        "Dense retrieval: all-MiniLM-L6-v2 + FAISS, batched across concurrent requests.",
+        settings,
+        load,
+        _models,
+        router,
+        model=retriever,
+    )

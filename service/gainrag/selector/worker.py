@@ -1,0 +1,146 @@
+"""The selector worker (``gainrag worker selector``): ``POST /rerank`` in vLLM/Jina shape.
+
+Pairs of concurrent requests are packed by the cross-encoder's dynamic batcher up to the pair
+budget (``GAINRAG_SELECTOR__MAX_BATCH_PAIRS``) or the short wait (``MAX_WAIT_MS``), sorted by
+length, scored fp16 on GPU (fp32 on CPU), and every caller gets its own scores back in order.
+A request whose client went away is dropped before it reaches the model; a full queue is a 429.
+Unlike vLLM's default there is no cap of 32 documents: GainRAG scores k + 1 = 101 at once.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from gainrag.api.routes import until_disconnect
+from gainrag.api.schemas import ErrorResponse
+from gainrag.api.worker import WorkerState, worker_app
+from gainrag.config import Settings
+from gainrag.errors import ValidationFailedError
+from gainrag.selector.cross_encoder import CrossEncoderSelector
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    c: {"model": ErrorResponse} for c in (413, 422, 429, 503)
+}
+
+
+class RerankRequest(BaseModel):
+    """Body of ``POST /rerank`` (the fields vLLM's and Jina's rerank APIs share)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: StrictStr
+    documents: list[StrictStr] = Field(..., min_length=1)
+    top_n: StrictInt | None = Field(None, ge=1, description="Return only the best n results.")
+    return_documents: StrictBool = False
+    model: StrictStr | None = Field(None, description="Accepted for compatibility; one model.")
+
+
+class RerankDocument(BaseModel):
+    """The document text, when ``return_documents`` is set."""
+
+    text: str
+
+
+class RerankResult(BaseModel):
+    """One document's score; ``index`` points into the request's ``documents``."""
+
+    index: int
+    relevance_score: float = Field(..., description="The cross-encoder's raw logit.")
+    document: RerankDocument | None = None
+
+
+class Usage(BaseModel):
+    """Tokens scored (query + document, after truncation)."""
+
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    """Results sorted best first."""
+
+    id: str
+    model: str
+    model_version: str
+    results: list[RerankResult]
+    usage: Usage
+
+
+def _models(s: CrossEncoderSelector) -> dict[str, str]:
+    return {"selector": s.name, "selector_version": s.version, "device": s.scorer.device}
+
+
+def create_selector_app(
+    settings: Settings | None = None, selector: CrossEncoderSelector | None = None
+) -> FastAPI:
+    """The selector worker app (``selector`` lets tests share a loaded one)."""
+    settings = settings or Settings()
+    router = APIRouter()
+
+    def load() -> CrossEncoderSelector:
+        from gainrag.pipeline import build_cross_encoder
+
+        built = build_cross_encoder(settings)
+        assert isinstance(built, CrossEncoderSelector)
+        return built
+
+    @router.post(
+        "/rerank",
+        response_model=RerankResponse,
+        responses=_ERRORS,
+        response_model_exclude_none=True,
+    )
+    async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
+        """Score every document against the query."""
+        state: WorkerState[CrossEncoderSelector] = request.app.state.worker
+        sel = state.require()
+        w = settings.worker
+        if len(body.documents) > w.max_documents:
+            raise ValidationFailedError(
+                f"{len(body.documents)} documents; the limit is {w.max_documents} per request "
+                "(GAINRAG_WORKER__MAX_DOCUMENTS)",
+                code="too_many_documents",
+            )
+        if not body.query.strip() or len(body.query) > w.max_text_chars:
+            raise ValidationFailedError(
+                f"'query' must be non-empty text of at most {w.max_text_chars} characters",
+                code="invalid_query",
+            )
+        if any(len(d) > w.max_text_chars for d in body.documents):
+            raise ValidationFailedError(
+                f"every document must be at most {w.max_text_chars} characters "
+                "(GAINRAG_WORKER__MAX_TEXT_CHARS)",
+                code="document_too_long",
+            )
+        scores, tokens = await until_disconnect(
+            request, sel.score_texts(body.query, body.documents)
+        )
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        if body.top_n is not None:
+            order = order[: body.top_n]
+        return RerankResponse(
+            id=f"rerank-{request.state.request_id}",
+            model=sel.name,
+            model_version=sel.version,
+            results=[
+                RerankResult(
+                    index=i,
+                    relevance_score=scores[i],
+                    document=RerankDocument(text=body.documents[i])
+                    if body.return_documents
+                    else None,
+                )
+                for i in order
+            ],
+            usage=Usage(total_tokens=tokens),
+        )
+
+    return worker_app(
+        "gainrag selector worker",
+        "GainRAG selector: a cross-encoder with dynamic batching across concurrent requests.",
+        settings,
+        load,
+        _models,
+        router,
+        model=selector,
+    )

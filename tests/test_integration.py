@@ -1,0 +1,137 @@
+"""The distributed deployment as real processes on loopback: redis-server, llama.cpp's
+OpenAI-compatible server, the retrieval worker, the selector worker and the gateway.
+
+One scenario, in order (each step depends on the state the previous one left):
+answers -> a cache hit -> selector killed (fallback) -> retriever killed (fallback) -> LLM killed
+(503) -> everything restarted (normal answers again).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.services import Service, free_port, gainrag_service, llama_service, redis_service
+
+
+def _metric(gateway: Service, name: str, labels: str = "") -> float:
+    text = httpx.get(gateway.url + "/metrics", timeout=10).text
+    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" (\S+)"
+    m = re.search(pattern, text)
+    return float(m.group(1)) if m else 0.0
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, index_dir: Path, llm_dir: Path
+) -> Iterator[dict[str, Service]]:
+    logs = tmp_path_factory.mktemp("stack")
+    ports = {n: free_port() for n in ("retriever", "selector", "gateway")}
+    common = {"GAINRAG_RETRIEVAL__INDEX_DIR": str(index_dir), "GAINRAG_LOG_LEVEL": "INFO"}
+    redis = redis_service(logs)
+    llm = llama_service(logs)
+    retriever = gainrag_service(
+        "retriever", ["worker", "retrieval"], ports["retriever"], logs, common
+    )
+    selector = gainrag_service("selector", ["worker", "selector"], ports["selector"], logs, common)
+    gateway_env = {
+        **common,
+        "GAINRAG_RETRIEVAL__URL": retriever.url,
+        "GAINRAG_RETRIEVAL__K": "10",
+        "GAINRAG_SELECTOR__URL": selector.url,
+        "GAINRAG_LLM__BASE_URL": llm.url + "/v1",
+        "GAINRAG_LLM__MODEL": "smollm2-135m",
+        "GAINRAG_LLM__MAX_NEW_TOKENS_PSEUDO": "24",
+        "GAINRAG_LLM__MAX_NEW_TOKENS_ANSWER": "12",
+        "GAINRAG_LLM__CONNECT_RETRIES": "1",
+        "GAINRAG_REDIS__URL": f"redis://127.0.0.1:{redis.port}/0",
+    }
+    gateway = gainrag_service("gateway", ["serve"], ports["gateway"], logs, gateway_env)
+    services = {
+        "redis": redis, "llm": llm, "retriever": retriever, "selector": selector,
+        "gateway": gateway,
+    }  # fmt: skip
+    try:
+        for name in ("redis", "llm", "retriever", "selector", "gateway"):
+            services[name].start()
+        yield services
+    except BaseException:
+        for s in services.values():
+            print(f"--- {s.name} log ---\n{s.tail()}")
+        raise
+    finally:
+        for s in reversed(list(services.values())):
+            s.stop()
+
+
+def _ask(gateway: Service, question: str, **headers: str) -> httpx.Response:
+    return httpx.post(
+        gateway.url + "/answer",
+        json={"question": question},
+        headers={"x-request-id": "itest-" + str(abs(hash(question)) % 10**8), **headers},
+        timeout=120,
+    )
+
+
+def test_distributed_answer_path(stack: dict[str, Service], dev_questions: list[dict]) -> None:
+    gw = stack["gateway"]
+    questions = [q["question"] for q in dev_questions]
+
+    # 1. Normal answers through every remote part.
+    for q in questions[:2]:
+        r = _ask(gw, q)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["answer"].strip() and len(body["passages"]) == 1
+        assert body["degraded"] == [] and body["cached"] is False
+        assert body["models"]["generator"] == "openai:smollm2-135m"
+        assert body["models"]["selector"].startswith("cross-encoder:")
+        assert body["models"]["retriever"].startswith("faiss-cpu:")
+        assert body["models"]["index_version"] != "unknown"
+    # The request id reached the workers' logs.
+    assert "itest-" in stack["selector"].tail(200_000)
+
+    # 2. A repeated question is a cache hit, and the hit counter moves.
+    hits = _metric(gw, "gainrag_cache_requests_total", 'kind="answer",result="hit"')
+    again = _ask(gw, questions[0])
+    assert again.json()["cached"] is True and again.headers["x-cache"] == "HIT"
+    assert _metric(gw, "gainrag_cache_requests_total", 'kind="answer",result="hit"') == hits + 1
+    assert _metric(gw, "gainrag_stage_seconds_count", 'stage="select"') >= 2
+
+    # 3. Selector killed: retrieval order, said so, counted; degraded answers are not cached.
+    stack["selector"].kill()
+    r = _ask(gw, questions[2])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [d["kind"] for d in body["degraded"]] == ["selector_down"]
+    assert body["passages"][0]["retrieval_rank"] == 0
+    assert _metric(gw, "gainrag_fallbacks_total", 'kind="selector_down"') >= 1
+    assert _ask(gw, questions[2]).json()["cached"] is False
+
+    # 4. Retriever killed too: the pseudo-passage is the only context.
+    stack["retriever"].kill()
+    r = _ask(gw, questions[3])
+    assert r.status_code == 200, r.text
+    kinds = {d["kind"] for d in r.json()["degraded"]}
+    assert "retrieval_down" in kinds
+    assert all(p["pseudo"] for p in r.json()["passages"])
+    assert _metric(gw, "gainrag_fallbacks_total", 'kind="retrieval_down"') >= 1
+
+    # 5. LLM killed: nothing can answer -> 503 with a clear message (not a 500).
+    stack["llm"].kill()
+    r = _ask(gw, questions[4], **{"cache-control": "no-cache"})
+    assert r.status_code == 503, r.text
+    err = r.json()["error"]
+    assert err["code"] == "llm_down" and "llm" in err["message"] and "unreachable" in err["message"]
+
+    # 6. Everything back: normal answers again, with no restart of the gateway.
+    for name in ("llm", "retriever", "selector"):
+        stack[name].start()
+    r = _ask(gw, questions[5])
+    assert r.status_code == 200, r.text
+    assert r.json()["degraded"] == [] and r.json()["answer"].strip()
+    assert (httpx.get(gw.url + "/ready", timeout=10)).status_code == 200
