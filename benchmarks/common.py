@@ -30,8 +30,8 @@ __all__ = [
     "Server",
     "free_port",
     "load_questions",
-    "percentile",
     "pct",
+    "percentile",
     "write_result",
 ]
 
@@ -138,7 +138,8 @@ def write_result(
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     if markdown is not None:
-        header = f"Command: `{report['command']}`  \nMachine: {_machine_line(report['machine'])}\n\n"
+        machine = _machine_line(report["machine"])
+        header = f"Command: `{report['command']}`  \nMachine: {machine}\n\n"
         (RESULTS / f"{name}.md").write_text(header + markdown.rstrip() + "\n")
     return path
 
