@@ -83,6 +83,7 @@ lint: install
 # e.g. make loadtest LOADTEST_ARGS="--url http://host:8000 --levels 1,4"   (or "--smoke")
 LOADTEST_ARGS ?=
 loadtest: prepare
+	scripts/system-deps.sh
 	$(BIN)/python loadtests/run.py $(LOADTEST_ARGS)
 
 bench: prepare

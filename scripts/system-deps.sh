@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# System packages the test suite uses (Debian): docker-compose to validate the compose files,
-# redis-server for the cache and integration tests (started by the tests on loopback ports).
-# Installs only what is missing; needs root (CI and the dev VMs run as root).
+# Debian packages the project runs with. Installs only what is missing; needs root (CI and the dev
+# VMs run as root).
+#   scripts/system-deps.sh          what the tests use: docker-compose (validates the compose
+#                                   file), redis-server (cache and integration tests)
+#   scripts/system-deps.sh bench    also wrk (the gateway-overhead benchmark's load generator)
 set -euo pipefail
 need=()
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+if [ "${1:-}" = bench ]; then
+  command -v wrk >/dev/null 2>&1 || need+=(wrk)
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
-  echo "system-deps: missing ${need[*]}; install them (apt-get install ${need[*]}) or the" \
-       "tests that use them are skipped" >&2
-  exit 0
+  echo "system-deps: missing ${need[*]}; install them (apt-get install ${need[*]})" >&2
+  exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
