@@ -21,7 +21,7 @@ LLAMA_STAMP := $(LLAMA_VENV)/.installed
 LLM_PORT ?= 8080
 
 .PHONY: run test install prepare serve lint bench eval train models-qwen clean distclean help \
-        llm-venv llm-server loadtest
+        llm-venv llm-server loadtest bench-venv bench-quick
 
 help:
 	@echo "make run    install, prepare models and index, serve on 127.0.0.1:8000"
@@ -86,8 +86,37 @@ loadtest: prepare
 	scripts/system-deps.sh
 	$(BIN)/python loadtests/run.py $(LOADTEST_ARGS)
 
-bench: prepare
-	$(BIN)/python benchmarks/bench_answer.py --questions data/questions/nq_dev.jsonl --limit 50
+# FlagEmbedding (the selector benchmark's baseline) in its own venv: it pulls datasets,
+# sentence-transformers, peft and scikit-learn, which gainrag does not use.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+$(BENCH_STAMP): constraints-bench.txt
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q torch==2.13.0
+	$(BENCH_VENV)/bin/pip install -q -c constraints-bench.txt FlagEmbedding transformers
+	@$(BENCH_VENV)/bin/pip list 2>/dev/null | grep -qi '^nvidia-' && { echo "CUDA packages were pulled in" >&2; exit 1; } || true
+	touch $(BENCH_STAMP)
+
+bench-venv: $(BENCH_STAMP)
+
+# Every stage benchmark, each a side-by-side measurement in one run, written to
+# benchmarks/results/<name>.{json,md} with the command and the machine; then the summary table.
+# About 1 h on 2 CPU cores (selector ~25 min, retrieval ~25 min with the 1M-vector indexes).
+BENCH_RETRIEVAL_ARGS ?=
+bench: prepare $(BENCH_STAMP)
+	scripts/system-deps.sh bench
+	$(BIN)/python benchmarks/bench_answer.py
+	$(BIN)/python benchmarks/bench_gateway.py
+	$(BIN)/python benchmarks/bench_cache.py
+	$(BIN)/python benchmarks/bench_llm.py
+	$(BIN)/python benchmarks/bench_selector.py
+	$(BIN)/python benchmarks/bench_retrieval.py $(BENCH_RETRIEVAL_ARGS)
+	$(BIN)/python benchmarks/summary.py
+
+bench-quick: prepare $(BENCH_STAMP)
+	scripts/system-deps.sh bench
+	for b in gateway llm selector retrieval; do $(BIN)/python benchmarks/bench_$$b.py --quick || exit 1; done
 
 # The README's quality tables: 5 presets x 2 dev sets, 300 questions each, k = 20 (selecting among
 # 101 candidates with a cross-encoder costs ~4 s a question on 2 CPU cores). The generation memo
@@ -122,7 +151,7 @@ train: prepare
 	@echo "new selectors in var/train/{relevance,gainrag}; copy them to models/selector/ to ship"
 
 clean:
-	rm -rf $(VENV) $(LLAMA_VENV) var
+	rm -rf $(VENV) $(LLAMA_VENV) $(BENCH_VENV) var
 
 distclean: clean  # also the machine-wide cache of converted models
 	rm -rf $${GAINRAG_LLM__MODELS_DIR:-$$HOME/.cache/gainrag/models}

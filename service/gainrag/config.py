@@ -56,7 +56,11 @@ class SelectorSettings(BaseModel):
         "starting point of gain distillation.",
     )
     max_length: int = Field(512, ge=16, le=2048, description="Max tokens of question + candidate.")
-    batch_size: int = Field(32, ge=1, description="Pairs per model forward pass.")
+    batch_size: int = Field(
+        0,
+        ge=0,
+        description="Pairs per forward pass; 0 = auto: 16 on CPU (fastest there), 128 on GPU.",
+    )
     max_batch_pairs: int = Field(
         512, ge=1, description="Pair budget when batching concurrent requests together."
     )

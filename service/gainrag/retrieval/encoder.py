@@ -17,10 +17,19 @@ from gainrag.models import resolve_encoder
 class BiEncoder:
     """Encode texts into unit vectors; inner product is then cosine similarity."""
 
-    def __init__(self, path: Path, *, max_length: int = 256, name: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_length: int = 256,
+        name: str | None = None,
+        device: str | None = None,
+    ) -> None:
         self.name = name or path.name
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
+        # fp32 everywhere: the index vectors must not depend on the device that encoded them.
+        self.model = AutoModel.from_pretrained(path).float().to(self.device).eval()
         self.max_length = max_length
         self.dim = int(self.model.config.hidden_size)
         # The retriever and the relevance selector call one encoder from their own threads; the
@@ -58,12 +67,12 @@ class BiEncoder:
                 truncation=True,
                 max_length=self.max_length,
                 return_tensors="pt",
-            )
+            ).to(self.device)
             hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-            out[idx] = pooled.float().numpy()
+            out[idx] = pooled.float().cpu().numpy()
             if progress is not None:
                 progress(len(idx))
         return out

@@ -38,7 +38,7 @@ class CrossEncoderScorer:
     """Synchronous scoring of (query, passage) pairs; one logit per pair."""
 
     def __init__(
-        self, path: Path, *, max_length: int = 512, batch_size: int = 32, device: str | None = None
+        self, path: Path, *, max_length: int = 512, batch_size: int = 0, device: str | None = None
     ) -> None:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -51,7 +51,8 @@ class CrossEncoderScorer:
         model = model.half() if self.device == "cuda" else model.float()
         self.model = model.to(self.device).eval()
         self.max_length = max_length
-        self.batch_size = batch_size
+        # Measured on 2 CPU cores (16 x 101 passages): 16 pairs per pass beat 8, 32 and 64.
+        self.batch_size = batch_size or (128 if self.device == "cuda" else 16)
 
     def score_pairs(self, pairs: list[Pair]) -> list[float]:
         """Raw logits, in input order."""
@@ -60,24 +61,27 @@ class CrossEncoderScorer:
     @torch.inference_mode()
     def score_pairs_counted(self, pairs: list[Pair]) -> tuple[list[float], list[int]]:
         """Raw logits and the number of (truncated) tokens of each pair, in input order."""
+        if not pairs:
+            return [], []
+        # Tokenise once, unpadded, then sort by *token* length and pad each chunk to its own
+        # longest pair: sorting by characters left ~30% padding on 16 x 101 real passages.
+        enc = self.tokenizer(
+            [q for q, _ in pairs],
+            [d for _, d in pairs],
+            truncation="only_second",
+            max_length=self.max_length,
+        )
+        tokens = [len(ids) for ids in enc["input_ids"]]
         scores = [0.0] * len(pairs)
-        tokens = [0] * len(pairs)
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        order = sorted(range(len(pairs)), key=tokens.__getitem__)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            enc = self.tokenizer(
-                [pairs[i][0] for i in idx],
-                [pairs[i][1] for i in idx],
-                padding=True,
-                truncation="only_second",
-                max_length=self.max_length,
-                return_tensors="pt",
+            batch = self.tokenizer.pad(
+                {key: [enc[key][i] for i in idx] for key in enc}, return_tensors="pt"
             ).to(self.device)
-            logits = self.model(**enc).logits.view(-1).float().cpu().tolist()
-            lengths = enc["attention_mask"].sum(dim=1).tolist()
-            for i, s, n in zip(idx, logits, lengths, strict=True):
+            logits = self.model(**batch).logits.view(-1).float().cpu().tolist()
+            for i, s in zip(idx, logits, strict=True):
                 scores[i] = s
-                tokens[i] = int(n)
         return scores, tokens
 
 
@@ -89,7 +93,7 @@ class CrossEncoderSelector:
         path: Path,
         *,
         max_length: int = 512,
-        batch_size: int = 32,
+        batch_size: int = 0,
         max_batch_pairs: int = 512,
         max_wait_s: float = 0.002,
         max_queue: int = 64,

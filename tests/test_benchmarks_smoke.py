@@ -1,0 +1,151 @@
+"""Smoke tests of the benchmark scripts' own arithmetic and plumbing (not of the figures).
+
+The scripts run for minutes on real models; here each one's parser loads, and the pieces that
+turn measurements into figures (FLOP counts, padding replay, recall, bandwidth bounds, the raw
+HTTP client) are checked on small inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_llm  # noqa: E402
+import bench_retrieval  # noqa: E402
+import bench_selector  # noqa: E402
+
+
+@pytest.mark.parametrize("script", ["bench_selector.py", "bench_retrieval.py", "bench_llm.py"])
+def test_scripts_parse_their_arguments(script: str) -> None:
+    out = subprocess.run(
+        [sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--quick" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def flop_model() -> bench_selector.FlopModel:
+    return bench_selector.FlopModel(bench_selector.DEFAULT_CHECKPOINT, 512)
+
+
+def test_flop_model_counts_layers_attention_and_head(flop_model: bench_selector.FlopModel) -> None:
+    fm = flop_model
+    # MiniLM-L6-H384: 6 layers of 4 d^2 + 2 d (4 d) weights (+ biases, LayerNorms)
+    assert (fm.n_layers, fm.d_model) == (6, 384)
+    assert 10.5e6 < fm.p_layers < 10.8e6
+    one = fm.seq(100)
+    assert one == pytest.approx(2 * fm.p_layers * 100 + 4 * 6 * 384 * 100**2 + 2 * fm.p_head)
+    assert fm.seq(100, rows=3) == pytest.approx(3 * one)
+    assert fm.lengths("who", ["a b c", "x " * 2000])[1] == 512  # truncated like the worker
+
+
+def test_padding_replay_packs_requests_by_budget(flop_model: bench_selector.FlopModel) -> None:
+    workload = [{"query": "q", "documents": ["d" * n for n in (1, 2, 3)]} for _ in range(3)]
+    lengths = [[10, 20, 30] for _ in range(3)]
+    # budget 6 pairs: requests 1+2 together, 3 alone; chunks of 2 padded to their longest
+    flops, tokens = bench_selector.our_padded_flops(flop_model, workload, lengths, 6, 2)
+    # batch 1 sorted: 10 10 20 20 30 30 -> chunks (10,10) (20,20) (30,30): no padding
+    # batch 2: 10 20 30 -> (10,20) -> 2 x 20, (30) -> 30
+    assert tokens == 20 + 40 + 60 + 40 + 30
+    assert flops == pytest.approx(
+        flop_model.seq(10, 2) + flop_model.seq(20, 2) + flop_model.seq(30, 2)
+        + flop_model.seq(20, 2) + flop_model.seq(30, 1)
+    )  # fmt: skip
+
+
+def test_matmul_peak_is_positive() -> None:
+    peak = bench_selector.matmul_peak([128], 2)
+    assert peak["gflops"] > 0 and peak["per_size_gflops"]["128"] == peak["gflops"]
+
+
+def test_recall_and_nlist() -> None:
+    truth = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    found = np.array([[4, 3, 9, 9], [5, 6, 7, 8]])
+    assert bench_retrieval.recall_at(found, truth) == pytest.approx((0.5 + 1.0) / 2)
+    assert bench_retrieval.default_nlist(1_000_000) == 4096
+    assert bench_retrieval.default_nlist(100_000) == 1024
+
+
+def test_synthetic_vectors_are_unit_and_clustered() -> None:
+    rng = np.random.default_rng(0)
+    centroids = rng.standard_normal((4, bench_retrieval.DIM), dtype=np.float32)
+    bench_retrieval._normalize(centroids)
+    x = bench_retrieval.make_vectors("clustered", 500, 1, centroids)
+    assert x.dtype == np.float32 and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    best = (x @ centroids.T).max(axis=1)
+    assert 0.6 < float(best.mean()) < 0.8  # ~1/sqrt(2) from its own centroid
+    u = bench_retrieval.make_vectors("uniform", 500, 1, None)
+    assert abs(float((u[:250] * u[250:]).sum(axis=1).mean())) < 0.05
+
+
+def test_raw_connection_reads_keep_alive_responses() -> None:
+    async def main() -> list[bytes]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    break
+                n = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                body = await reader.readexactly(n)
+                out = json.dumps({"echo": json.loads(body)}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(out) + out)
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        conn = bench_retrieval.RawConnection(port)
+        await conn.open()
+        try:
+            return [await conn.post("/x", {"i": i}) for i in range(2)]
+        finally:
+            await conn.close()
+            server.close()
+            await server.wait_closed()
+
+    got = asyncio.run(main())
+    assert [json.loads(b) for b in got] == [{"echo": {"i": 0}}, {"echo": {"i": 1}}]
+
+
+def test_llm_bounds_and_weight_bytes() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg)
+    facts = bench_llm.weight_facts(model)
+    assert facts["tied_embeddings"] is True
+    assert facts["weight_bytes_per_step"] == facts["param_bytes"]
+    assert facts["kv_bytes_per_token_of_context"] == 2 * 2 * 2 * 4 * 4  # K+V, layers, heads, dim
+    bw = {"copy_gb_s": 10.0, "read_gb_s": 20.0}
+    b = bench_llm.bounds(facts, bw, peak_gflops=1e6, gemv_gb_s=5.0, batch=1, context=0)
+    assert b["memory_bound_tokens_per_s"] == pytest.approx(10e9 / facts["param_bytes"])
+    assert b["limited_by"] == "memory"
+    assert b["gemv_bound_tokens_per_s"] == pytest.approx(5e9 / facts["param_bytes"])
+    b8 = bench_llm.bounds(facts, bw, peak_gflops=1e-3, gemv_gb_s=5.0, batch=8, context=0)
+    assert b8["limited_by"] == "compute"
+
+
+def test_memory_bandwidth_small_buffer() -> None:
+    bw = bench_llm.memory_bandwidth(1 << 20, 2, "cpu")
+    assert bw["copy_gb_s"] > 0 and bw["read_gb_s"] > 0
+    assert bench_llm.gemv_bandwidth(1 << 20, 64, 1, 2, "cpu", torch.float32) > 0
