@@ -9,6 +9,8 @@ Unlike vLLM's default there is no cap of 32 documents: GainRAG scores k + 1 = 10
 
 from __future__ import annotations
 
+import math
+
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
@@ -16,7 +18,7 @@ from gainrag.api.routes import until_disconnect
 from gainrag.api.schemas import ErrorResponse
 from gainrag.api.worker import WorkerState, worker_app
 from gainrag.config import Settings
-from gainrag.errors import ValidationFailedError
+from gainrag.errors import UpstreamError, ValidationFailedError
 from gainrag.selector.cross_encoder import CrossEncoderSelector
 
 _ERRORS: dict[int | str, dict[str, object]] = {
@@ -115,6 +117,9 @@ def create_selector_app(
         scores, tokens = await until_disconnect(
             request, sel.score_texts(body.query, body.documents)
         )
+        if not all(math.isfinite(x) for x in scores):
+            # e.g. fp16 overflow: JSON has no NaN, and ranking on one would be silently wrong
+            raise UpstreamError("the model returned non-finite scores", code="select_failed")
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         if body.top_n is not None:
             order = order[: body.top_n]
