@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_selector import matmul_peak
-from common import ROOT, load_questions, write_result
+from common import ROOT, load_questions, matmul_peak, write_result
 
 NAME = "llm"
 

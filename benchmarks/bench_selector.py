@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 import torch
-from common import ROOT, Server, load_questions, write_result
+from common import ROOT, Server, load_questions, matmul_peak, write_result
 
 NAME = "selector"
 TARGET_RATIO = 1.0
@@ -163,39 +163,6 @@ def our_padded_flops(
             flops += fm.seq(longest, len(chunk))
             tokens += longest * len(chunk)
     return flops, tokens
-
-
-# --------------------------------------------------------------------------- peak
-
-
-def matmul_peak(
-    sizes: list[int], reps: int, device: str = "cpu", dtype: torch.dtype = torch.float32
-) -> dict[str, Any]:
-    """Best-of-``reps`` GFLOP/s of ``torch.matmul`` on square matrices (FLOP = 2 n^3)."""
-    per_size: dict[str, float] = {}
-    for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        torch.matmul(a, b)  # warm-up
-        best = float("inf")
-        for _ in range(reps):
-            if device != "cpu":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            torch.matmul(a, b)
-            if device != "cpu":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t)
-        per_size[str(n)] = 2.0 * n**3 / best / 1e9
-        del a, b
-    return {
-        "gflops": max(per_size.values()),
-        "per_size_gflops": per_size,
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": device,
-        "torch_threads": torch.get_num_threads(),
-        "reps": reps,
-    }
 
 
 # --------------------------------------------------------------------------- our worker

@@ -30,6 +30,7 @@ __all__ = [
     "Server",
     "free_port",
     "load_questions",
+    "matmul_peak",
     "pct",
     "percentile",
     "write_result",
@@ -147,3 +148,37 @@ def write_result(
 def _machine_line(m: dict[str, Any]) -> str:
     gpu = ", CUDA" if m.get("cuda") else ", no GPU"
     return f"{m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB, torch {m['torch']}{gpu}"
+
+
+def matmul_peak(
+    sizes: list[int], reps: int, device: str = "cpu", dtype: Any = None
+) -> dict[str, Any]:
+    """Best-of-``reps`` GFLOP/s of ``torch.matmul`` on square matrices (FLOP = 2 n^3); the
+    machine's measured peak that the selector and LLM benchmarks compare against."""
+    import torch
+
+    dtype = dtype or torch.float32
+    per_size: dict[str, float] = {}
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        torch.matmul(a, b)  # warm-up
+        best = float("inf")
+        for _ in range(reps):
+            if device != "cpu":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            torch.matmul(a, b)
+            if device != "cpu":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        per_size[str(n)] = 2.0 * n**3 / best / 1e9
+        del a, b
+    return {
+        "gflops": max(per_size.values()),
+        "per_size_gflops": per_size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "reps": reps,
+    }
