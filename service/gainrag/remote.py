@@ -164,3 +164,38 @@ def malformed(name: str, what: str) -> UpstreamError:
     """The error for a 2xx body that does not have the promised shape."""
     metrics.UPSTREAM.labels(name, "bad_response").inc()
     return UpstreamError(f"the {name} sent a malformed response ({what})", code=f"{name}_error")
+
+
+class WorkerClient:
+    """A client of one gainrag worker: the pooled upstream plus the model name and version the
+    worker reports on ``/ready`` (and in its responses, so a hot swap reaches cache keys)."""
+
+    def __init__(
+        self,
+        upstream: str,
+        base_url: str,
+        *,
+        timeout_s: float,
+        connect_retries: int,
+        name_key: str,
+        version_key: str,
+    ) -> None:
+        self.upstream = Upstream(
+            upstream, make_client(base_url, timeout_s=timeout_s), connect_retries=connect_retries
+        )
+        self._keys = (name_key, version_key)
+        self.name = f"remote-{upstream}"
+        self.version = "unknown"  # until the worker says (cache keys wait for it)
+
+    async def refresh(self) -> None:
+        """Read the worker's model name and version from its ``/ready``."""
+        body = await self.upstream.request("GET", "/ready")
+        models = body.get("models")
+        if isinstance(models, dict):
+            name_key, version_key = self._keys
+            self.name = str(models.get(name_key, self.name))
+            self.version = str(models.get(version_key, self.version))
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.upstream.close()

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from gainrag.api.base import base_app
 from gainrag.api.schemas import ErrorResponse
 from gainrag.config import Settings
-from gainrag.errors import GainRAGError, UnavailableError
+from gainrag.errors import GainRAGError, UnavailableError, ValidationFailedError
 
 log = logging.getLogger(__name__)
 M = TypeVar("M")
@@ -38,6 +38,16 @@ class WorkerState(Generic[M]):
                 raise UnavailableError(self.load_error, code="load_failed")
             raise UnavailableError("the model is still loading; retry shortly", code="not_ready")
         return self.model
+
+
+def require_query(label: str, text: str, limit: int) -> None:
+    """422 ``invalid_query`` unless ``text`` is non-blank and at most ``limit`` characters."""
+    if not text.strip() or len(text) > limit:
+        raise ValidationFailedError(
+            f"{label} must be non-empty text of at most {limit} characters "
+            "(GAINRAG_WORKER__MAX_TEXT_CHARS)",
+            code="invalid_query",
+        )
 
 
 def worker_app(

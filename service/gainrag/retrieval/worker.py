@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from gainrag import metrics
 from gainrag.api.routes import until_disconnect
 from gainrag.api.schemas import ErrorResponse
-from gainrag.api.worker import WorkerState, worker_app
+from gainrag.api.worker import WorkerState, require_query, worker_app
 from gainrag.config import Settings
 from gainrag.errors import (
     AuthenticationError,
@@ -120,11 +120,7 @@ def create_retrieval_app(
                 code="too_many_queries",
             )
         for i, q in enumerate(body.queries):
-            if not q.strip() or len(q) > w.max_text_chars:
-                raise ValidationFailedError(
-                    f"queries[{i}] must be non-empty text of at most {w.max_text_chars} characters",
-                    code="invalid_query",
-                )
+            require_query(f"queries[{i}]", q, w.max_text_chars)
         version = r.version
         results = await until_disconnect(
             request, asyncio.gather(*(r.retrieve(q, body.k) for q in body.queries))

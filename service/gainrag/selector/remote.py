@@ -4,27 +4,22 @@ from __future__ import annotations
 
 import math
 
-from gainrag.remote import Upstream, make_client, malformed
+from gainrag.remote import WorkerClient, malformed
 from gainrag.types import Passage
 
 
-class RemoteSelector:
+class RemoteSelector(WorkerClient):
     """Scores candidates with ``POST /rerank`` on a selector worker."""
 
     def __init__(self, base_url: str, *, timeout_s: float, connect_retries: int = 2) -> None:
-        self.upstream = Upstream(
-            "selector", make_client(base_url, timeout_s=timeout_s), connect_retries=connect_retries
+        super().__init__(
+            "selector",
+            base_url,
+            timeout_s=timeout_s,
+            connect_retries=connect_retries,
+            name_key="selector",
+            version_key="selector_version",
         )
-        self.name = "remote-selector"
-        self.version = "unknown"
-
-    async def refresh(self) -> None:
-        """Read the worker's model name and checkpoint version from its /ready."""
-        body = await self.upstream.request("GET", "/ready")
-        models = body.get("models")
-        if isinstance(models, dict):
-            self.name = str(models.get("selector", self.name))
-            self.version = str(models.get("selector_version", self.version))
 
     async def score(self, question: str, candidates: list[Passage]) -> list[float]:
         """One score per candidate, in the candidates' order."""
@@ -45,7 +40,3 @@ class RemoteSelector:
         if any(math.isnan(s) for s in scores):
             raise malformed("selector", "not every document was scored")
         return scores
-
-    async def close(self) -> None:
-        """Close the connection pool."""
-        await self.upstream.close()

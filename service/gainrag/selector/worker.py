@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from gainrag.api.routes import until_disconnect
 from gainrag.api.schemas import ErrorResponse
-from gainrag.api.worker import WorkerState, worker_app
+from gainrag.api.worker import WorkerState, require_query, worker_app
 from gainrag.config import Settings
 from gainrag.errors import UpstreamError, ValidationFailedError
 from gainrag.selector.cross_encoder import CrossEncoderSelector
@@ -103,11 +103,7 @@ def create_selector_app(
                 "(GAINRAG_WORKER__MAX_DOCUMENTS)",
                 code="too_many_documents",
             )
-        if not body.query.strip() or len(body.query) > w.max_text_chars:
-            raise ValidationFailedError(
-                f"'query' must be non-empty text of at most {w.max_text_chars} characters",
-                code="invalid_query",
-            )
+        require_query("'query'", body.query, w.max_text_chars)
         if any(len(d) > w.max_text_chars for d in body.documents):
             raise ValidationFailedError(
                 f"every document must be at most {w.max_text_chars} characters "
