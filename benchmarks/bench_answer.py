@@ -108,7 +108,7 @@ def to_markdown(levels: dict[int, dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--questions", type=Path, default=ROOT / "data/questions/nq_dev.jsonl")
-    ap.add_argument("--limit", type=int, default=20, help="questions at concurrency 1")
+    ap.add_argument("--limit", type=int, default=50, help="questions at concurrency 1")
     ap.add_argument("--concurrency", default="1,16", help="levels, comma-separated")
     ap.add_argument(
         "--per-level", type=int, default=2, help="questions per level = this x concurrency"
