@@ -1,4 +1,4 @@
-"""Print the README's quality tables from benchmarks/results/eval_<set>_<preset>.json."""
+"""Print the README's quality tables from <dir>/eval_<set>_<preset>.json."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ def main() -> None:
     """One markdown table per dev set, presets in a fixed order."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--sets", nargs="+", default=["nq_dev", "squad_dev"])
+    p.add_argument("--dir", type=Path, default=RESULTS, help="where the eval JSON files are")
     args = p.parse_args()
     order = ["closed-book", "retrieval", "rerank", "gainrag-no-pseudo", "gainrag"]
     assert set(order) == set(PRESETS)
     for name in args.sets:
         reports = []
         for preset in order:
-            path = RESULTS / f"eval_{name}_{preset}.json"
+            path = args.dir / f"eval_{name}_{preset}.json"
             if path.exists():
                 reports.append(json.loads(path.read_text()))
         if reports:

@@ -149,3 +149,37 @@ def test_memory_bandwidth_small_buffer() -> None:
     bw = bench_llm.memory_bandwidth(1 << 20, 2, "cpu")
     assert bw["copy_gb_s"] > 0 and bw["read_gb_s"] > 0
     assert bench_llm.gemv_bandwidth(1 << 20, 64, 1, 2, "cpu", torch.float32) > 0
+
+
+def test_eval_tables_reads_the_directory_it_is_given(tmp_path: Path) -> None:
+    report = json.loads((BENCH / "results" / "eval_nq_dev_retrieval.json").read_text())
+    report["em"], report["n"] = 0.5, 7  # not the committed figures: proves this file was read
+    (tmp_path / "eval_nq_dev_retrieval.json").write_text(json.dumps(report))
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "eval_tables.py"), "--dir", str(tmp_path), "--sets", "nq_dev"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = [
+        line for line in out.stdout.splitlines() if line.startswith("| ") and "preset" not in line
+    ]
+    assert len(rows) == 1 and rows[0].startswith("| retrieval | 7 | 0 | 50.0 |"), out.stdout
+    assert "**nq_dev** (n = 7, k = 20)" in out.stdout
+
+
+def test_make_eval_qwen_runs_the_eval_loop_with_qwen_into_its_own_directory() -> None:
+    out = subprocess.run(
+        ["make", "-n", "eval-qwen", "EVAL_SETS=nq_dev", "EVAL_PRESETS=gainrag"],
+        cwd=BENCH.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    loop = " ".join(out.stdout.replace("\\\n", " ").split())  # continuations joined
+    assert "GAINRAG_LLM__MODEL=qwen2.5-coder-0.5b .venv/bin/gainrag prepare" in loop  # converts it
+    assert "GAINRAG_LLM__MODEL=qwen2.5-coder-0.5b GAINRAG_RETRIEVAL__K=20" in loop
+    assert "--limit 200" in loop and "for p in gainrag" in loop
+    assert "--output benchmarks/results/qwen/eval_" in loop
