@@ -1,36 +1,73 @@
-"""Print the README's quality tables from <dir>/eval_<set>_<preset>.json."""
+"""Print the README's quality tables from <dir>/eval_<set>_<preset>.json.
+
+Under each table, the trained selectors are compared with the baselines question by question:
+how many questions each preset gets exactly right where the baseline does not (and the reverse),
+with the exact sign test's two-sided p.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from gainrag.evaluation.harness import PRESETS, format_table
+from gainrag.evaluation.metrics import paired_em
 
 RESULTS = Path(__file__).parent / "results"
+ORDER = ["closed-book", "retrieval", "rerank", "gainrag-no-pseudo", "gainrag"]
+# (preset, baseline) pairs worth a paired comparison: each selector against what it replaces.
+PAIRS = [
+    ("rerank", "retrieval"),
+    ("gainrag-no-pseudo", "retrieval"),
+    ("gainrag-no-pseudo", "rerank"),
+    ("gainrag", "retrieval"),
+    ("gainrag", "rerank"),
+]
+
+
+def _em_by_id(report: dict[str, Any]) -> dict[str, float]:
+    return {r["id"]: float(r["em"]) for r in report["records"]}
+
+
+def paired_lines(reports: dict[str, dict[str, Any]]) -> list[str]:
+    """One markdown bullet per available (preset, baseline) pair."""
+    lines = []
+    for a, b in PAIRS:
+        if a in reports and b in reports:
+            wins, losses, p = paired_em(_em_by_id(reports[a]), _em_by_id(reports[b]))
+            lines.append(
+                f"- `{a}` vs `{b}`: exact on {wins} questions where `{b}` is not, "
+                f"not on {losses} where `{b}` is (sign test p = {p:.3f})"
+            )
+    return lines
 
 
 def main() -> None:
-    """One markdown table per dev set, presets in a fixed order."""
+    """One markdown table per dev set, presets in a fixed order, then the paired comparisons."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--sets", nargs="+", default=["nq_dev", "squad_dev"])
     p.add_argument("--dir", type=Path, default=RESULTS, help="where the eval JSON files are")
     args = p.parse_args()
-    order = ["closed-book", "retrieval", "rerank", "gainrag-no-pseudo", "gainrag"]
-    assert set(order) == set(PRESETS)
+    assert set(ORDER) == set(PRESETS)
     for name in args.sets:
-        reports = []
-        for preset in order:
+        reports = {}
+        for preset in ORDER:
             path = args.dir / f"eval_{name}_{preset}.json"
             if path.exists():
-                reports.append(json.loads(path.read_text()))
+                reports[preset] = json.loads(path.read_text())
         if reports:
-            ks = sorted({r["settings"]["k"] for r in reports})
-            ns = sorted({r["n"] for r in reports})
+            ks = sorted({r["settings"]["k"] for r in reports.values()})
+            ns = sorted({r["n"] for r in reports.values()})
             print(f"**{name}** (n = {', '.join(map(str, ns))}, k = {', '.join(map(str, ks))}):\n")
-            print(format_table(reports))
+            print(format_table(list(reports.values())))
             print()
+            paired = paired_lines(reports)
+            if paired:
+                print("Exact match, question by question:\n")
+                print("\n".join(paired))
+                print()
 
 
 if __name__ == "__main__":

@@ -167,6 +167,30 @@ def test_eval_tables_reads_the_directory_it_is_given(tmp_path: Path) -> None:
     ]
     assert len(rows) == 1 and rows[0].startswith("| retrieval | 7 | 0 | 50.0 |"), out.stdout
     assert "**nq_dev** (n = 7, k = 20)" in out.stdout
+    assert "vs" not in out.stdout  # one preset: nothing to pair
+
+
+def test_eval_tables_pairs_presets_question_by_question(tmp_path: Path) -> None:
+    base = json.loads((BENCH / "results" / "eval_nq_dev_retrieval.json").read_text())
+    other = json.loads(json.dumps(base))
+    other["preset"] = "rerank"
+    right = [r for r in other["records"] if r["em"] == 1.0]
+    wrong = [r for r in other["records"] if r["em"] == 0.0]
+    for r in wrong[:3]:
+        r["em"] = 1.0
+    right[0]["em"] = 0.0
+    (tmp_path / "eval_nq_dev_retrieval.json").write_text(json.dumps(base))
+    (tmp_path / "eval_nq_dev_rerank.json").write_text(json.dumps(other))
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "eval_tables.py"), "--dir", str(tmp_path), "--sets", "nq_dev"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    # 3 wins, 1 loss: p = 2 * (1 + 4) / 2**4 = 0.625
+    line = "- `rerank` vs `retrieval`: exact on 3 questions where `retrieval` is not, not on 1"
+    assert f"{line} where `retrieval` is (sign test p = 0.625)" in out.stdout, out.stdout
 
 
 def test_make_eval_qwen_runs_the_eval_loop_with_qwen_into_its_own_directory() -> None:

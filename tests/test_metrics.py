@@ -12,8 +12,10 @@ from gainrag.evaluation.metrics import (
     f1_score,
     has_answer,
     normalize_answer,
+    paired_em,
     percentile,
     recall_at,
+    sign_test_p,
 )
 
 
@@ -79,3 +81,19 @@ def test_percentile_interpolates_like_numpy() -> None:
     assert percentile(xs, 95) == pytest.approx(38.5)  # numpy.percentile(xs, 95)
     assert percentile([7.0], 99) == 7.0
     assert math.isnan(percentile([], 50))
+
+
+def test_sign_test_exact_values() -> None:
+    assert sign_test_p(8, 1) == pytest.approx(2 * (1 + 9) / 2**9)  # 0.0390625
+    assert sign_test_p(0, 7) == pytest.approx(2 / 2**7)
+    assert sign_test_p(1, 7) == sign_test_p(7, 1) == pytest.approx(2 * (1 + 8) / 2**8)
+    assert sign_test_p(3, 3) == 1.0  # the two-sided tail sum exceeds 1 and is capped
+    assert sign_test_p(0, 0) == 1.0
+
+
+def test_paired_em_counts_discordant_questions_on_shared_ids() -> None:
+    a = {"q1": 1.0, "q2": 1.0, "q3": 0.0, "q4": 1.0, "only-a": 1.0}
+    b = {"q1": 0.0, "q2": 1.0, "q3": 1.0, "q4": 0.0, "only-b": 0.0}
+    wins, losses, p = paired_em(a, b)
+    assert (wins, losses) == (2, 1)  # q1, q4 vs q3; q2 tied; unshared ids ignored
+    assert p == pytest.approx(2 * (1 + 3) / 2**3)  # = 1.0

@@ -92,3 +92,27 @@ def percentile(values: Sequence[float], q: float) -> float:
     pos = (len(xs) - 1) * q / 100.0
     lo, hi = math.floor(pos), math.ceil(pos)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Exact two-sided sign test (McNemar's exact test) on discordant pairs; ties are dropped.
+
+    Why: two presets answer the same questions, so their EM difference is judged on the questions
+    where exactly one of them is right, not by comparing two rates as if independent.
+    """
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def paired_em(a: dict[str, float], b: dict[str, float]) -> tuple[int, int, float]:
+    """Questions where ``a`` is an exact match and ``b`` is not, the reverse, and the sign-test p.
+
+    ``a`` and ``b`` map question ids to EM (0 or 1); only ids in both count.
+    """
+    common = a.keys() & b.keys()
+    wins = sum(1 for q in common if a[q] > b[q])
+    losses = sum(1 for q in common if a[q] < b[q])
+    return wins, losses, sign_test_p(wins, losses)
