@@ -31,17 +31,20 @@ def _em_by_id(report: dict[str, Any]) -> dict[str, float]:
     return {r["id"]: float(r["em"]) for r in report["records"]}
 
 
-def paired_lines(reports: dict[str, dict[str, Any]]) -> list[str]:
-    """One markdown bullet per available (preset, baseline) pair."""
-    lines = []
+def paired_table(reports: dict[str, dict[str, Any]]) -> str:
+    """A markdown table with one row per available (preset, baseline) pair ("" if none)."""
+    rows = []
     for a, b in PAIRS:
         if a in reports and b in reports:
             wins, losses, p = paired_em(_em_by_id(reports[a]), _em_by_id(reports[b]))
-            lines.append(
-                f"- `{a}` vs `{b}`: exact on {wins} questions where `{b}` is not, "
-                f"not on {losses} where `{b}` is (sign test p = {p:.3f})"
-            )
-    return lines
+            rows.append(f"| `{a}` vs `{b}` | {wins} | {losses} | {p:.3f} |")
+    if not rows:
+        return ""
+    head = [
+        "| exact match, question by question | only the preset | only the baseline | sign test p |",
+        "|---|---|---|---|",
+    ]
+    return "\n".join(head + rows)
 
 
 def main() -> None:
@@ -63,10 +66,9 @@ def main() -> None:
             print(f"**{name}** (n = {', '.join(map(str, ns))}, k = {', '.join(map(str, ks))}):\n")
             print(format_table(list(reports.values())))
             print()
-            paired = paired_lines(reports)
+            paired = paired_table(reports)
             if paired:
-                print("Exact match, question by question:\n")
-                print("\n".join(paired))
+                print(paired)
                 print()
 
 
