@@ -151,17 +151,22 @@ def test_memory_bandwidth_small_buffer() -> None:
     assert bench_llm.gemv_bandwidth(1 << 20, 64, 1, 2, "cpu", torch.float32) > 0
 
 
-def test_eval_tables_reads_the_directory_it_is_given(tmp_path: Path) -> None:
-    report = json.loads((BENCH / "results" / "eval_nq_dev_retrieval.json").read_text())
-    report["em"], report["n"] = 0.5, 7  # not the committed figures: proves this file was read
-    (tmp_path / "eval_nq_dev_retrieval.json").write_text(json.dumps(report))
+def _eval_tables(results: Path) -> subprocess.CompletedProcess[str]:
     out = subprocess.run(
-        [sys.executable, str(BENCH / "eval_tables.py"), "--dir", str(tmp_path), "--sets", "nq_dev"],
+        [sys.executable, str(BENCH / "eval_tables.py"), "--dir", str(results), "--sets", "nq_dev"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_eval_tables_reads_the_directory_it_is_given(tmp_path: Path) -> None:
+    report = json.loads((BENCH / "results" / "eval_nq_dev_retrieval.json").read_text())
+    report["em"], report["n"] = 0.5, 7  # not the committed figures: proves this file was read
+    (tmp_path / "eval_nq_dev_retrieval.json").write_text(json.dumps(report))
+    out = _eval_tables(tmp_path)
     rows = [
         line for line in out.stdout.splitlines() if line.startswith("| ") and "preset" not in line
     ]
@@ -181,13 +186,7 @@ def test_eval_tables_pairs_presets_question_by_question(tmp_path: Path) -> None:
     right[0]["em"] = 0.0
     (tmp_path / "eval_nq_dev_retrieval.json").write_text(json.dumps(base))
     (tmp_path / "eval_nq_dev_rerank.json").write_text(json.dumps(other))
-    out = subprocess.run(
-        [sys.executable, str(BENCH / "eval_tables.py"), "--dir", str(tmp_path), "--sets", "nq_dev"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
+    out = _eval_tables(tmp_path)
     # 3 wins, 1 loss: p = 2 * (1 + 4) / 2**4 = 0.625
     assert "| `rerank` vs `retrieval` | 3 | 1 | 0.625 |" in out.stdout, out.stdout
 
