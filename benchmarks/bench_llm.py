@@ -384,8 +384,9 @@ def main() -> None:
     ]
     if args.quick:
         notes.append("--quick: 16 new tokens, two repeats; figures are noisy.")
-    write_result(NAME, results, notes=notes, markdown=to_markdown(results))
-    print(to_markdown(results))
+    md = to_markdown(results)
+    write_result(NAME, results, notes=notes, markdown=md)
+    print(md)
 
 
 if __name__ == "__main__":

@@ -570,8 +570,9 @@ def main() -> None:
         notes.append("--quick: 64 queries per point, 100k synthetic vectors, 200 queries.")
     for r in synth.values():
         r.pop("log", None)
-    write_result(NAME, results, notes=notes, markdown=to_markdown(results))
-    print(to_markdown(results))
+    md = to_markdown(results)
+    write_result(NAME, results, notes=notes, markdown=md)
+    print(md)
 
 
 if __name__ == "__main__":

@@ -227,7 +227,8 @@ def ours_round(url: str, workload: Workload) -> dict[str, Any]:
     return out
 
 
-def worker_env(settings: dict[str, int], *, cpu_only: bool) -> dict[str, str]:
+def selector_worker(settings: dict[str, Any], *, gpu: bool) -> Server:
+    """The selector worker with the benchmark's settings; CUDA hidden unless ``gpu``."""
     env = {
         "GAINRAG_SELECTOR__CHECKPOINT": str(settings["checkpoint"]),
         "GAINRAG_SELECTOR__MAX_LENGTH": str(settings["max_length"]),
@@ -235,9 +236,10 @@ def worker_env(settings: dict[str, int], *, cpu_only: bool) -> dict[str, str]:
         "GAINRAG_SELECTOR__MAX_BATCH_PAIRS": str(settings["max_batch_pairs"]),
         "GAINRAG_LOG_LEVEL": "WARNING",
     }
-    if cpu_only:
+    if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
+    log = LOG_DIR / ("selector_worker_gpu.log" if gpu else "selector_worker.log")
+    return Server.gainrag("worker", "selector", env=env, log=log)
 
 
 # --------------------------------------------------------------------------- baseline
@@ -462,12 +464,7 @@ def main() -> None:
     ours_rounds: list[dict[str, Any]] = []
     base_rounds: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     try:
-        with Server.gainrag(
-            "worker",
-            "selector",
-            env=worker_env(settings, cpu_only=True),
-            log=LOG_DIR / "selector_worker.log",
-        ) as srv:
+        with selector_worker(settings, gpu=False) as srv:
             ready = httpx.get(srv.url + "/ready", timeout=10).json()
             ours_round(srv.url, workload[:2])  # warm-up, not counted
             for i in range(args.rounds):
@@ -592,8 +589,9 @@ def main() -> None:
     ]
     if args.quick:
         notes.append("--quick: tiny workload, one round; figures are not comparable.")
-    write_result(NAME, results, notes=notes, markdown=to_markdown(results))
-    print(to_markdown(results))
+    md = to_markdown(results)
+    write_result(NAME, results, notes=notes, markdown=md)
+    print(md)
 
 
 def run_gpu(
@@ -608,12 +606,7 @@ def run_gpu(
     """The worker on the GPU (fp16), and FlagReranker fp16 if .venv-bench's torch has CUDA."""
     peak = matmul_peak([4096, 8192], 10, device="cuda", dtype=torch.float16)
     rounds: list[dict[str, Any]] = []
-    with Server.gainrag(
-        "worker",
-        "selector",
-        env=worker_env(settings, cpu_only=False),
-        log=LOG_DIR / "selector_worker_gpu.log",
-    ) as srv:
+    with selector_worker(settings, gpu=True) as srv:
         ready = httpx.get(srv.url + "/ready", timeout=10).json()
         ours_round(srv.url, workload)  # warm-up
         for _ in range(max(args.rounds, 5)):

@@ -128,7 +128,7 @@ def write_result(
     script = Path(sys.argv[0])
     if script.is_absolute() and script.is_relative_to(ROOT):
         script = script.relative_to(ROOT)
-    report = {
+    report: dict[str, Any] = {
         "benchmark": name,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(["python", str(script), *(sys.argv[1:] if argv is None else argv)]),
