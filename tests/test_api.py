@@ -10,13 +10,15 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from prometheus_client import REGISTRY
 from starlette.requests import Request
 
 from gainrag.api import create_app
 from gainrag.api.middleware import RequestContextMiddleware
 from gainrag.api.routes import until_disconnect
+from gainrag.batching import MicroBatcher
 from gainrag.config import Settings
-from gainrag.errors import ClientClosedError
+from gainrag.errors import ClientClosedError, ValidationFailedError
 from gainrag.pipeline import Components
 from gainrag.types import Passage
 from tests.conftest import make_settings
@@ -101,6 +103,17 @@ async def test_health_ready_docs(client: httpx.AsyncClient) -> None:
     assert "/answer" in spec["paths"]
 
 
+async def test_openapi_schema_states_the_bounds(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    props = spec["components"]["schemas"]["AnswerRequest"]["properties"]
+    q = props["question"]
+    assert (q["minLength"], q["maxLength"]) == (1, 1000)
+    assert q["pattern"] == r"\S"  # blank questions are schema-invalid too
+    (integer,) = [b for b in props["top_n"]["anyOf"] if b.get("type") == "integer"]
+    assert (integer["minimum"], integer["maximum"]) == (1, 10)
+    assert "415" in spec["paths"]["/answer"]["post"]["responses"]
+
+
 LONG = "x" * 1001
 
 
@@ -126,6 +139,31 @@ LONG = "x" * 1001
             "return_candidates",
         ),
         ({"json": ["who"]}, 422, "validation_error", "JSON object"),
+        ({"json": {"question": "who\x00 wrote hamlet"}}, 422, "invalid_text", "U+0000"),
+        ({"json": {"question": "who \x1b[2J wrote"}}, 422, "invalid_text", "control character"),
+        ({"json": {"question": "\u200b\u200d\ufeff"}}, 422, "empty_question", "invisible"),
+        ({"json": {"question": "😀" * 400}}, 422, "question_too_long", "tokens"),
+        (
+            {
+                "content": b'{"question": "who \\ud800 wrote hamlet"}',
+                "headers": {"content-type": "application/json"},
+            },
+            422,
+            "invalid_text",
+            "surrogate",
+        ),
+        (
+            {"content": b'{"question": "hi"}', "headers": {"content-type": "text/plain"}},
+            415,
+            "unsupported_media_type",
+            "application/json",
+        ),
+        (
+            {"content": b"[" * 5000 + b"]" * 5000, "headers": {"content-type": "application/json"}},
+            400,
+            "invalid_json",
+            "nested too deeply",
+        ),
         (
             {"content": b"{not json", "headers": {"content-type": "application/json"}},
             400,
@@ -323,3 +361,98 @@ async def test_deadline_is_504(index_dir: Path, small_corpus: Path, components: 
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
             r = await c.post("/answer", json={"question": "who won"})
     assert_error(r, 504, "timeout", "GAINRAG_PIPELINE__TIMEOUT_S")
+
+
+def _fallbacks() -> dict[str, float]:
+    return {
+        k: REGISTRY.get_sample_value("gainrag_fallbacks_total", {"kind": k}) or 0.0
+        for k in ("retrieval_down", "selector_down")
+    }
+
+
+def _batched_items(components: Components) -> int:
+    batchers: list[MicroBatcher[Any, Any]] = [
+        getattr(c, "batcher")  # noqa: B009 - every in-process component has one
+        for c in (components.retriever, components.selector, components.generator)
+    ]
+    return sum(b.stats.items for b in batchers)
+
+
+SURROGATE = b'{"question": "who \\ud800 wrote hamlet"}'
+
+
+async def test_a_bad_question_cannot_fail_the_others_in_its_batch(
+    client: httpx.AsyncClient, components: Components
+) -> None:
+    before = _fallbacks()
+    good = ["who wrote hamlet", "where do they grow hops in the us", "who won the first nobel"]
+    bad = client.post("/answer", content=SURROGATE, headers={"content-type": "application/json"})
+    rs = await asyncio.gather(bad, *(client.post("/answer", json={"question": q}) for q in good))
+    assert_error(rs[0], 422, "invalid_text", "surrogate")
+    for r in rs[1:]:
+        assert r.status_code == 200, r.text
+        assert r.json()["answer"] and r.json()["degraded"] == []
+    assert _fallbacks() == before
+
+
+async def test_a_prompt_the_model_cannot_take_fails_alone_in_a_real_batch(
+    components: Components,
+) -> None:
+    # Past the gateway's checks (defence in depth): the generator's batch is bisected, the
+    # others get their replies and the bad one a 422, never a 502.
+    g = components.generator
+    batcher: MicroBatcher[Any, Any] = g.batcher  # type: ignore[attr-defined]
+    isolated = batcher.stats.isolated
+    rs = await asyncio.gather(
+        g.chat("who wrote hamlet", max_new_tokens=3),
+        g.chat("who \ud800 wrote hamlet", max_new_tokens=3),
+        g.chat("capital of france", max_new_tokens=3),
+        return_exceptions=True,
+    )
+    assert isinstance(rs[0], str) and isinstance(rs[2], str)
+    assert isinstance(rs[1], ValidationFailedError) and rs[1].code == "unprocessable_input"
+    assert batcher.stats.isolated == isolated + 1
+
+
+async def test_token_limits_are_checked_before_any_model_work(
+    index_dir: Path, small_corpus: Path, components: Components
+) -> None:
+    settings = make_settings(index_dir, small_corpus, llm={"max_input_tokens": 1000})
+    app = create_app(settings, components)
+    items = _batched_items(components)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
+            # 400 characters (under the 1000-character limit), ~1200 tokens
+            r = await c.post("/answer", json={"question": "😀" * 400})
+            assert_error(r, 422, "question_too_long", "tokens", "MAX_QUESTION_TOKENS")
+            # ~300 tokens: fits alone, not with 10 passages in a 1000-token prompt
+            r = await c.post("/answer", json={"question": "😀" * 100, "top_n": 10})
+            assert_error(r, 422, "prompt_too_long", "top_n=10", "MAX_INPUT_TOKENS")
+    assert _batched_items(components) == items  # no model saw either
+
+
+async def test_bad_requests_are_422_not_429_when_the_server_is_full(
+    index_dir: Path, small_corpus: Path, components: Components
+) -> None:
+    settings = make_settings(index_dir, small_corpus, api={"max_in_flight": 1})
+    app = create_app(settings, components)
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"json": {"question": ""}}, "empty_question"),
+        ({"json": {"question": "x" * 1001}}, "question_too_long"),
+        ({"json": {"question": "😀" * 400}}, "question_too_long"),
+        ({"json": {"question": "hi", "top_n": 0}}, "top_n_out_of_range"),
+        ({"json": {"question": 123}}, "validation_error"),
+        ({"json": {"question": "hi", "foo": 1}}, "unknown_field"),
+        ({"content": SURROGATE, "headers": {"content-type": "application/json"}}, "invalid_text"),
+    ]
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
+            state = app.state.gainrag
+            state.in_flight = 1  # every slot is taken by a slow request
+            for kwargs, code in bad:
+                assert_error(await c.post("/answer", **kwargs), 422, code)
+            assert_error(await c.post("/answer", json={"question": "hi"}), 429, "overloaded")
+            assert state.in_flight == 1  # nothing took or leaked a slot
+            state.in_flight = 0

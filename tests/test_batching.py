@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import threading
 from collections.abc import Callable
 
 import pytest
+from prometheus_client import REGISTRY
 
 from gainrag.batching import MicroBatcher
-from gainrag.errors import OverloadedError
+from gainrag.errors import OverloadedError, ValidationFailedError
+from gainrag.logs import JsonFormatter, request_id_var
 
 
 class Gated:
@@ -118,12 +122,10 @@ async def test_cancelled_callers_are_dropped_before_the_model_runs() -> None:
 
 
 async def test_model_failure_reaches_every_caller_in_the_batch() -> None:
-    calls = 0
+    broken = True  # fails whatever the input (alone too): the model, not a request, is at fault
 
     def run(items: list[int]) -> list[int]:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
+        if broken:
             raise RuntimeError("boom")
         return [x * 10 for x in items]
 
@@ -132,6 +134,7 @@ async def test_model_failure_reaches_every_caller_in_the_batch() -> None:
     )
     results = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
     assert [type(r) for r in results] == [RuntimeError] * 3
+    broken = False
     assert await b.submit(7) == 70  # the loop survived and still serves
     await b.close()
 
@@ -182,3 +185,127 @@ async def test_close_fails_in_flight_and_later_requests() -> None:
             await asyncio.wait_for(fut, 5)
     with pytest.raises(OverloadedError, match="shutting down"):
         await b.submit(2)
+
+
+def _crashes_on_negative(calls: list[list[int]]) -> Callable[[list[int]], list[int]]:
+    """A model whose whole batch crashes on one bad input (like a tokenizer on a lone surrogate)."""
+
+    def run(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if any(x < 0 for x in items):
+            raise ValueError("cannot tokenize")
+        return [x * 10 for x in items]
+
+    return run
+
+
+async def _submit_together(b: MicroBatcher[int, int], items: list[int]) -> list[object]:
+    return await asyncio.gather(*(b.submit(x) for x in items), return_exceptions=True)
+
+
+@pytest.mark.parametrize("bad_at", [0, 3, 7])
+async def test_a_bad_item_fails_alone_and_the_others_get_their_results(
+    bad_at: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[list[int]] = []
+    b: MicroBatcher[int, int] = MicroBatcher(
+        "t", _crashes_on_negative(calls), max_batch_cost=8, max_wait_s=0.2, max_queue=10
+    )
+    items = [i + 1 for i in range(8)]
+    items[bad_at] = -1
+    with caplog.at_level(logging.WARNING, logger="gainrag.batching"):
+        results = await _submit_together(b, items)
+    assert calls[0] == items  # one batch that crashed, then bisected
+    for i, r in enumerate(results):
+        if i == bad_at:
+            assert isinstance(r, ValidationFailedError) and r.code == "unprocessable_input"
+            assert r.status_code == 422
+        else:
+            assert r == items[i] * 10
+    assert b.stats.isolated == 1
+    assert len(calls) <= 1 + 2 * 3  # bisection: at most two calls per halving round
+    # One concise warning, no traceback, no error line.
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert caplog.records[0].exc_info is None
+    await b.close()
+
+
+async def test_several_bad_items_fail_alone() -> None:
+    calls: list[list[int]] = []
+    b: MicroBatcher[int, int] = MicroBatcher(
+        "t", _crashes_on_negative(calls), max_batch_cost=8, max_wait_s=0.2, max_queue=10
+    )
+    results = await _submit_together(b, [1, -1, 2, -2, 3])
+    assert [r if isinstance(r, int) else "bad" for r in results] == [10, "bad", 20, "bad", 30]
+    assert b.stats.isolated == 2
+    await b.close()
+
+
+async def test_a_4xx_raised_by_the_model_for_one_item_reaches_it_unchanged() -> None:
+    def run(items: list[int]) -> list[int]:
+        if any(x < 0 for x in items):
+            raise ValidationFailedError("too long", code="prompt_too_long")
+        return items
+
+    b: MicroBatcher[int, int] = MicroBatcher(
+        "t", run, max_batch_cost=4, max_wait_s=0.1, max_queue=10
+    )
+    good, bad = await _submit_together(b, [5, -1])
+    assert good == 5
+    assert isinstance(bad, ValidationFailedError) and bad.code == "prompt_too_long"
+    await b.close()
+
+
+async def test_queue_gauge_is_zero_on_an_idle_server_after_dropped_requests() -> None:
+    model = Gated()
+    b: MicroBatcher[int, int] = MicroBatcher(
+        "gauge-t", model.run, max_batch_cost=1, max_wait_s=0.0, max_queue=10
+    )
+
+    def gauge() -> float | None:
+        return REGISTRY.get_sample_value("gainrag_batch_queue_size", {"batcher": "gauge-t"})
+
+    first = asyncio.ensure_future(b.submit(0))
+    await until(model.entered.is_set)
+    gone = [asyncio.ensure_future(b.submit(i)) for i in range(1, 5)]
+    await until(lambda: b.queue_size == 4)
+    assert gauge() == 4
+    for g in gone:
+        g.cancel()
+    model.gate.set()
+    assert await first == 0
+    await until(lambda: b.queue_size == 0 and b.stats.dropped == 4)
+    await asyncio.sleep(0.01)  # the loop is idle again
+    assert gauge() == 0
+    await b.close()
+
+
+async def test_batch_loop_logs_carry_the_items_request_id_not_the_loop_starters(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[list[int]] = []
+    b: MicroBatcher[int, int] = MicroBatcher(
+        "t", _crashes_on_negative(calls), max_batch_cost=4, max_wait_s=0.1, max_queue=10
+    )
+    formatter = JsonFormatter()
+
+    async def as_request(rid: str, item: int) -> object:
+        request_id_var.set(rid)  # each task has its own context copy
+        try:
+            return await b.submit(item)
+        except Exception as exc:
+            return exc
+
+    # The first request starts the batch loop.
+    assert await asyncio.create_task(as_request("starter", 1)) == 10
+    with caplog.at_level(logging.WARNING, logger="gainrag.batching"):
+        await asyncio.gather(as_request("good", 2), as_request("bad", -1))
+        lines = [json.loads(formatter.format(r)) for r in caplog.records]
+        assert [line.get("request_id") for line in lines] == ["bad"]
+        caplog.clear()
+        # A model failure affects the whole batch: its error line names no single request.
+        await asyncio.gather(as_request("bad-1", -1), as_request("bad-2", -2))
+        lines = [json.loads(formatter.format(r)) for r in caplog.records]
+    assert [line["level"] for line in lines] == ["ERROR"]
+    assert "request_id" not in lines[0]
+    await b.close()

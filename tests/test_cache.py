@@ -15,7 +15,7 @@ from asgi_lifespan import LifespanManager
 from prometheus_client import REGISTRY
 
 from gainrag.api import create_app
-from gainrag.cache import Cache, cache_key, normalize_question
+from gainrag.cache import Cache, cache_key
 from gainrag.config import RedisSettings, Settings
 from gainrag.pipeline import Components
 from tests.services import Service, free_port, redis_service
@@ -37,12 +37,14 @@ def _count(kind: str, result: str) -> float:
     return REGISTRY.get_sample_value("gainrag_cache_requests_total", labels) or 0.0
 
 
-def test_normalisation_and_keys() -> None:
-    assert normalize_question("  Who   wrote\tHAMLET? ") == "who wrote hamlet"
-    assert normalize_question("ｗｈｏ wrote hamlet") == "who wrote hamlet"  # NFKC
+def test_keys_are_the_exact_model_text_and_every_version() -> None:
     v = {"index_version": "a", "selector_version": "b"}
-    k = cache_key("answer", "Who wrote Hamlet?", v)
+    k = cache_key("answer", "who wrote hamlet", v)
     assert k == cache_key("answer", "who wrote hamlet", dict(reversed(list(v.items()))))
+    # A spelling variant is another prompt, so another entry: it can never fill this one.
+    variants = ("Who wrote Hamlet?", "WHO WROTE HAMLET", "ｗｈｏ wrote hamlet", "who  wrote hamlet")
+    for variant in variants:
+        assert cache_key("answer", variant, v) != k
     assert k.startswith("answer:") and len(k) == len("answer:") + 64
     for changed in ({**v, "index_version": "a2"}, {**v, "selector_version": "b2"}, {**v, "n": 2}):
         assert cache_key("answer", "who wrote hamlet", changed) != k
@@ -133,7 +135,8 @@ async def test_answer_cache_hit_and_no_cache(
     assert first.status_code == 200, first.text
     assert first.json()["cached"] is False and first.headers["x-cache"] == "MISS"
 
-    again = await cached_client.post("/answer", json={"question": q.upper() + "  ?"})
+    # The same text after the check's NFC + strip is the same prompt: a hit.
+    again = await cached_client.post("/answer", json={"question": "  " + q + "\n"})
     body = again.json()
     assert body["cached"] is True and again.headers["x-cache"] == "HIT"
     assert _count("answer", "hit") == hits0 + 1
@@ -141,6 +144,9 @@ async def test_answer_cache_hit_and_no_cache(
     assert body["passages"] == first.json()["passages"]
     assert body["timings_ms"]["generate"] == 0 and body["timings_ms"]["total"] > 0
 
+    # Another spelling is another prompt: it gets (and fills) its own entry.
+    shouted = await cached_client.post("/answer", json={"question": q.upper() + "?"})
+    assert shouted.json()["cached"] is False and shouted.headers["x-cache"] == "MISS"
     # Another top_n is another answer.
     other = await cached_client.post("/answer", json={"question": q, "top_n": 2})
     assert other.json()["cached"] is False

@@ -101,10 +101,31 @@ async def test_rerank_contract(selector_client: httpx.AsyncClient, components: C
         ({"query": "q", "documents": ["a"], "extra": 1}, "unknown_field"),
         ({"query": "q", "documents": ["a"] * 1025}, "too_many_documents"),
         ({"query": "q", "documents": ["x" * 20_001]}, "document_too_long"),
+        ({"query": "\u200b\u200d", "documents": ["a"]}, "invalid_query"),
+        ({"query": "who\x00", "documents": ["a"]}, "invalid_query"),
+        ({"query": "q", "documents": ["a", "b\x1bc"]}, "invalid_document"),
     ],
 )
 async def test_rerank_bad_input(selector_client: httpx.AsyncClient, body: dict, code: str) -> None:
     _error(await selector_client.post("/rerank", json=body), 422, code)
+
+
+async def test_rerank_lone_surrogates_are_422_naming_the_document(
+    selector_client: httpx.AsyncClient,
+) -> None:
+    # Valid JSON (an escaped lone surrogate) that is not Unicode text: the tokenizer crashes on it.
+    body = b'{"query": "who wrote hamlet", "documents": ["fine", "bad \\ud800 text"]}'
+    r = await selector_client.post(
+        "/rerank", content=body, headers={"content-type": "application/json"}
+    )
+    err = _error(r, 422, "invalid_document")
+    assert "documents[1]" in err["message"] and "surrogate" in err["message"]
+    r = await selector_client.post(
+        "/rerank",
+        content=b'{"query": "who \\udfff", "documents": ["fine"]}',
+        headers={"content-type": "application/json"},
+    )
+    _error(r, 422, "invalid_query")
 
 
 async def test_sixteen_concurrent_reranks_share_batches(
@@ -213,6 +234,8 @@ async def test_retrieve_contract(
         ({"queries": ["ok"], "k": 0}, "validation_error"),
         ({"queries": "ok"}, "validation_error"),
         ({"queries": ["q"] * 257}, "too_many_queries"),
+        ({"queries": ["ok", "nul\x00"]}, "invalid_query"),
+        ({"queries": ["\ufeff\u200b"]}, "invalid_query"),
     ],
 )
 async def test_retrieve_bad_input(

@@ -6,12 +6,19 @@ the model's single worker thread. While a batch runs, new requests accumulate, s
 batches fill without waiting (continuous batching in the style of text-embeddings-inference).
 A full queue rejects with :class:`OverloadedError`; requests whose caller went away are dropped
 before they reach the model.
+
+No request can fail another: when a batch raises, it is bisected and the halves rerun, so the
+callers whose items run fine get their normal results and only the item that fails on its own
+gets an error - a 422 (:class:`ValidationFailedError`, code ``unprocessable_input``), since its
+input is what the model cannot take. When every item fails on its own too, the model itself is
+broken and every caller gets the batch's error (a dependency failure upstream).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections import deque
@@ -21,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from gainrag import metrics
-from gainrag.errors import OverloadedError
+from gainrag.errors import GainRAGError, OverloadedError, ValidationFailedError
+from gainrag.logs import request_id_var
 
 I = TypeVar("I")  # noqa: E741 - the conventional name for an input type variable
 O = TypeVar("O")  # noqa: E741
@@ -36,6 +44,9 @@ class _Pending(Generic[I, O]):
     key: Hashable
     future: asyncio.Future[O]
     enqueued: float = field(default_factory=time.monotonic)
+    # The submitter's request id: the loop logs about this item under it, not under whichever
+    # request happened to start the loop.
+    request_id: str | None = field(default_factory=request_id_var.get)
 
 
 @dataclass
@@ -46,6 +57,8 @@ class BatchStats:
     items: int = 0
     dropped: int = 0
     rejected: int = 0
+    isolated: int = 0  # items that failed alone after their batch failed (bad input)
+    retries: int = 0  # extra model calls made to isolate failing items
     last_batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
 
 
@@ -97,7 +110,11 @@ class MicroBatcher(Generic[I, O]):
     def start(self) -> None:
         """Start (or restart) the batching loop on the running event loop; idempotent."""
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
+            # A fresh context: the loop outlives the request that started it, and must not log
+            # every later batch under that request's id.
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(), name=self.name, context=contextvars.Context()
+            )
 
     async def close(self) -> None:
         """Stop the loop, fail queued and in-flight requests, release the worker thread."""
@@ -116,6 +133,12 @@ class MicroBatcher(Generic[I, O]):
                 p.future.set_exception(exc)
         self._current = []
         self._queue.clear()
+        self._queue_changed()
+
+    def _queue_changed(self) -> None:
+        # Called on every change, so an idle server never shows a stale queue (e.g. after
+        # cancelled requests were dropped).
+        self._m_queue.set(len(self._queue))
 
     async def submit(self, item: I) -> O:
         """Queue one request and wait for its own result."""
@@ -125,6 +148,7 @@ class MicroBatcher(Generic[I, O]):
         if len(self._queue) >= self._max_queue:
             # Callers that gave up must not hold places: prune them before refusing anyone.
             self._queue = deque(p for p in self._queue if not p.future.done())
+            self._queue_changed()
             if len(self._queue) >= self._max_queue:
                 self.stats.rejected += 1
                 self._m_rejected.inc()
@@ -133,7 +157,7 @@ class MicroBatcher(Generic[I, O]):
                 )
         fut: asyncio.Future[O] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(item, max(1, self._cost(item)), self._key(item), fut))
-        self._m_queue.set(len(self._queue))
+        self._queue_changed()
         self._wakeup.set()
         return await fut
 
@@ -142,13 +166,16 @@ class MicroBatcher(Generic[I, O]):
         self._m_dropped.inc(n)
 
     def _pop_live(self) -> _Pending[I, O] | None:
-        while self._queue:
-            p = self._queue.popleft()
-            if p.future.done():  # caller cancelled (client went away)
-                self._count_dropped()
-                continue
-            return p
-        return None
+        try:
+            while self._queue:
+                p = self._queue.popleft()
+                if p.future.done():  # caller cancelled (client went away)
+                    self._count_dropped()
+                    continue
+                return p
+            return None
+        finally:
+            self._queue_changed()
 
     def _take_compatible(self, batch: list[_Pending[I, O]], budget: int) -> int:
         """Move queued requests with the batch's key into it while they fit the budget."""
@@ -167,6 +194,7 @@ class MicroBatcher(Generic[I, O]):
                     break  # FIFO within a key: do not let later small requests overtake it
         kept.extend(self._queue)
         self._queue = kept
+        self._queue_changed()
         return budget
 
     async def _loop(self) -> None:
@@ -204,7 +232,6 @@ class MicroBatcher(Generic[I, O]):
         if len(batch) > len(live):
             self._count_dropped(len(batch) - len(live))
         self._current = live
-        self._m_queue.set(len(self._queue))
         if not live:
             return
         self.stats.batches += 1
@@ -212,27 +239,107 @@ class MicroBatcher(Generic[I, O]):
         self.stats.last_batch_sizes.append(len(live))
         self._m_requests.observe(len(live))
         self._m_cost.observe(sum(p.cost for p in live))
-        loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(
-                self._executor, self._run_batch, [p.item for p in live]
+            results = await self._call(live)
+        except Exception as exc:
+            await self._isolate(live, exc)
+        else:
+            self._deliver(live, results)
+        self._current = []
+
+    async def _call(self, items: list[_Pending[I, O]]) -> Sequence[O | BaseException]:
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(
+            self._executor, self._run_batch, [p.item for p in items]
+        )
+        if len(results) != len(items):
+            raise RuntimeError(
+                f"{self.name}: batch of {len(items)} returned {len(results)} results"
             )
-            if len(results) != len(live):
-                raise RuntimeError(
-                    f"{self.name}: batch of {len(live)} returned {len(results)} results"
-                )
-        except Exception as exc:  # the model failed: every caller in the batch gets it
-            log.exception("batch of %d failed in %s", len(live), self.name)
-            for p in live:
-                if not p.future.done():
-                    p.future.set_exception(exc)
-            self._current = []
-            return
-        for p, r in zip(live, results, strict=True):
+        return results
+
+    @staticmethod
+    def _deliver(items: list[_Pending[I, O]], results: Sequence[O | BaseException]) -> None:
+        for p, r in zip(items, results, strict=True):
             if p.future.done():
                 continue
             if isinstance(r, BaseException):
                 p.future.set_exception(r)
             else:
                 p.future.set_result(r)
-        self._current = []
+
+    async def _isolate(self, items: list[_Pending[I, O]], batch_exc: Exception) -> None:
+        """The batch raised: find the items that fail on their own; everyone else gets results."""
+        failed: list[tuple[Exception, _Pending[I, O]]] = []
+        ok = 0
+        if len(items) > 1:
+            failed, ok = await self._bisect(items)
+        if ok == 0:
+            # Nothing runs, alone or together (or a batch of one): the model is broken, not an
+            # input. One traceback per batch; every caller gets the batch's error.
+            log.error(
+                "batch of %d failed in %s",
+                len(items),
+                self.name,
+                exc_info=(type(batch_exc), batch_exc, batch_exc.__traceback__),
+            )
+            for p in items:
+                if not p.future.done():
+                    p.future.set_exception(batch_exc)
+            return
+        for exc, p in failed:
+            self._reject_item(p, exc)
+
+    async def _bisect(
+        self, items: list[_Pending[I, O]]
+    ) -> tuple[list[tuple[Exception, _Pending[I, O]]], int]:
+        """Rerun each half of a failed batch, recursively; deliver what succeeds.
+
+        Returns the items that failed alone (with their errors) and how many items succeeded.
+        Bisection rather than one call per item: with one bad item in a batch of 8 the good
+        ones still run batched (4 + 2 + 1) in log2(8) rounds.
+        """
+        failed: list[tuple[Exception, _Pending[I, O]]] = []
+        ok = 0
+        mid = len(items) // 2
+        for half in (items[:mid], items[mid:]):
+            live = [p for p in half if not p.future.done()]
+            if len(live) < len(half):
+                self._count_dropped(len(half) - len(live))
+            if not live:
+                continue
+            self.stats.retries += 1
+            try:
+                results = await self._call(live)
+            except Exception as exc:
+                if len(live) == 1:
+                    failed.append((exc, live[0]))
+                    continue
+                sub_failed, sub_ok = await self._bisect(live)
+                failed.extend(sub_failed)
+                ok += sub_ok
+            else:
+                self._deliver(live, results)
+                ok += len(live)
+        return failed, ok
+
+    def _reject_item(self, p: _Pending[I, O], exc: BaseException) -> None:
+        """The item failed alone while others in its batch ran: its input is the cause."""
+        self.stats.isolated += 1
+        if p.future.done():
+            return
+        # One line, no traceback: a bad input is the client's problem, not an incident.
+        log.warning(
+            "%s: one input failed alone and was rejected (%s)",
+            self.name,
+            type(exc).__name__,
+            extra={"request_id": p.request_id},
+        )
+        if isinstance(exc, GainRAGError) and exc.status_code < 500:
+            p.future.set_exception(exc)
+            return
+        err = ValidationFailedError(
+            f"the {self.name} model could not process this input", code="unprocessable_input"
+        )
+        err.__cause__ = exc
+        p.future.set_exception(err)

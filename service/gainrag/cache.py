@@ -1,6 +1,7 @@
 """Redis cache of answers and pseudo-passages, which never makes a request fail.
 
-Keys hash the normalised question with every version that changes the result (index, selector,
+Keys hash the question exactly as the models see it (NFC and stripped by
+:mod:`gainrag.textcheck`, nothing else) with every version that changes the result (index, selector,
 generator, prompts, top_n, k, the pipeline switches and generation budgets). Every call has a
 bounded budget (``timeout_ms``): a down or slow Redis costs at most that, the request is answered
 without the cache, the failure is logged once and counted, and for ``retry_s`` afterwards the cache
@@ -14,9 +15,7 @@ import asyncio
 import hashlib
 import json
 import logging
-import re
 import time
-import unicodedata
 from typing import Any
 
 from redis.asyncio import Redis
@@ -26,20 +25,15 @@ from gainrag.config import RedisSettings
 
 log = logging.getLogger(__name__)
 
-_SPACES = re.compile(r"\s+")
-
-
-def normalize_question(question: str) -> str:
-    """Case, Unicode form, inner whitespace and trailing '?'/'.' do not change the answer key."""
-    q = unicodedata.normalize("NFKC", question).casefold()
-    return _SPACES.sub(" ", q).strip().rstrip("?.!").strip()
-
 
 def cache_key(kind: str, question: str, versions: dict[str, Any]) -> str:
-    """``<kind>:<sha256>`` of the normalised question and the versions (order-independent)."""
-    blob = json.dumps(
-        {"q": normalize_question(question), "v": versions}, sort_keys=True, ensure_ascii=False
-    )
+    """``<kind>:<sha256>`` of the question text and the versions (order-independent).
+
+    The text is hashed as given, never re-normalised: two requests share an entry only when the
+    model got the same prompt for both, so no spelling variant can fill the entry that another
+    spelling is then served (case or a trailing '?' can change a greedy generation).
+    """
+    blob = json.dumps({"q": question, "v": versions}, sort_keys=True, ensure_ascii=False)
     return f"{kind}:{hashlib.sha256(blob.encode()).hexdigest()}"
 
 

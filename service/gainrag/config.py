@@ -154,6 +154,18 @@ class ApiSettings(BaseModel):
     max_question_chars: int = Field(1000, ge=1, description="Longest question accepted.")
     max_body_bytes: int = Field(16_384, ge=256, description="Largest request body accepted.")
     max_in_flight: int = Field(32, ge=1, description="Concurrent /answer requests before 429.")
+    max_question_tokens: int = Field(
+        512,
+        ge=1,
+        description="Longest question in generator tokens, checked before admission "
+        "(in-process generator only).",
+    )
+    passage_token_reserve: int = Field(
+        300,
+        ge=1,
+        description="Tokens budgeted per passage when the answer prompt is checked against "
+        "GAINRAG_LLM__MAX_INPUT_TOKENS before admission.",
+    )
 
 
 class RedisSettings(BaseModel):

@@ -35,6 +35,14 @@ class PayloadTooLargeError(GainRAGError):
     code = "payload_too_large"
 
 
+class UnsupportedMediaTypeError(GainRAGError):
+    """The body was sent with a content type the endpoint does not parse (JSON only)."""
+
+    status_code = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
 class ValidationFailedError(GainRAGError):
     """The request parsed but a field is missing or out of range."""
 

@@ -4,6 +4,10 @@ Plain async code over the component interfaces, so it runs the same with in-proc
 remote workers. Retrieval and the pseudo-passage run concurrently: they are independent, and the
 pseudo-passage (an LLM generation) is usually the slowest stage.
 
+Every check that needs no model runs first, in :meth:`Pipeline.check` (the gateway calls it before
+a request takes an in-flight slot): text, length in characters and in generator tokens, top_n and
+a bound on the answer prompt. Its :class:`CheckedQuery` is what :meth:`Pipeline.answer` takes.
+
 Failure policy (``pipeline.fallback``, on by default): retrieval down -> answer from the
 pseudo-passage alone; selector down -> retrieval order; both are listed in ``degraded``, counted
 in ``gainrag_fallbacks_total`` and never cached. LLM down -> 503 (nothing can answer).
@@ -32,9 +36,10 @@ from gainrag.errors import (
     ValidationFailedError,
 )
 from gainrag.llm import prompts
-from gainrag.llm.base import Generator
+from gainrag.llm.base import Generator, prompt_tokens
 from gainrag.retrieval.base import Retriever
 from gainrag.selector.base import Selector
+from gainrag.textcheck import check_text, is_blank
 from gainrag.types import AnswerResult, Degradation, Passage, Retrieved, Scored
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,14 @@ STAGES = ("retrieve", "pseudo", "select", "generate")
 PSEUDO_ID = "pseudo"
 # A dependency that is down, failing or too slow: these degrade; bad input and 429 do not.
 _DEPENDENCY_FAILURES = (UnavailableError, UpstreamError, UpstreamTimeoutError)
+
+
+@dataclass(frozen=True)
+class CheckedQuery:
+    """A question that passed every check: its text exactly as the models will see it."""
+
+    question: str  # NFC, stripped
+    top_n: int
 
 
 @dataclass
@@ -151,33 +164,86 @@ class Pipeline:
             await cache.set("pseudo", key, text)
         return text
 
-    async def answer(
-        self, question: str, *, top_n: int | None = None, use_cache: bool = True
-    ) -> AnswerResult:
-        """Answer one question; raises GainRAGError subclasses on bad input or failures.
+    def check(self, question: str, top_n: int | None = None) -> CheckedQuery:
+        """Every validation that needs no model; raises ValidationFailedError (422).
 
-        ``use_cache=False`` (the client's ``Cache-Control: no-cache``) skips cache reads but
-        stores the fresh result.
+        Synchronous and cheap (one tokenisation of the question with the generator's tokenizer,
+        a few hundred microseconds), so the gateway runs it before a request takes an in-flight
+        slot or a place in a batch.
         """
-        o = self.options
-        limit = self.settings.api.max_question_chars
-        if not question.strip():
+        o, api = self.options, self.settings.api
+        if is_blank(question):
             raise ValidationFailedError(
-                "'question' must contain text; it is empty or whitespace", code="empty_question"
+                "'question' must contain text; it is empty or whitespace "
+                "(or only invisible characters)",
+                code="empty_question",
             )
-        if len(question) > limit:
+        if len(question) > api.max_question_chars:
             raise ValidationFailedError(
-                f"'question' is {len(question)} characters; the limit is {limit} "
+                f"'question' is {len(question)} characters; the limit is {api.max_question_chars} "
                 "(GAINRAG_API__MAX_QUESTION_CHARS)",
                 code="question_too_long",
             )
+        question = check_text("'question'", question).strip()
         top_n = o.top_n if top_n is None else top_n
         if not 1 <= top_n <= o.max_top_n:
             raise ValidationFailedError(
                 f"'top_n' must be between 1 and {o.max_top_n}, got {top_n}",
                 code="top_n_out_of_range",
             )
-        question = question.strip()
+        self._check_tokens(question, top_n)
+        return CheckedQuery(question, top_n)
+
+    def _check_tokens(self, question: str, top_n: int) -> None:
+        """Question and answer-prompt budgets in generator tokens (skipped when the backend
+        cannot count locally, i.e. the OpenAI backend: its server enforces its context)."""
+        g, api, llm = self.c.generator, self.settings.api, self.settings.llm
+        n = prompt_tokens(g, question)
+        if n is None:
+            return
+        if n > api.max_question_tokens:
+            raise ValidationFailedError(
+                f"'question' is {n} tokens; the limit is {api.max_question_tokens} "
+                "(GAINRAG_API__MAX_QUESTION_TOKENS)",
+                code="question_too_long",
+            )
+        # The answer prompt with top_n passages, each budgeted at passage_token_reserve tokens:
+        # passages are not known yet, so this is a bound on typical passages (the shipped corpus'
+        # 200-word passages are <= 300 tokens for 98% of them). The generator still checks the
+        # exact prompt before generating.
+        o = self.options
+        most = (self.settings.retrieval.k if o.retrieve else 0) + (1 if o.pseudo_passage else 0)
+        passages = min(top_n, most)
+        empty = [Passage("", "", "")] * passages
+        shell = prompt_tokens(g, prompts.answer_prompt(question, empty, llm.max_passage_words))
+        bound = (shell or 0) + passages * api.passage_token_reserve
+        pseudo = prompt_tokens(g, prompts.pseudo_prompt(question)) if o.pseudo_passage else 0
+        worst = max(bound, pseudo or 0)
+        if worst > llm.max_input_tokens:
+            raise ValidationFailedError(
+                f"the prompt for this question with top_n={top_n} would be about {worst} tokens "
+                f"({n} of them the question, {api.passage_token_reserve} per passage), over the "
+                f"{llm.max_input_tokens}-token limit (GAINRAG_LLM__MAX_INPUT_TOKENS); "
+                "ask a shorter question or for fewer passages",
+                code="prompt_too_long",
+            )
+
+    async def answer(
+        self,
+        question: str | CheckedQuery,
+        *,
+        top_n: int | None = None,
+        use_cache: bool = True,
+    ) -> AnswerResult:
+        """Answer one question; raises GainRAGError subclasses on bad input or failures.
+
+        ``question`` is a :class:`CheckedQuery` from :meth:`check` (then ``top_n`` is ignored)
+        or a raw question that is checked here. ``use_cache=False`` (the client's
+        ``Cache-Control: no-cache``) skips cache reads but stores the fresh result.
+        """
+        o = self.options
+        q = question if isinstance(question, CheckedQuery) else self.check(question, top_n)
+        question, top_n = q.question, q.top_n
         start = time.perf_counter()
         cache = self.c.cache
         key = self._answer_key(question, top_n) if cache is not None else None

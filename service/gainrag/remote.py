@@ -7,6 +7,7 @@ can never run the work twice) and maps failures onto the domain errors:
 - cannot connect (after retries) -> :class:`UnavailableError` (503)
 - deadline passed -> :class:`UpstreamTimeoutError` (504)
 - 429 from upstream -> :class:`OverloadedError` (429)
+- 422 whose code says the input text was refused -> :class:`ValidationFailedError` (422)
 - any other non-2xx or a malformed body -> :class:`UpstreamError` (502)
 """
 
@@ -25,6 +26,7 @@ from gainrag.errors import (
     UnavailableError,
     UpstreamError,
     UpstreamTimeoutError,
+    ValidationFailedError,
 )
 from gainrag.logs import request_id_var
 
@@ -109,6 +111,14 @@ class Upstream:
         if resp.status_code == 429:
             metrics.UPSTREAM.labels(self.name, "overloaded").inc()
             raise OverloadedError(f"the {self.name} is overloaded; retry shortly")
+        if resp.status_code == 422 and _error_code(resp) in INPUT_ERROR_CODES:
+            # The worker refused the text itself (the gateway checks the same rules, so this
+            # is rare): the client's input, a 422 here too, not a dependency failure.
+            metrics.UPSTREAM.labels(self.name, "rejected_input").inc()
+            raise ValidationFailedError(
+                f"the {self.name} rejected the input: {_error_message(resp)}",
+                code=str(_error_code(resp)),
+            )
         if resp.status_code >= 400:
             metrics.UPSTREAM.labels(self.name, f"http_{resp.status_code}").inc()
             detail = _error_message(resp)
@@ -143,6 +153,23 @@ def _is_uuid(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# Worker error codes that blame the input text (textcheck, the batcher's isolation).
+INPUT_ERROR_CODES = frozenset(
+    {"invalid_query", "invalid_document", "invalid_text", "unprocessable_input"}
+)
+
+
+def _error_code(resp: httpx.Response) -> str | None:
+    """The ``error.code`` of a body in our error shape, else None."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    err = body.get("error") if isinstance(body, dict) else None
+    code = err.get("code") if isinstance(err, dict) else None
+    return code if isinstance(code, str) else None
 
 
 def _error_message(resp: httpx.Response) -> str:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -82,4 +83,31 @@ def create_app(settings: Settings | None = None, components: Components | None =
     )
     app.state.gainrag = AppState(settings=settings)
     app.include_router(router)
+    _document_bounds(app, settings)
     return app
+
+
+def _document_bounds(app: FastAPI, settings: Settings) -> None:
+    """Put the configured bounds of ``/answer``'s fields into the OpenAPI schema.
+
+    They are settings, so they cannot live on the pydantic model; and pydantic must not enforce
+    them either, or the API's own codes (``empty_question``, ``top_n_out_of_range``) and
+    messages would become generic ones. A schema-valid request is then one the gateway accepts
+    (up to the token budget and the character rules, which JSON Schema cannot express).
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        props = schema["components"]["schemas"]["AnswerRequest"]["properties"]
+        question = props["question"]
+        question.update(minLength=1, maxLength=settings.api.max_question_chars, pattern=r"\S")
+        for branch in props["top_n"].get("anyOf", [props["top_n"]]):
+            if branch.get("type") == "integer":
+                branch.update(minimum=1, maximum=settings.pipeline.max_top_n)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gainrag.errors import GainRAGError, OverloadedError
+from gainrag.errors import GainRAGError, OverloadedError, UnsupportedMediaTypeError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,29 @@ def describe_validation(errors: list[Any]) -> tuple[int, str, str]:
     return 422, code, "; ".join(msgs) or "invalid request"
 
 
+def is_json_media_type(content_type: str | None) -> bool:
+    """Whether FastAPI parses a body of this type as JSON (no header counts as JSON)."""
+    if not content_type:
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    main, _, sub = media.partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
+def _body_error(errors: list[Any]) -> bool:
+    return any(tuple(e.get("loc", ()))[:1] == ("body",) for e in errors)
+
+
+def _parse_failure(exc: BaseException) -> str:
+    """What went wrong when FastAPI could not decode a body (it only says 'error parsing')."""
+    cause = exc.__cause__
+    if isinstance(cause, RecursionError):
+        return "request body is nested too deeply to parse; send a flat JSON object"
+    if isinstance(cause, UnicodeDecodeError):
+        return "request body is not valid UTF-8 JSON"
+    return "request body could not be parsed as JSON"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map domain errors, validation errors and HTTP errors to the error shape.
 
@@ -72,7 +95,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        status, code, message = describe_validation(list(exc.errors()))
+        errors = list(exc.errors())
+        content_type = request.headers.get("content-type")
+        if _body_error(errors) and not is_json_media_type(content_type):
+            # FastAPI hands a non-JSON body to validation as raw bytes, which would read as
+            # "body must be a JSON object" even when it is one. JSON only, said plainly; no
+            # text/plain parsing either: it would admit cross-site form posts without preflight.
+            e = UnsupportedMediaTypeError(
+                f"request body must be sent as Content-Type: application/json, not {content_type}"
+            )
+            return error_response(e.status_code, e.message, e.type, e.code)
+        status, code, message = describe_validation(errors)
         return error_response(status, message, "invalid_request_error", code)
 
     @app.exception_handler(StarletteHTTPException)
@@ -81,8 +114,8 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.status_code, "http_error"
         )
         message = str(exc.detail)
-        if exc.status_code == 400:  # FastAPI could not decode the body (e.g. not UTF-8)
-            code, message = "invalid_json", "request body is not valid UTF-8 JSON"
+        if exc.status_code == 400:  # FastAPI could not decode the body (not UTF-8, too deep)
+            code, message = "invalid_json", _parse_failure(exc)
         return error_response(
             exc.status_code, message, "invalid_request_error", code, headers=exc.headers
         )

@@ -10,9 +10,16 @@ class AnswerRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    question: StrictStr = Field(..., description="The question; non-empty, length-limited.")
+    question: StrictStr = Field(
+        ...,
+        description="The question: 1 to GAINRAG_API__MAX_QUESTION_CHARS characters and at most "
+        "GAINRAG_API__MAX_QUESTION_TOKENS generator tokens, not blank or invisible-only, no lone "
+        "surrogates or control characters other than tab, newline and carriage return.",
+    )
     top_n: StrictInt | None = Field(
-        None, description="Passages given to the generator (default from settings)."
+        None,
+        description="Passages given to the generator, 1 to GAINRAG_PIPELINE__MAX_TOP_N "
+        "(default GAINRAG_PIPELINE__TOP_N).",
     )
     return_candidates: StrictBool = Field(False, description="Also return every scored candidate.")
 

@@ -17,6 +17,7 @@ from gainrag.api.base import base_app
 from gainrag.api.schemas import ErrorResponse
 from gainrag.config import Settings
 from gainrag.errors import GainRAGError, UnavailableError, ValidationFailedError
+from gainrag.textcheck import check_text, is_blank
 
 log = logging.getLogger(__name__)
 M = TypeVar("M")
@@ -40,14 +41,29 @@ class WorkerState(Generic[M]):
         return self.model
 
 
-def require_query(label: str, text: str, limit: int) -> None:
-    """422 ``invalid_query`` unless ``text`` is non-blank and at most ``limit`` characters."""
-    if not text.strip() or len(text) > limit:
+def require_query(label: str, text: str, limit: int) -> str:
+    """``text`` in NFC, or 422 ``invalid_query`` unless it is visible text of at most ``limit``
+    characters without lone surrogates or control characters (see :mod:`gainrag.textcheck`)."""
+    if is_blank(text) or len(text) > limit:
         raise ValidationFailedError(
             f"{label} must be non-empty text of at most {limit} characters "
             "(GAINRAG_WORKER__MAX_TEXT_CHARS)",
             code="invalid_query",
         )
+    return check_text(label, text, code="invalid_query")
+
+
+def require_documents(documents: list[str], limit: int) -> list[str]:
+    """The documents in NFC, or 422 naming the first bad one: ``document_too_long`` or
+    ``invalid_document`` (lone surrogate, control character). Empty documents are allowed."""
+    if any(len(d) > limit for d in documents):
+        raise ValidationFailedError(
+            f"every document must be at most {limit} characters (GAINRAG_WORKER__MAX_TEXT_CHARS)",
+            code="document_too_long",
+        )
+    return [
+        check_text(f"documents[{i}]", d, code="invalid_document") for i, d in enumerate(documents)
+    ]
 
 
 def worker_app(

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from gainrag.llm.base import Generator
+from gainrag.llm.base import Generator, prompt_tokens
 
 
 def memo_key(version: str, message: str, max_new_tokens: int) -> str:
@@ -61,6 +61,10 @@ class MemoGenerator:
         line = json.dumps({"key": key, "generator": self.version, "output": out}) + "\n"
         os.write(self._fd, line.encode())
         return out
+
+    def prompt_tokens(self, message: str) -> int | None:
+        """The wrapped generator's prompt length (the pipeline checks budgets with it)."""
+        return prompt_tokens(self.inner, message)
 
     async def close(self) -> None:
         """Close the file and the wrapped generator."""

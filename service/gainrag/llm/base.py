@@ -18,3 +18,16 @@ class Generator(Protocol):
     async def close(self) -> None:
         """Release threads, models and connections."""
         ...
+
+
+def prompt_tokens(generator: Generator, message: str) -> int | None:
+    """Exact prompt length of ``message`` for ``generator``, or None when it cannot count locally.
+
+    An optional capability (``prompt_tokens`` on the backend), so wrappers and stand-ins need not
+    implement it.
+    """
+    count = getattr(generator, "prompt_tokens", None)
+    if count is None:
+        return None
+    n = count(message)
+    return None if n is None else int(n)

@@ -1,7 +1,10 @@
 """OpenAI-compatible chat backend: vLLM's ``/v1/chat/completions`` (or llama.cpp's server).
 
-Used for both the pseudo-passage and the answer. The server applies the model's chat template;
-decoding is greedy (temperature 0) like the in-process backend. Batching happens in the server
+Used for both the pseudo-passage and the answer. The server applies the model's chat template
+(and may parse special tokens anywhere in the result), so control strings such as
+``<|im_start|>`` in the message are neutralised first (:func:`prompts.neutralize_control_text`).
+There is no local tokenizer: prompt lengths are checked by the server, not before admission.
+Decoding is greedy (temperature 0) like the in-process backend. Batching happens in the server
 (vLLM's continuous batching), so concurrent requests are simply sent concurrently over a pooled
 connection set.
 """
@@ -12,6 +15,7 @@ import hashlib
 from typing import Any
 
 from gainrag.config import LLMSettings
+from gainrag.llm.prompts import neutralize_control_text
 from gainrag.remote import Upstream, make_client, malformed
 
 
@@ -45,7 +49,7 @@ class OpenAIGenerator:
         """Greedy reply to one user message."""
         payload: dict[str, Any] = {
             "model": self.model,
-            "messages": [{"role": "user", "content": message}],
+            "messages": [{"role": "user", "content": neutralize_control_text(message)}],
             "max_tokens": max_new_tokens,
             "temperature": 0.0,
             "stream": False,
@@ -60,6 +64,10 @@ class OpenAIGenerator:
         if not isinstance(content, str):
             raise malformed("llm", "content is not a string")
         return content
+
+    def prompt_tokens(self, message: str) -> int | None:
+        """Unknown here (the server tokenises): None, so nothing is rejected on a guess."""
+        return None
 
     async def close(self) -> None:
         """Close the connection pool."""

@@ -35,6 +35,25 @@ PROMPT_VERSION = hashlib.sha256(
 ).hexdigest()[:12]
 
 _NA = re.compile(r"^\W*n\s*/\s*a\b", re.IGNORECASE)
+# The opening bracket of chat-template control strings of the common model families: ChatML,
+# Llama 3 and Phi (<|...|>), DeepSeek (<｜...｜>), Llama 2/Mistral ([INST], <<SYS>>), Gemma
+# (<start_of_turn>) and the usual <s>, </s>, <bos>, <eos>.
+_CONTROL_TEXT = re.compile(
+    r"<(?=[|｜][^<>\n]{0,64}[|｜]>)"
+    r"|<(?=/?(?:s|bos|eos|pad|unk|start_of_turn|end_of_turn)>)"
+    r"|<(?=</?SYS>>)"
+    r"|\[(?=/?INST\])"
+)
+
+
+def neutralize_control_text(text: str) -> str:
+    """``text`` with a space after the opening bracket of every chat-control string in it.
+
+    For servers that apply the chat template themselves (the OpenAI backend) and then parse
+    special tokens in the whole prompt: ``<|im_start|>`` typed by a user becomes ``< |im_start|>``,
+    which no tokenizer maps to a control token. Our own templates contain none of these strings.
+    """
+    return _CONTROL_TEXT.sub(lambda m: m.group(0) + " ", text)
 
 
 def pseudo_prompt(question: str) -> str:

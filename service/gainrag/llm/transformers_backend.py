@@ -2,12 +2,18 @@
 
 Concurrent prompts with the same generation budget are left-padded into one ``generate`` call:
 on a 2-core CPU a batch of 8 SmolLM2 prompts yields ~2.5x the tokens/s of one at a time.
+
+The user message (question, passages) is tokenised as plain text: a ``<|im_start|>system`` typed
+by a user stays those characters and never becomes the template's control token. Only the chat
+template around the message is tokenised with its special tokens.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -42,6 +48,11 @@ class TransformersGenerator:
         self.name = json.loads(meta.read_text())["name"] if meta.is_file() else path.name
         self.version = f"{self.name}-{dtype}"
         self.max_input_tokens = max_input_tokens
+        self._prefix, self._suffix = self._template_ids()
+        # A second tokenizer for counting on the caller's thread (before admission): the one
+        # above belongs to the batcher's worker thread.
+        self._counter = AutoTokenizer.from_pretrained(path)
+        self._counter_lock = threading.Lock()
         # The fast tokenizer is not safe to use from two threads (its padding state is shared):
         # all tokenisation happens on the batcher's one worker thread.
         self.batcher: MicroBatcher[tuple[str, int], str] = MicroBatcher(
@@ -60,20 +71,45 @@ class TransformersGenerator:
         )
         return str(text)
 
+    def _template_ids(self) -> tuple[list[int], list[int]]:
+        """Token ids of the chat template before and after the user message."""
+        marker = "\ue000gainrag-message\ue000"  # private-use characters: never in a template
+        before, found, after = self.render(marker).partition(marker)
+        if not found:
+            raise ValueError("the chat template does not include the user message verbatim")
+        ids = self.tokenizer([before, after], add_special_tokens=False)["input_ids"]
+        return list(ids[0]), list(ids[1])
+
+    def encode(self, message: str, tokenizer: Any = None) -> list[int]:
+        """Prompt ids for one user message: the template's special tokens, the message as text.
+
+        ``split_special_tokens`` makes special-token strings inside the message plain text.
+        """
+        tok = tokenizer or self.tokenizer
+        body = tok(message, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return [*self._prefix, *body, *self._suffix]
+
+    def prompt_tokens(self, message: str) -> int:
+        """Exact prompt length of one user message; safe to call from any thread."""
+        with self._counter_lock:
+            return len(self.encode(message, self._counter))
+
     def generate_batch(self, messages: list[str], max_new_tokens: int) -> list[str]:
         """Greedy replies to several user messages at once, in order (blocking)."""
-        return self._generate([self.render(m) for m in messages], max_new_tokens)
+        return self._generate_ids([self.encode(m) for m in messages], max_new_tokens)
+
+    def _generate(self, texts: list[str], max_new_tokens: int) -> list[str]:
+        """Replies to already rendered prompts (the benchmarks' entry point)."""
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self._generate_ids([list(x) for x in ids], max_new_tokens)
 
     @torch.inference_mode()
-    def _generate(self, texts: list[str], max_new_tokens: int) -> list[str]:
-        if not texts:
+    def _generate_ids(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        if not prompts:
             return []
-        enc = self.tokenizer(
-            texts,
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,  # the chat template already has them
-        ).to(self.device)
+        enc = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(
+            self.device
+        )
         out = self.model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -84,10 +120,10 @@ class TransformersGenerator:
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     def _run(self, items: list[tuple[str, int]]) -> list[str | BaseException]:
-        texts = [self.render(m) for m, _ in items]
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        ids = [self.encode(m) for m, _ in items]
+        lengths = [len(x) for x in ids]
         ok = [i for i, n in enumerate(lengths) if n <= self.max_input_tokens]
-        replies = dict(zip(ok, self._generate([texts[i] for i in ok], items[0][1]), strict=True))
+        replies = dict(zip(ok, self._generate_ids([ids[i] for i in ok], items[0][1]), strict=True))
         return [replies[i] if i in replies else self._too_long(n) for i, n in enumerate(lengths)]
 
     def _too_long(self, n: int) -> ValidationFailedError:

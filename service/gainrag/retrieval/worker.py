@@ -119,11 +119,12 @@ def create_retrieval_app(
                 "(GAINRAG_WORKER__MAX_QUERIES)",
                 code="too_many_queries",
             )
-        for i, q in enumerate(body.queries):
-            require_query(f"queries[{i}]", q, w.max_text_chars)
+        queries = [
+            require_query(f"queries[{i}]", q, w.max_text_chars) for i, q in enumerate(body.queries)
+        ]
         version = r.version
         results = await until_disconnect(
-            request, asyncio.gather(*(r.retrieve(q, body.k) for q in body.queries))
+            request, asyncio.gather(*(r.retrieve(q, body.k) for q in queries))
         )
         return RetrieveResponse(
             results=[

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from gainrag.api.routes import until_disconnect
 from gainrag.api.schemas import ErrorResponse
-from gainrag.api.worker import WorkerState, require_query, worker_app
+from gainrag.api.worker import WorkerState, require_documents, require_query, worker_app
 from gainrag.config import Settings
 from gainrag.errors import UpstreamError, ValidationFailedError
 from gainrag.selector.cross_encoder import CrossEncoderSelector
@@ -103,16 +103,9 @@ def create_selector_app(
                 "(GAINRAG_WORKER__MAX_DOCUMENTS)",
                 code="too_many_documents",
             )
-        require_query("'query'", body.query, w.max_text_chars)
-        if any(len(d) > w.max_text_chars for d in body.documents):
-            raise ValidationFailedError(
-                f"every document must be at most {w.max_text_chars} characters "
-                "(GAINRAG_WORKER__MAX_TEXT_CHARS)",
-                code="document_too_long",
-            )
-        scores, tokens = await until_disconnect(
-            request, sel.score_texts(body.query, body.documents)
-        )
+        query = require_query("'query'", body.query, w.max_text_chars)
+        documents = require_documents(body.documents, w.max_text_chars)
+        scores, tokens = await until_disconnect(request, sel.score_texts(query, documents))
         if not all(math.isfinite(x) for x in scores):
             # e.g. fp16 overflow: JSON has no NaN, and ranking on one would be silently wrong
             raise UpstreamError("the model returned non-finite scores", code="select_failed")
