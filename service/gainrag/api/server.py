@@ -18,6 +18,7 @@ The body deadline is enforced by :class:`~gainrag.api.middleware.RequestContextM
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
@@ -39,9 +40,10 @@ _GRACEFUL_S = 2
 
 
 def _status(code: int, reason: str, message: str) -> bytes:
-    body = f'{{"error": {{"message": "{message}", "type": "invalid_request_error", '
-    body += f'"code": "{reason.lower().replace(" ", "_")}"}}}}'
-    data = body.encode()
+    """A complete closing response in the service's error shape (written before any ASGI app)."""
+    type_ = "unavailable_error" if code == 503 else "invalid_request_error"
+    err = {"message": message, "type": type_, "code": reason.lower().replace(" ", "_")}
+    data = json.dumps({"error": err}).encode()
     head = (
         f"HTTP/1.1 {code} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(data)}\r\nconnection: close\r\n"
