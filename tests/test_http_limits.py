@@ -76,6 +76,19 @@ def test_stalled_headers_are_cut_off(server: Service) -> None:
         assert b"connection: close" in reply
 
 
+def test_idle_keep_alive_is_not_cut_by_the_header_timeout(server: Service) -> None:
+    with connect(server) as s:
+        for _ in range(2):  # one connection, idle longer than the 1 s header timeout in between
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while not reply.endswith(b'{"status":"ok"}'):
+                chunk = s.recv(65536)
+                assert chunk, reply  # closed by the server
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200 ")
+            time.sleep(1.5)
+
+
 def test_a_stalled_body_is_cut_off(server: Service) -> None:
     with connect(server) as s:
         s.sendall(
@@ -87,6 +100,30 @@ def test_a_stalled_body_is_cut_off(server: Service) -> None:
     assert time.monotonic() - start < 3
     assert reply.startswith(b"HTTP/1.1 408 "), reply
     assert b'"code":"request_timeout"' in reply
+
+
+def test_trickling_an_unread_body_does_not_hold_the_connection(server: Service) -> None:
+    with connect(server) as s:
+        # /health never reads the body; its bytes keep resetting uvicorn's keep-alive timer
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        start = time.monotonic()
+        reply = b""
+        try:
+            while time.monotonic() - start < 10:
+                s.sendall(b"x")
+                s.settimeout(0.3)
+                try:
+                    chunk = s.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    break
+                reply += chunk
+        except OSError:
+            pass
+    assert time.monotonic() - start < 4
+    assert reply.startswith(b"HTTP/1.1 200 "), reply
+    assert b"HTTP/1.1 408 " in reply
 
 
 def test_huge_headers_are_refused_at_once_and_not_held(server: Service) -> None:

@@ -70,6 +70,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_count = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._too_large: str | None = None  # why parsing was stopped with _HeadTooLarge
+        self._body_done = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -95,6 +96,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
+        self._body_done = False
         self._head_size = self._head_count = 0
         self._arm_head_timer()
 
@@ -118,6 +120,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._cancel_head_timer()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._body_done = True
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self._body_done and not self.transport.is_closing():
+            # Answered before its body was read: uvicorn discards the rest, and its keep-alive
+            # timer restarts on every byte, so a client trickling that body would hold the
+            # connection forever. The next head is due within the header timeout instead.
+            self._arm_head_timer()
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn answers every parser error with 400; a limit we raised deserves its own status.
@@ -147,9 +161,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer = None
 
     def _head_timed_out(self) -> None:
+        # Armed only while a head is due (and cancelled when one completes): always a timeout.
         self._head_timer = None
-        if self._in_head:
-            self._refuse(408, "Request Timeout", "request headers not received in time")
+        self._refuse(408, "Request Timeout", "request headers not received in time")
 
 
 def uvicorn_config(app: FastAPI, http: HttpSettings, *, host: str, port: int) -> uvicorn.Config:
