@@ -59,7 +59,7 @@ class AuthenticationError(GainRAGError):
 
 
 class ForbiddenError(GainRAGError):
-    """The endpoint exists but is disabled by configuration."""
+    """The caller may not do this: an endpoint disabled by configuration, a revoked API key."""
 
     status_code = 403
     type = "permission_error"
