@@ -449,10 +449,10 @@ async def test_bad_requests_are_422_not_429_when_the_server_is_full(
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
-            state = app.state.gainrag
-            state.in_flight = 1  # every slot is taken by a slow request
+            admission = app.state.gainrag.admission
+            admission.in_flight = 1  # every slot is taken by a slow request
             for kwargs, code in bad:
                 assert_error(await c.post("/answer", **kwargs), 422, code)
             assert_error(await c.post("/answer", json={"question": "hi"}), 429, "overloaded")
-            assert state.in_flight == 1  # nothing took or leaked a slot
-            state.in_flight = 0
+            assert admission.in_flight == 1  # nothing took or leaked a slot
+            admission.in_flight = 0

@@ -388,3 +388,33 @@ def test_k8s_config_wiring() -> None:
     assert vol["persistentVolumeClaim"] == {"claimName": "gainrag-index", "readOnly": True}
     mounts = ret["containers"][0]["volumeMounts"]
     assert all(m["readOnly"] for m in mounts) and index_dir.startswith(mounts[0]["mountPath"])
+
+
+def test_k8s_graceful_shutdown_fits_the_drain() -> None:
+    # SIGTERM comes after preStop; the kubelet kills at terminationGracePeriodSeconds, which must
+    # cover preStop + the drain + uvicorn's last grace (2 s, gainrag.api.server).
+    drain_s = float(of_kind("ConfigMap")["gainrag-common"]["data"]["GAINRAG_HTTP__DRAIN_S"])
+    for name, dep in of_kind("Deployment").items():
+        pod = dep["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        if not c["image"].startswith("gainrag"):
+            continue
+        command = c["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "sleep", name
+        pre_stop = float(command[1])
+        assert 2 <= pre_stop <= 15, name  # long enough for endpoints to update
+        assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain_s + 2 + 3, name
+
+
+def test_k8s_keys_and_worker_token_come_from_optional_secrets() -> None:
+    deployments = of_kind("Deployment")
+    for name in ("gateway", "retriever", "selector"):
+        c = deployments[name]["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e for e in c.get("env", [])}
+        ref = env["GAINRAG_WORKER__API_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "gainrag-worker-api", "key": "token", "optional": True}, name
+    gw = deployments["gateway"]["spec"]["template"]["spec"]
+    [vol] = [v for v in gw["volumes"] if v["name"] == "api-keys"]
+    assert vol["secret"] == {"secretName": "gainrag-api-keys", "optional": True}
+    [mount] = [m for m in gw["containers"][0]["volumeMounts"] if m["name"] == "api-keys"]
+    assert mount["readOnly"] and mount["mountPath"] == "/etc/gainrag/keys"

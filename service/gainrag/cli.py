@@ -1,4 +1,4 @@
-"""The ``gainrag`` command line: prepare, index build, serve, eval, settings."""
+"""The ``gainrag`` command line: prepare, index build, serve, eval, keys, settings."""
 
 from __future__ import annotations
 
@@ -58,9 +58,8 @@ def _prepare(settings: Settings) -> None:
 
 
 def _serve(settings: Settings, host: str | None, port: int | None) -> None:
-    import uvicorn
-
     from gainrag.api import create_app
+    from gainrag.api.server import serve
     from gainrag.retrieval.index import read_manifest
 
     # Fail fast on the common mistake instead of serving a gateway that never becomes ready.
@@ -70,18 +69,15 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> None:
             f"no index at {settings.retrieval.index_dir}; run `gainrag prepare` (or `make run`)"
         )
 
-    uvicorn.run(
-        create_app(settings),
-        host=host or settings.host,
-        port=port or settings.port,
-        log_config=None,  # keep our JSON logging
-        access_log=False,
+    serve(
+        create_app(settings), settings.http, host=host or settings.host, port=port or settings.port
     )
 
 
 def _worker(settings: Settings, kind: str, host: str | None, port: int | None) -> None:
-    import uvicorn
     from fastapi import FastAPI
+
+    from gainrag.api.server import serve
 
     w = settings.worker
     app: FastAPI
@@ -98,13 +94,34 @@ def _worker(settings: Settings, kind: str, host: str | None, port: int | None) -
         from gainrag.selector.worker import create_selector_app
 
         app, default_port = create_selector_app(settings), w.selector_port
-    uvicorn.run(
-        app,
-        host=host or settings.host,
-        port=port or default_port,
-        log_config=None,
-        access_log=False,
+    serve(app, settings.http, host=host or settings.host, port=port or default_port)
+
+
+def _keys(settings: Settings, args: argparse.Namespace) -> None:
+    from gainrag.keys import KeyRecord, append_key, hash_key, new_key
+
+    if args.keys_cmd == "hash":
+        # From stdin, not argv: a key on the command line would land in the shell history.
+        key = sys.stdin.readline().strip()
+        if not key:
+            raise ConfigurationError("no key on stdin")
+        print(hash_key(key))
+        return
+    path = args.file or settings.api.keys_file
+    if path is None:
+        raise ConfigurationError("no keys file: pass --file or set GAINRAG_API__KEYS_FILE")
+    key = new_key()
+    record = KeyRecord(
+        name=args.name,
+        sha256=hash_key(key),
+        rate=args.rate,
+        burst=args.burst,
+        max_in_flight=args.max_in_flight,
+        can_refresh=args.can_refresh,
     )
+    append_key(path, record)
+    print(key)
+    print(f"added key '{args.name}' to {path}; the key is shown only this once", file=sys.stderr)
 
 
 def _eval(settings: Settings, args: argparse.Namespace) -> None:
@@ -311,6 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     training_args(dis, lr=6e-5, epochs=2)
 
+    k = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_cmd", required=True)
+    ka = k.add_parser("add", help="create a key: print it once, append its hash to the keys file")
+    ka.add_argument("name", help="the key's name (shown in logs, never the key)")
+    ka.add_argument("--file", type=Path, help="keys file (default: GAINRAG_API__KEYS_FILE)")
+    ka.add_argument("--rate", type=float, help="requests/s (default: GAINRAG_API__KEY_RATE)")
+    ka.add_argument("--burst", type=int, help="bucket size (default: GAINRAG_API__KEY_BURST)")
+    ka.add_argument(
+        "--max-in-flight", type=int, help="concurrent requests (default: GAINRAG_API__KEY_SHARE)"
+    )
+    ka.add_argument(
+        "--can-refresh", action="store_true", help="may bypass the cache (Cache-Control: no-cache)"
+    )
+    k.add_parser("hash", help="print the sha256 of a key read from stdin (for a keys file)")
+
     st = sub.add_parser("settings", help="print the effective settings as JSON")
     st.add_argument("--markdown", action="store_true", help="print the env-variable reference")
     return p
@@ -334,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             _serve(settings, args.host, args.port)
         elif args.cmd == "worker":
             _worker(settings, args.kind, args.host, args.port)
+        elif args.cmd == "keys":
+            _keys(settings, args)
         elif args.cmd == "eval":
             _eval(settings, args)
         elif args.cmd == "train":

@@ -148,8 +148,11 @@ class PipelineSettings(BaseModel):
         return self
 
 
+Access = Literal["public", "key", "off"]
+
+
 class ApiSettings(BaseModel):
-    """HTTP gateway limits."""
+    """HTTP gateway: limits, API keys, CORS and which auxiliary endpoints are exposed."""
 
     max_question_chars: int = Field(1000, ge=1, description="Longest question accepted.")
     max_body_bytes: int = Field(16_384, ge=256, description="Largest request body accepted.")
@@ -165,6 +168,59 @@ class ApiSettings(BaseModel):
         ge=1,
         description="Tokens budgeted per passage when the answer prompt is checked against "
         "GAINRAG_LLM__MAX_INPUT_TOKENS before admission.",
+    )
+    keys_file: Path | None = Field(
+        None,
+        description="JSON-lines file of hashed API keys (`gainrag keys add`); unset = open API, "
+        "no authentication.",
+    )
+    key_rate: float = Field(
+        5.0, gt=0, description="Default requests per second of one API key (token bucket)."
+    )
+    key_burst: int = Field(10, ge=1, description="Default burst of one API key (bucket size).")
+    key_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Default share of `max_in_flight` one API key may hold at once.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description='Origins allowed by CORS, as JSON (e.g. ["https://app.example"]); '
+        "empty = CORS off.",
+    )
+    metrics_access: Access = Field(
+        "public", description="GET /metrics: 'public', 'key' (any valid API key) or 'off'."
+    )
+    docs_access: Access = Field(
+        "public",
+        description="/docs, /redoc and /openapi.json: 'public', 'key' (any valid API key) "
+        "or 'off'.",
+    )
+
+
+class HttpSettings(BaseModel):
+    """Connection-level limits of every gainrag HTTP server (gateway and workers)."""
+
+    max_connections: int = Field(
+        1024, ge=1, description="Open connections; more are answered 503 and closed."
+    )
+    max_header_bytes: int = Field(
+        16_384, ge=1024, description="Largest request line + headers; over it: 431 and close."
+    )
+    max_headers: int = Field(100, ge=8, description="Most header lines; over it: 431 and close.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Time to receive the request line and headers; then 408 and close."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Time to receive the whole request body; then 408 and close."
+    )
+    keep_alive_s: int = Field(5, ge=1, description="Idle keep-alive connections are closed after.")
+    drain_s: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM: /ready turns 503, new work gets 503, requests in flight get up "
+        "to this long to finish before the process exits.",
     )
 
 
@@ -198,6 +254,11 @@ class WorkerSettings(BaseModel):
     max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest request body a worker accepts."
     )
+    api_token: SecretStr | None = Field(
+        None,
+        description="Bearer token required on /retrieve and /rerank (the gateway sends it); "
+        "unset = open.",
+    )
 
 
 def _fmt_default(value: object) -> str:
@@ -222,6 +283,7 @@ class Settings(BaseSettings):
     llm: LLMSettings = LLMSettings()
     pipeline: PipelineSettings = PipelineSettings()
     api: ApiSettings = ApiSettings()
+    http: HttpSettings = HttpSettings()
     redis: RedisSettings = RedisSettings()
     worker: WorkerSettings = WorkerSettings()
 
@@ -233,7 +295,7 @@ class Settings(BaseSettings):
             sub = field.annotation
             if isinstance(sub, type) and issubclass(sub, BaseModel):
                 for sname, sfield in sub.model_fields.items():
-                    default = sfield.default
+                    default = sfield.get_default(call_default_factory=True)
                     rows.append(
                         (
                             f"GAINRAG_{name.upper()}__{sname.upper()}",
@@ -259,4 +321,6 @@ class Settings(BaseSettings):
         if self.selector.checkpoint is not None:
             self.selector.checkpoint = fix(self.selector.checkpoint)
         self.selector.rerank_checkpoint = fix(self.selector.rerank_checkpoint)
+        if self.api.keys_file is not None:
+            self.api.keys_file = fix(self.api.keys_file)
         return self

@@ -12,11 +12,14 @@ class GainRAGError(Exception):
     type = "internal_error"
     code = "internal_error"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        self.headers = headers
 
 
 class InvalidRequestError(GainRAGError):
@@ -58,9 +61,13 @@ class AuthenticationError(GainRAGError):
     type = "authentication_error"
     code = "unauthorized"
 
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        # RFC 6750: a 401 names the scheme the client should use.
+        super().__init__(message, code=code, headers={"WWW-Authenticate": "Bearer"})
+
 
 class ForbiddenError(GainRAGError):
-    """The endpoint exists but is disabled by configuration."""
+    """The caller may not do this: an endpoint disabled by configuration, a revoked API key."""
 
     status_code = 403
     type = "permission_error"
@@ -81,6 +88,16 @@ class OverloadedError(GainRAGError):
     status_code = 429
     type = "overloaded_error"
     code = "overloaded"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after_s: int = 1) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+class RateLimitedError(OverloadedError):
+    """An API key spent its request budget; ``Retry-After`` says when the next token comes."""
+
+    type = "rate_limit_error"
+    code = "rate_limited"
 
 
 class UpstreamError(GainRAGError):

@@ -68,6 +68,9 @@ UPSTREAM = Counter(
     "Calls to remote workers and the LLM server by upstream and outcome.",
     ["upstream", "outcome"],
 )
+IN_FLIGHT = Gauge(
+    "gainrag_in_flight", "Requests admitted and not yet answered, by route template.", ["route"]
+)
 INDEX_INFO = Gauge(
     "gainrag_index_passages", "Passages in the loaded index, labelled by version.", ["version"]
 )

@@ -398,6 +398,8 @@ def build_components(settings: Settings) -> Components:
     """Build what the settings ask for (once, at start-up): remote clients where a worker URL is
     set, in-process models otherwise."""
     o, r, s, llm = settings.pipeline, settings.retrieval, settings.selector, settings.llm
+    api_token = settings.worker.api_token
+    worker_token = api_token.get_secret_value() if api_token is not None else None
 
     use_openai = llm.backend == "openai" or (llm.backend == "auto" and llm.base_url is not None)
     if use_openai:
@@ -430,7 +432,7 @@ def build_components(settings: Settings) -> Components:
     if o.retrieve and r.url is not None:
         from gainrag.retrieval.remote import RemoteRetriever
 
-        retriever = RemoteRetriever(r.url, timeout_s=r.timeout_s)
+        retriever = RemoteRetriever(r.url, timeout_s=r.timeout_s, token=worker_token)
     elif local_retrieval:
         from gainrag.retrieval.local import LocalRetriever
 
@@ -441,7 +443,7 @@ def build_components(settings: Settings) -> Components:
     if o.select and s.url is not None:
         from gainrag.selector.remote import RemoteSelector
 
-        selector = RemoteSelector(s.url, timeout_s=s.timeout_s)
+        selector = RemoteSelector(s.url, timeout_s=s.timeout_s, token=worker_token)
     elif local_selector and kind == "cross-encoder":
         selector = build_cross_encoder(settings)
     elif local_selector:

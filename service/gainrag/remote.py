@@ -206,9 +206,13 @@ class WorkerClient:
         connect_retries: int,
         name_key: str,
         version_key: str,
+        token: str | None = None,
     ) -> None:
+        headers = {"authorization": f"Bearer {token}"} if token else None
         self.upstream = Upstream(
-            upstream, make_client(base_url, timeout_s=timeout_s), connect_retries=connect_retries
+            upstream,
+            make_client(base_url, timeout_s=timeout_s, headers=headers),
+            connect_retries=connect_retries,
         )
         self._keys = (name_key, version_key)
         self.name = f"remote-{upstream}"

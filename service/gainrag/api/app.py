@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
+from gainrag.api.admission import Admission
+from gainrag.api.auth import Authenticator
 from gainrag.api.base import base_app
 from gainrag.api.routes import router
 from gainrag.config import Settings
@@ -25,8 +28,8 @@ class AppState:
     """What the routes need, created once in the lifespan."""
 
     settings: Settings
+    admission: Admission
     pipeline: Pipeline | None = None
-    in_flight: int = 0
     load_error: str | None = None
 
 
@@ -36,9 +39,10 @@ def create_app(settings: Settings | None = None, components: Components | None =
     Models load in the background after start-up, so ``/health`` answers at once and ``/ready``
     turns 200 when they are in (503 until then, or with the reason if loading failed).
     ``components`` lets a caller (tests, eval) share already-loaded models; those are not closed
-    at shutdown.
+    at shutdown. A keys file that cannot be read fails here, at start-up (fail closed).
     """
     settings = settings or Settings()
+    auth = Authenticator(settings.api)
 
     async def load(state: AppState) -> Components | None:
         try:
@@ -74,16 +78,31 @@ def create_app(settings: Settings | None = None, components: Components | None =
                 comps = await loader  # a load in progress finishes (threads cannot be killed)
                 if comps is not None:
                     await comps.close()
+            await state.admission.close()
 
     app = base_app(
         "gainrag",
         "GainRAG inference: retrieve || pseudo-passage -> select -> generate.",
         max_body_bytes=settings.api.max_body_bytes,
         lifespan=lifespan,
+        http=settings.http,
+        metrics_access=settings.api.metrics_access,
+        docs_access=settings.api.docs_access,
     )
-    app.state.gainrag = AppState(settings=settings)
+    app.state.auth = auth
+    admission = Admission(settings.api.max_in_flight, app.state.drain, settings.redis)
+    app.state.gainrag = AppState(settings=settings, admission=admission)
     app.include_router(router)
     _document_bounds(app, settings)
+    if settings.api.cors_origins:  # off by default: browsers get no cross-origin access
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.api.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "cache-control", "x-request-id"],
+            expose_headers=["x-request-id", "x-cache", "retry-after"],
+            max_age=600,
+        )
     return app
 
 

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gainrag.errors import GainRAGError, OverloadedError, UnsupportedMediaTypeError
+from gainrag.errors import GainRAGError, UnsupportedMediaTypeError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(GainRAGError)
     async def _domain(request: Request, exc: GainRAGError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if isinstance(exc, OverloadedError) else None
+        headers = exc.headers
         if exc.status_code >= 500:
             log.warning(
                 "request failed: %s (%s)",
@@ -110,9 +110,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
-            exc.status_code, "http_error"
-        )
+        code = {
+            404: "not_found",
+            405: "method_not_allowed",
+            408: "request_timeout",
+            413: "payload_too_large",
+        }.get(exc.status_code, "http_error")
         message = str(exc.detail)
         if exc.status_code == 400:  # FastAPI could not decode the body (not UTF-8, too deep)
             code, message = "invalid_json", _parse_failure(exc)

@@ -1,8 +1,9 @@
-"""Pure ASGI middleware (cheaper than BaseHTTPMiddleware): request ids, a body size limit and
-the request latency histogram."""
+"""Pure ASGI middleware (cheaper than BaseHTTPMiddleware): request ids, a body size and time
+limit, the drain count and the request latency histogram."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -14,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gainrag import metrics
+from gainrag.api.drain import Drain
 from gainrag.logs import request_id_var
 
 log = logging.getLogger(__name__)
@@ -32,11 +34,21 @@ def _route_label(scope: Scope) -> str:
 
 class RequestContextMiddleware:
     """Assign/propagate ``X-Request-ID``, reject bodies over ``max_body_bytes`` with 413 and
-    observe ``gainrag_http_request_seconds{route, method, status}``."""
+    bodies slower than ``body_timeout_s`` with 408, count requests in flight for the drain (and
+    ask clients to reconnect elsewhere while draining) and observe
+    ``gainrag_http_request_seconds{route, method, status}``."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        body_timeout_s: float = 30.0,
+        drain: Drain | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.drain = drain or Drain()
         self._message = f"request body is over the {max_body_bytes}-byte limit"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -50,19 +62,43 @@ class RequestContextMiddleware:
         token = request_id_var.set(rid)
         start = time.perf_counter()
         status = 500
+        probe = scope["path"] in _QUIET
+        drain = self.drain
+        if not probe:  # probes and scrapes must not hold the drain open
+            drain.active += 1
         try:
             declared = headers.get(b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-                status = 413
-                await self._reject(send, rid)
-                return
+            too_large = (
+                declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes
+            )
             seen = 0
+            body_done = False
+            deadline: float | None = None
 
             async def limited_receive() -> Message:
-                nonlocal seen
-                message = await receive()
+                nonlocal seen, body_done, deadline
+                if too_large:
+                    # Refused before a byte is read. Raised here rather than answered before the
+                    # app runs, so the router has picked the route and the latency histogram gets
+                    # its template; the connection is closed so the unread body is not swallowed.
+                    raise HTTPException(413, self._message, headers={"connection": "close"})
+                if body_done:  # after the body only http.disconnect comes: wait as long as it takes
+                    return await receive()
+                loop = asyncio.get_running_loop()
+                if deadline is None:
+                    deadline = loop.time() + self.body_timeout_s
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        message = await receive()
+                except TimeoutError:
+                    # A client trickling its body would hold a slot and memory forever; close the
+                    # connection, the rest of its body cannot be told from a next request.
+                    raise HTTPException(
+                        408, "request body not received in time", headers={"connection": "close"}
+                    ) from None
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
+                    body_done = not message.get("more_body", False)
                     if seen > self.max_body_bytes:
                         # FastAPI passes HTTPException through body parsing; its handler
                         # renders the standard error shape.
@@ -76,10 +112,10 @@ class RequestContextMiddleware:
                 if message["type"] == "http.response.start":
                     started = True
                     status = int(message["status"])
-                    message["headers"] = [
-                        *message.get("headers", []),
-                        (b"x-request-id", rid.encode()),
-                    ]
+                    extra = [(b"x-request-id", rid.encode())]
+                    if drain.draining:  # keep-alive clients reconnect to an instance that stays
+                        extra.append((b"connection", b"close"))
+                    message["headers"] = [*message.get("headers", []), *extra]
                 await send(message)
 
             try:
@@ -99,17 +135,23 @@ class RequestContextMiddleware:
                     "internal_error",
                 )
         finally:
+            if not probe:
+                drain.active -= 1
             elapsed = time.perf_counter() - start
             route = _route_label(scope)
             metrics.HTTP_SECONDS.labels(route, scope["method"], str(status)).observe(elapsed)
             if route not in _QUIET:  # the access log, with the request id of the line
-                log.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, elapsed * 1000)
+                # The key's name, never the key: the Authorization header is not logged anywhere.
+                who = scope["state"].get("principal", "-")
+                log.info(
+                    "%s %s %d %.1f ms key=%s",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    elapsed * 1000,
+                    who,
+                )
             request_id_var.reset(token)
-
-    async def _reject(self, send: Send, rid: str) -> None:
-        await self._send_error(
-            send, rid, 413, self._message, "invalid_request_error", "payload_too_large"
-        )
 
     @staticmethod
     async def _send_error(

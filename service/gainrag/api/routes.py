@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 
+from gainrag.api.auth import ApiPrincipal
 from gainrag.api.schemas import (
     AnswerRequest,
     AnswerResponse,
@@ -17,7 +18,7 @@ from gainrag.api.schemas import (
     PassageOut,
     Timings,
 )
-from gainrag.errors import ClientClosedError, OverloadedError, UnavailableError
+from gainrag.errors import ClientClosedError, UnavailableError
 from gainrag.pipeline import CheckedQuery, Pipeline
 from gainrag.types import Scored
 
@@ -28,42 +29,33 @@ router = APIRouter()
 T = TypeVar("T")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 429, 502, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 413, 415, 422, 429, 502, 503, 504)
 }
 
 
-async def checked_query(body: AnswerRequest, request: Request) -> CheckedQuery:
-    """Every 4xx that needs no model, answered before the request takes an in-flight slot.
+def app_state(request: Request) -> AppState:
+    """The gateway's state (settings, admission, pipeline)."""
+    state: AppState = request.app.state.gainrag
+    return state
 
-    A dependency of :func:`admitted_pipeline`, so FastAPI skips admission when the body is
-    malformed too (its validation errors are raised only after the other dependencies ran).
+
+def loaded_pipeline(request: Request) -> Pipeline:
+    """The pipeline, once loaded (else 503 ``not_ready`` / ``load_failed``)."""
+    state = app_state(request)
+    if state.pipeline is None:
+        raise _not_ready(state)
+    return state.pipeline
+
+
+async def checked_query(
+    body: AnswerRequest, pipeline: Annotated[Pipeline, Depends(loaded_pipeline)]
+) -> CheckedQuery:
+    """Every 4xx that needs no model (text, length in tokens, top_n), before admission.
+
     Async: the check is a tokenisation of at most a few hundred microseconds, cheaper on the
     event loop than a hop to the thread pool.
     """
-    state = request.app.state.gainrag
-    if state.pipeline is None:
-        raise _not_ready(state)
-    pipeline: Pipeline = state.pipeline
     return pipeline.check(body.question, body.top_n)
-
-
-async def admitted_pipeline(
-    request: Request, _checked: Annotated[CheckedQuery, Depends(checked_query)]
-) -> AsyncIterator[Pipeline]:
-    """The pipeline, if loaded and under the in-flight limit (else 503 / 429)."""
-    state = request.app.state.gainrag
-    if state.pipeline is None:
-        raise _not_ready(state)
-    if state.in_flight >= state.settings.api.max_in_flight:
-        raise OverloadedError(
-            f"{state.in_flight} requests in flight (limit {state.settings.api.max_in_flight}); "
-            "retry shortly"
-        )
-    state.in_flight += 1
-    try:
-        yield state.pipeline
-    finally:
-        state.in_flight -= 1
 
 
 def _not_ready(state: AppState) -> UnavailableError:
@@ -116,17 +108,23 @@ def _passage_out(s: Scored) -> PassageOut:
 async def answer(
     body: AnswerRequest,
     request: Request,
-    checked: Annotated[CheckedQuery, Depends(checked_query)],  # before admission
-    pipeline: Annotated[Pipeline, Depends(admitted_pipeline)],
+    principal: ApiPrincipal,
+    pipeline: Annotated[Pipeline, Depends(loaded_pipeline)],
+    checked: Annotated[CheckedQuery, Depends(checked_query)],
     cache_control: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Answer a question with GainRAG: retrieve || pseudo-passage, select, generate.
 
     ``Cache-Control: no-cache`` computes a fresh answer (and stores it) instead of reading the
-    cache; ``cached`` and the ``X-Cache`` header say whether the answer came from it.
+    cache, for keys allowed to refresh (every caller when keys are off); ``cached`` and the
+    ``X-Cache`` header say whether the answer came from it.
     """
-    use_cache = not _no_cache(cache_control)
-    result = await until_disconnect(request, pipeline.answer(checked, use_cache=use_cache))
+    # Others' no-cache would be a cache-bypass lever on the expensive path: ignored, not refused.
+    use_cache = not (_no_cache(cache_control) and principal.can_refresh)
+    # The slot is taken here, after every dependency: FastAPI raises body-validation errors only
+    # once all dependencies ran, so a slot taken in one would turn a burst of 422s into 429s.
+    async with app_state(request).admission.slot(principal, "/answer"):
+        result = await until_disconnect(request, pipeline.answer(checked, use_cache=use_cache))
     out = AnswerResponse(
         request_id=request.state.request_id,
         answer=result.answer,
@@ -162,8 +160,10 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", responses={503: {"model": ErrorResponse}})
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: models and index are loaded."""
-    state = request.app.state.gainrag
+    """Readiness: models and index are loaded, and the server is not draining."""
+    state = app_state(request)
+    if state.admission.drain.draining:
+        raise UnavailableError("the server is shutting down", code="shutting_down")
     if state.pipeline is None:
         raise _not_ready(state)
     return JSONResponse({"status": "ready", "models": state.pipeline.models})

@@ -113,7 +113,11 @@ def worker_app(
                     await loaded.close()
 
     app = base_app(
-        title, description, max_body_bytes=settings.worker.max_body_bytes, lifespan=lifespan
+        title,
+        description,
+        max_body_bytes=settings.worker.max_body_bytes,
+        lifespan=lifespan,
+        http=settings.http,
     )
     app.state.worker = state
 
@@ -124,7 +128,10 @@ def worker_app(
 
     @app.get("/ready", responses={503: {"model": ErrorResponse}})
     async def ready(request: Request) -> JSONResponse:
-        """Readiness: the model is loaded; lists model names and versions."""
+        """Readiness: the model is loaded and the worker is not draining; lists model names and
+        versions."""
+        if app.state.drain.draining:
+            raise UnavailableError("the worker is shutting down", code="shutting_down")
         m = state.require()
         return JSONResponse({"status": "ready", "models": state.models(m)})
 

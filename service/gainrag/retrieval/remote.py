@@ -11,13 +11,21 @@ from gainrag.types import Passage, Retrieved
 class RemoteRetriever(WorkerClient):
     """``POST /retrieve`` on a retrieval worker."""
 
-    def __init__(self, base_url: str, *, timeout_s: float, connect_retries: int = 2) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float,
+        connect_retries: int = 2,
+        token: str | None = None,
+    ) -> None:
         super().__init__(
             "retriever",
             base_url,
             timeout_s=timeout_s,
             connect_retries=connect_retries,
             name_key="retriever",
+            token=token,
             version_key="index_version",
         )
 

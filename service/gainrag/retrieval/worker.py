@@ -17,6 +17,7 @@ from fastapi import APIRouter, FastAPI, Header, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from gainrag import metrics
+from gainrag.api.auth import WorkerToken
 from gainrag.api.routes import until_disconnect
 from gainrag.api.schemas import ErrorResponse
 from gainrag.api.worker import WorkerState, require_query, worker_app
@@ -108,7 +109,9 @@ def create_retrieval_app(
         s: WorkerState[LocalRetriever] = request.app.state.worker
         return s
 
-    @router.post("/retrieve", response_model=RetrieveResponse, responses=_ERRORS)
+    @router.post(
+        "/retrieve", dependencies=[WorkerToken], response_model=RetrieveResponse, responses=_ERRORS
+    )
     async def retrieve(body: RetrieveRequest, request: Request) -> RetrieveResponse:
         """Top-k passages for each query; concurrent requests share encoder and FAISS batches."""
         r = state(request).require()

@@ -11,13 +11,21 @@ from gainrag.types import Passage
 class RemoteSelector(WorkerClient):
     """Scores candidates with ``POST /rerank`` on a selector worker."""
 
-    def __init__(self, base_url: str, *, timeout_s: float, connect_retries: int = 2) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float,
+        connect_retries: int = 2,
+        token: str | None = None,
+    ) -> None:
         super().__init__(
             "selector",
             base_url,
             timeout_s=timeout_s,
             connect_retries=connect_retries,
             name_key="selector",
+            token=token,
             version_key="selector_version",
         )
 

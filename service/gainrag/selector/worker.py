@@ -14,6 +14,7 @@ import math
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from gainrag.api.auth import WorkerToken
 from gainrag.api.routes import until_disconnect
 from gainrag.api.schemas import ErrorResponse
 from gainrag.api.worker import WorkerState, require_documents, require_query, worker_app
@@ -88,6 +89,7 @@ def create_selector_app(
 
     @router.post(
         "/rerank",
+        dependencies=[WorkerToken],
         response_model=RerankResponse,
         responses=_ERRORS,
         response_model_exclude_none=True,
