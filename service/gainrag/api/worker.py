@@ -14,6 +14,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from gainrag.api.base import base_app
+from gainrag.api.fields import NON_BLANK_RE
 from gainrag.api.schemas import ErrorResponse
 from gainrag.config import Settings
 from gainrag.errors import GainRAGError, UnavailableError, ValidationFailedError
@@ -42,7 +43,7 @@ class WorkerState(Generic[M]):
 
 def require_query(label: str, text: str, limit: int) -> None:
     """422 ``invalid_query`` unless ``text`` is non-blank and at most ``limit`` characters."""
-    if not text.strip() or len(text) > limit:
+    if not NON_BLANK_RE.search(text) or len(text) > limit:
         raise ValidationFailedError(
             f"{label} must be non-empty text of at most {limit} characters "
             "(GAINRAG_WORKER__MAX_TEXT_CHARS)",
