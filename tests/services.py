@@ -68,10 +68,19 @@ class Service:
 
     def start(self, timeout_s: float = 180.0) -> Service:
         """Start and wait until the probe answers 200 (or the port accepts, without a probe)."""
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT
-        )
+        return self.launch().wait_up(timeout_s)
+
+    def launch(self) -> Service:
+        """Start the process without waiting (several services can then load side by side)."""
+        with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT
+            )
+        return self
+
+    def wait_up(self, timeout_s: float = 180.0) -> Service:
+        """Wait until the launched process answers its probe."""
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -97,9 +106,21 @@ class Service:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=30)
 
+    def pause(self) -> None:
+        """SIGSTOP: a process that hangs with its sockets open (connections queue, nothing
+        answers), the fault a deadline must bound."""
+        assert self.proc is not None and self.proc.poll() is None, f"{self.name} is not running"
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        assert self.proc is not None and self.proc.poll() is None, f"{self.name} is not running"
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 15 s."""
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=15)

@@ -32,6 +32,12 @@ def _error(resp: httpx.Response, status: int, code: str | None = None) -> dict:
     return err
 
 
+def _json(body: object) -> dict:
+    """Request arguments of a JSON body written with ASCII escapes, as ``\\ud800`` travels on
+    the wire (httpx's ``json=`` cannot encode a lone surrogate at all)."""
+    return {"content": json.dumps(body), "headers": {"content-type": "application/json"}}
+
+
 def _sample(name: str, labels: dict[str, str]) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -104,10 +110,13 @@ async def test_rerank_contract(selector_client: httpx.AsyncClient, components: C
         ({"query": "\u200b\u200d", "documents": ["a"]}, "invalid_query"),
         ({"query": "who\x00", "documents": ["a"]}, "invalid_query"),
         ({"query": "q", "documents": ["a", "b\x1bc"]}, "invalid_document"),
+        ({"query": "\x1d", "documents": ["a"]}, "invalid_query"),  # str.isspace(), not \S
+        ({"query": "q", "documents": ["a\ud800"]}, "invalid_document"),  # was a 500
+        ({"query": "q", "documents": ["a"], "top_n": 1.5}, "validation_error"),
     ],
 )
 async def test_rerank_bad_input(selector_client: httpx.AsyncClient, body: dict, code: str) -> None:
-    _error(await selector_client.post("/rerank", json=body), 422, code)
+    _error(await selector_client.post("/rerank", **_json(body)), 422, code)
 
 
 async def test_rerank_lone_surrogates_are_422_naming_the_document(
@@ -236,12 +245,31 @@ async def test_retrieve_contract(
         ({"queries": ["q"] * 257}, "too_many_queries"),
         ({"queries": ["ok", "nul\x00"]}, "invalid_query"),
         ({"queries": ["\ufeff\u200b"]}, "invalid_query"),
+        ({"queries": ["q\udc00"]}, "invalid_query"),  # a lone surrogate was a 500
     ],
 )
 async def test_retrieve_bad_input(
     retrieval_app: tuple[httpx.AsyncClient, LocalRetriever], body: dict, code: str
 ) -> None:
-    _error(await retrieval_app[0].post("/retrieve", json=body), 422, code)
+    _error(await retrieval_app[0].post("/retrieve", **_json(body)), 422, code)
+
+
+async def test_worker_schemas_state_their_limits(
+    retrieval_app: tuple[httpx.AsyncClient, LocalRetriever], selector_client: httpx.AsyncClient
+) -> None:
+    """What the handlers check is in /openapi.json, and integral floats are integers."""
+    ret = (await retrieval_app[0].get("/openapi.json")).json()["components"]["schemas"]
+    queries = ret["RetrieveRequest"]["properties"]["queries"]
+    assert queries["maxItems"] == 256 and queries["items"]["maxLength"] == 20_000
+    assert queries["items"]["minLength"] == 1 and queries["items"]["pattern"].startswith("[^")
+    sel = (await selector_client.get("/openapi.json")).json()["components"]["schemas"]
+    assert sel["RerankRequest"]["properties"]["documents"]["maxItems"] == 1024
+    r = await retrieval_app[0].post("/retrieve", json={"queries": ["hamlet"], "k": 3.0})
+    assert r.status_code == 200 and len(r.json()["results"][0]) == 3
+    r = await selector_client.post(
+        "/rerank", json={"query": "q", "documents": ["a", "b"], "top_n": 1.0}
+    )
+    assert r.status_code == 200 and len(r.json()["results"]) == 1
 
 
 async def test_index_hot_swap(

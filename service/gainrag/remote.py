@@ -1,8 +1,9 @@
 """HTTP plumbing shared by the clients of remote workers and of the LLM server.
 
 One pooled ``httpx.AsyncClient`` per upstream, created once; each call carries the request id,
-retries only errors that happen before the request reached the server (connect errors, so a retry
-can never run the work twice) and maps failures onto the domain errors:
+retries connect errors (nothing reached the server) and, once, a connection that dropped before
+the response (a stale keep-alive connection; the calls are pure, so a repeat is safe), and maps
+failures onto the domain errors:
 
 - cannot connect (after retries) -> :class:`UnavailableError` (503)
 - deadline passed -> :class:`UpstreamTimeoutError` (504)
@@ -31,6 +32,8 @@ from gainrag.errors import (
 from gainrag.logs import request_id_var
 
 log = logging.getLogger(__name__)
+# The connection went away under a request (not a timeout, not a refusal).
+_DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 def make_client(
@@ -82,7 +85,7 @@ class Upstream:
         rid = request_id_var.get()
         if rid and (not self.uuid_request_ids_only or _is_uuid(rid)):
             headers["x-request-id"] = rid  # one id across gateway and worker logs
-        attempt = 0
+        attempt, dropped = 0, False
         while True:
             try:
                 resp = await self.client.request(method, path, json=payload, headers=headers)
@@ -95,6 +98,21 @@ class Upstream:
                 metrics.UPSTREAM.labels(self.name, "unavailable").inc()
                 raise UnavailableError(
                     f"the {self.name} at {self.base_url} is unreachable", code=f"{self.name}_down"
+                ) from exc
+            except _DROPPED as exc:
+                # The connection closed before a response: mostly a pooled keep-alive connection
+                # that the server had closed (idle timeout, restart, crash). Every upstream call
+                # is a pure function of its input (retrieval, scoring, greedy generation), so one
+                # repeat on a fresh connection is safe: it finds the server back, or reports it
+                # down (503), where the stale connection alone would have made a 502.
+                if not dropped:
+                    dropped = True
+                    metrics.UPSTREAM.labels(self.name, "dropped").inc()
+                    continue
+                metrics.UPSTREAM.labels(self.name, "error").inc()
+                raise UpstreamError(
+                    f"the {self.name} at {self.base_url} failed: {type(exc).__name__}",
+                    code=f"{self.name}_error",
                 ) from exc
             except httpx.TimeoutException as exc:
                 metrics.UPSTREAM.labels(self.name, "timeout").inc()

@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -15,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from gainrag.api.admission import Admission
 from gainrag.api.auth import Authenticator
 from gainrag.api.base import base_app
+from gainrag.api.fields import declare_limits, hide_security, query_schema
 from gainrag.api.routes import router
 from gainrag.config import Settings
 from gainrag.errors import GainRAGError
@@ -93,7 +93,17 @@ def create_app(settings: Settings | None = None, components: Components | None =
     admission = Admission(settings.api.max_in_flight, app.state.drain, settings.redis)
     app.state.gainrag = AppState(settings=settings, admission=admission)
     app.include_router(router)
-    _document_bounds(app, settings)
+    # The configured bounds, stated in the schema (pydantic must not enforce them: the API's own
+    # codes such as empty_question and top_n_out_of_range would become generic ones).
+    declare_limits(
+        app,
+        {
+            "AnswerRequest.question": query_schema(settings.api.max_question_chars),
+            "AnswerRequest.top_n": {"minimum": 1, "maximum": settings.pipeline.max_top_n},
+        },
+    )
+    if settings.api.keys_file is None:
+        hide_security(app)
     if settings.api.cors_origins:  # off by default: browsers get no cross-origin access
         app.add_middleware(
             CORSMiddleware,
@@ -104,29 +114,3 @@ def create_app(settings: Settings | None = None, components: Components | None =
             max_age=600,
         )
     return app
-
-
-def _document_bounds(app: FastAPI, settings: Settings) -> None:
-    """Put the configured bounds of ``/answer``'s fields into the OpenAPI schema.
-
-    They are settings, so they cannot live on the pydantic model; and pydantic must not enforce
-    them either, or the API's own codes (``empty_question``, ``top_n_out_of_range``) and
-    messages would become generic ones. A schema-valid request is then one the gateway accepts
-    (up to the token budget and the character rules, which JSON Schema cannot express).
-    """
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = build()
-        props = schema["components"]["schemas"]["AnswerRequest"]["properties"]
-        question = props["question"]
-        question.update(minLength=1, maxLength=settings.api.max_question_chars, pattern=r"\S")
-        for branch in props["top_n"].get("anyOf", [props["top_n"]]):
-            if branch.get("type") == "integer":
-                branch.update(minimum=1, maximum=settings.pipeline.max_top_n)
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+
+from gainrag.api.fields import JsonInt
 
 
 class AnswerRequest(BaseModel):
@@ -16,7 +18,7 @@ class AnswerRequest(BaseModel):
         "GAINRAG_API__MAX_QUESTION_TOKENS generator tokens, not blank or invisible-only, no lone "
         "surrogates or control characters other than tab, newline and carriage return.",
     )
-    top_n: StrictInt | None = Field(
+    top_n: JsonInt | None = Field(
         None,
         description="Passages given to the generator, 1 to GAINRAG_PIPELINE__MAX_TOP_N "
         "(default GAINRAG_PIPELINE__TOP_N).",

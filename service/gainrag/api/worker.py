@@ -14,6 +14,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from gainrag.api.base import base_app
+from gainrag.api.fields import hide_security
 from gainrag.api.schemas import ErrorResponse
 from gainrag.config import Settings
 from gainrag.errors import GainRAGError, UnavailableError, ValidationFailedError
@@ -136,4 +137,6 @@ def worker_app(
         return JSONResponse({"status": "ready", "models": state.models(m)})
 
     app.include_router(router)
+    if settings.worker.api_token is None:
+        hide_security(app)
     return app

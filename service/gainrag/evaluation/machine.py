@@ -19,6 +19,26 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction-set extensions that change CPU inference speed (matmul kernels of torch and
+# llama.cpp), in the names /proc/cpuinfo uses.
+INFERENCE_FLAGS = (
+    "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni",
+    "amx_tile", "amx_bf16", "amx_int8",
+)  # fmt: skip
+
+
+def cpu_flags(wanted: tuple[str, ...] = INFERENCE_FLAGS) -> list[str]:
+    """Which of ``wanted`` the first CPU in /proc/cpuinfo has (empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def machine_info() -> dict[str, Any]:
     """CPU, core count, memory, OS, Python and torch versions."""
     import torch

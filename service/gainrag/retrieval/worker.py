@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Header, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from gainrag import metrics
 from gainrag.api.auth import WorkerToken
+from gainrag.api.fields import JsonInt, Text, declare_limits, query_schema
 from gainrag.api.routes import until_disconnect
 from gainrag.api.schemas import ErrorResponse
 from gainrag.api.worker import WorkerState, require_query, worker_app
@@ -32,7 +33,7 @@ from gainrag.retrieval.local import LocalRetriever
 
 log = logging.getLogger(__name__)
 _ERRORS: dict[int | str, dict[str, object]] = {
-    c: {"model": ErrorResponse} for c in (401, 403, 413, 422, 429, 503)
+    c: {"model": ErrorResponse} for c in (400, 401, 403, 413, 422, 429, 503)
 }
 
 
@@ -42,7 +43,7 @@ class RetrieveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     queries: list[StrictStr] = Field(..., min_length=1, description="Questions to search for.")
-    k: StrictInt = Field(100, ge=1, le=1000, description="Passages per query.")
+    k: JsonInt = Field(100, ge=1, le=1000, description="Passages per query.")
 
 
 class Hit(BaseModel):
@@ -67,7 +68,7 @@ class ReloadRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    index_dir: StrictStr | None = Field(
+    index_dir: Text | None = Field(
         None, description="Index directory to load; default: the configured one (rebuilt in place)."
     )
 
@@ -183,7 +184,7 @@ def create_retrieval_app(
             index_dir=str(index_dir),
         )
 
-    return worker_app(
+    app = worker_app(
         "gainrag retrieval worker",
         "Dense retrieval: all-MiniLM-L6-v2 + FAISS, batched across concurrent requests.",
         settings,
@@ -192,3 +193,12 @@ def create_retrieval_app(
         router,
         model=retriever,
     )
+    w = settings.worker
+    declare_limits(
+        app,
+        {
+            "RetrieveRequest.queries": {"maxItems": w.max_queries},
+            "RetrieveRequest.queries[]": query_schema(w.max_text_chars),
+        },
+    )
+    return app

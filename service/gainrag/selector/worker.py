@@ -12,9 +12,16 @@ from __future__ import annotations
 import math
 
 from fastapi import APIRouter, FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from gainrag.api.auth import WorkerToken
+from gainrag.api.fields import (
+    TEXT_OR_EMPTY_PATTERN,
+    PositiveJsonInt,
+    Text,
+    declare_limits,
+    query_schema,
+)
 from gainrag.api.routes import until_disconnect
 from gainrag.api.schemas import ErrorResponse
 from gainrag.api.worker import WorkerState, require_documents, require_query, worker_app
@@ -23,7 +30,7 @@ from gainrag.errors import UpstreamError, ValidationFailedError
 from gainrag.selector.cross_encoder import CrossEncoderSelector
 
 _ERRORS: dict[int | str, dict[str, object]] = {
-    c: {"model": ErrorResponse} for c in (413, 422, 429, 503)
+    c: {"model": ErrorResponse} for c in (401, 400, 413, 422, 429, 502, 503)
 }
 
 
@@ -34,9 +41,9 @@ class RerankRequest(BaseModel):
 
     query: StrictStr
     documents: list[StrictStr] = Field(..., min_length=1)
-    top_n: StrictInt | None = Field(None, ge=1, description="Return only the best n results.")
+    top_n: PositiveJsonInt | None = Field(None, description="Return only the best n results.")
     return_documents: StrictBool = False
-    model: StrictStr | None = Field(None, description="Accepted for compatibility; one model.")
+    model: Text | None = Field(None, description="Accepted for compatibility; one model.")
 
 
 class RerankDocument(BaseModel):
@@ -131,7 +138,7 @@ def create_selector_app(
             usage=Usage(total_tokens=tokens),
         )
 
-    return worker_app(
+    app = worker_app(
         "gainrag selector worker",
         "GainRAG selector: a cross-encoder with dynamic batching across concurrent requests.",
         settings,
@@ -140,3 +147,16 @@ def create_selector_app(
         router,
         model=selector,
     )
+    w = settings.worker
+    declare_limits(
+        app,
+        {
+            "RerankRequest.query": query_schema(w.max_text_chars),
+            "RerankRequest.documents": {"maxItems": w.max_documents},
+            "RerankRequest.documents[]": {
+                "maxLength": w.max_text_chars,
+                "pattern": TEXT_OR_EMPTY_PATTERN,
+            },
+        },
+    )
+    return app
