@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from prometheus_client import REGISTRY
 from starlette.requests import Request
 
 from gainrag.api import create_app
+from gainrag.api.fields import TEXT_PATTERN
 from gainrag.api.middleware import RequestContextMiddleware
 from gainrag.api.routes import until_disconnect
 from gainrag.batching import MicroBatcher
@@ -108,7 +110,8 @@ async def test_openapi_schema_states_the_bounds(client: httpx.AsyncClient) -> No
     props = spec["components"]["schemas"]["AnswerRequest"]["properties"]
     q = props["question"]
     assert (q["minLength"], q["maxLength"]) == (1, 1000)
-    assert q["pattern"] == r"\S"  # blank questions are schema-invalid too
+    assert q["pattern"] == TEXT_PATTERN  # blank questions are schema-invalid too
+    assert not re.fullmatch(q["pattern"], " \t") and re.fullmatch(q["pattern"], "who?")
     (integer,) = [b for b in props["top_n"]["anyOf"] if b.get("type") == "integer"]
     assert (integer["minimum"], integer["maximum"]) == (1, 10)
     assert "415" in spec["paths"]["/answer"]["post"]["responses"]

@@ -234,14 +234,23 @@ def _recovered(dep: str, gateway: Service, http: httpx.Client, questions: Iterat
     return again
 
 
-def _inject(service: Service, fault: str) -> None:
+def _inject(service: Service, fault: str, during: Callable[[], None]) -> None:
+    """Kill (and restart) or pause (and resume) ``service``; ``during()`` runs while it is out.
+
+    ``during`` sends a request of its own: whether one of the clients' requests happens to
+    reach the dependency while it is out depends on timing, and the test must not.
+    """
     if fault == "kill":
         service.kill()
-        time.sleep(KILLED_S)
+        start = time.monotonic()
+        during()
+        time.sleep(max(0.0, KILLED_S - (time.monotonic() - start)))
         service.start()  # the same port; requests meanwhile see a refused or loading worker
     else:
         service.pause()
-        time.sleep(PAUSED_S)
+        start = time.monotonic()
+        during()
+        time.sleep(max(0.0, PAUSED_S - (time.monotonic() - start)))
         service.resume()
 
 
@@ -271,7 +280,13 @@ def test_faults_under_load(
                     )
                     load.phase = (dep, fault)
                     t0 = time.monotonic()
-                    _inject(stack[dep], fault)
+
+                    def probe_while_out(phase: tuple[str, str] = (dep, fault)) -> None:
+                        out = ask(http, gw.url, next(probe_qs), phase, fresh=True)
+                        with load.lock:
+                            load.outcomes.append(out)
+
+                    _inject(stack[dep], fault, probe_while_out)
                     back = time.monotonic()
                     probes = 0
                     while (probe := _recovered(dep, gw, http, probe_qs)).code != "ok":
