@@ -107,9 +107,7 @@ def synthesize(
     r, llm = settings.retrieval, settings.llm
     retriever = LocalRetriever.from_settings(r, BiEncoder.from_settings(r))
     gen = TransformersGenerator(prepare_llm(llm.model, llm.models_dir), dtype=llm.dtype)
-    scorer = GainScorer(
-        gen.model, gen.tokenizer, gen.render, max_passage_words=llm.max_passage_words
-    )
+    scorer = GainScorer(gen.teacher_forced_scorer(), max_passage_words=llm.max_passage_words)
     meta = {
         "alpha": alpha,
         "k": k,
