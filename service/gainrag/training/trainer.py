@@ -185,6 +185,18 @@ class GroupTrainer(Trainer):
 class LossBar(ProgressCallback):
     """Trainer's progress bar, with the mean loss of the last 50 steps instead of a log line."""
 
+    def __init__(self, desc: str) -> None:
+        super().__init__()
+        self.desc = desc
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        super().on_train_begin(args, state, control, **kw)
+        if self.training_bar is not None:
+            self.training_bar.set_description(self.desc)
+            self.training_bar.unit = "step"
+
     def on_log(
         self,
         args: TrainingArguments,
@@ -295,7 +307,7 @@ def train_selector(
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if show_progress:
-        trainer.add_callback(LossBar())
+        trainer.add_callback(LossBar(f"train selector ({recipe.name})"))
     stopper = StopAfter(stop_after_steps) if stop_after_steps else None
     for cb in [*callbacks, *([stopper] if stopper is not None else [])]:
         trainer.add_callback(cb)
