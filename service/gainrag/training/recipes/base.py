@@ -98,9 +98,9 @@ class Recipe(Job):
 
         inputs: Any = from_args(self.inputs, args)
         targs = from_args(self.train_args, args)
+        init = self.resolve_init(settings, inputs)  # before the data: fail fast on a bad --init
         groups, note = self.load_groups(settings, inputs, targs)
         print(note)
-        init = self.resolve_init(settings, inputs)
         meta = train_selector(
             self, init, groups, args.out, targs, stop_after_steps=args.stop_after_steps
         )
