@@ -144,22 +144,11 @@ eval-qwen: models-qwen
 	$(MAKE) eval EVAL_ENV=GAINRAG_LLM__MODEL=qwen2.5-coder-0.5b EVAL_LIMIT=200 \
 	  EVAL_OUT=benchmarks/results/qwen
 
-# The shipped selectors, end to end, with the exact commands of their model cards (hours on a
-# 2-core CPU; every step resumes). Two shards of the gain-signal job use both cores.
-TRAIN_QUESTIONS = data/questions/nq_train.jsonl data/questions/squad_train.jsonl
-SIGNALS = data/train/gain_signals_k10.jsonl
+# The shipped selectors, end to end: the commands of plan `shipped`
+# (service/gainrag/training/plans/shipped.toml; `gainrag train plan` prints them). Hours on a
+# 2-core CPU; every step resumes; the gain-signal step runs two shards, one per core.
 train: prepare
-	OMP_NUM_THREADS=1 $(BIN)/gainrag train relevance --questions $(TRAIN_QUESTIONS) \
-	  --limit 300 --seed 1 --group-size 8 --k 50 --max-length 256 --epochs 1 --lr 5e-5 \
-	  --save-every 100 --out var/train/relevance
-	GAIN="$(BIN)/gainrag train gain-signals --questions $(TRAIN_QUESTIONS) --limit 250 --k 10 \
-	  --output $(SIGNALS)"; export OMP_NUM_THREADS=1; \
-	  $$GAIN --shard 0/2 & first=$$!; $$GAIN --shard 1/2; second=$$?; \
-	  wait $$first && test $$second = 0
-	$(BIN)/gainrag train selector-data --input $(SIGNALS) --group-size 11 \
-	  --output var/train/groups_k10.jsonl
-	$(BIN)/gainrag train selector --groups var/train/groups_k10.jsonl --init var/train/relevance \
-	  --save-every 100 --out var/train/gainrag
+	$(BIN)/gainrag train plan shipped --run
 	@echo "new selectors in var/train/{relevance,gainrag}; copy them to models/selector/ to ship"
 
 clean:

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from gainrag.llm.scoring import PackedReplies
 from gainrag.pipeline import Components
-from gainrag.training.gain import GainScorer, _Seq, contrastive_ppl
+from gainrag.training.gain import GainScorer, contrastive_ppl
 from gainrag.types import Passage
 
 Q = "who got the first nobel prize in physics"
@@ -23,12 +24,19 @@ BAD = Passage("b", "Deadpool 2", "Deadpool 2 was released in the United States o
 @pytest.fixture(scope="module")
 def scorer(components: Components) -> GainScorer:
     gen = components.generator
-    return GainScorer(gen.model, gen.tokenizer, gen.render, batch_size=3)  # type: ignore[attr-defined]
+    return GainScorer(gen.teacher_forced_scorer(batch_size=3))  # type: ignore[attr-defined]
 
 
-def reference_ppl(scorer: GainScorer, passage: Passage, answer: str, alpha: float) -> float:
+@pytest.fixture(scope="module")
+def model(components: Components) -> torch.nn.Module:
+    """The generator's causal LM itself, for the unpacked, unbatched references."""
+    return components.generator.model  # type: ignore[attr-defined,no-any-return]
+
+
+def reference_ppl(
+    scorer: GainScorer, model: torch.nn.Module, passage: Passage, answer: str, alpha: float
+) -> float:
     """Token by token, one full forward pass per answer token and prompt, no batching."""
-    model = scorer.model
     with_p = scorer.prompt_ids(Q, passage)
     without = scorer.prompt_ids(Q, None)
     ans = scorer.answer_ids(answer)
@@ -43,20 +51,22 @@ def reference_ppl(scorer: GainScorer, passage: Passage, answer: str, alpha: floa
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
-def test_batched_equals_token_by_token(scorer: GainScorer, alpha: float) -> None:
+def test_batched_equals_token_by_token(
+    scorer: GainScorer, model: torch.nn.Module, alpha: float
+) -> None:
     answer = "Wilhelm Conrad Röntgen"
     got = scorer.passage_ppls(Q, [GOOD, BAD], [answer], alpha)
-    want = [reference_ppl(scorer, p, answer, alpha) for p in (GOOD, BAD)]
+    want = [reference_ppl(scorer, model, p, answer, alpha) for p in (GOOD, BAD)]
     assert got == pytest.approx(want, rel=1e-4)
 
 
-def test_alpha_zero_is_plain_conditional_ppl(scorer: GainScorer) -> None:
+def test_alpha_zero_is_plain_conditional_ppl(scorer: GainScorer, model: torch.nn.Module) -> None:
     answer = "Wilhelm Conrad Röntgen"
     prompt, ans = scorer.prompt_ids(Q, GOOD), scorer.answer_ids(answer)
     ids = torch.tensor([prompt + ans])
     labels = torch.tensor([[-100] * len(prompt) + ans])
     with torch.inference_mode():
-        loss = scorer.model(ids, labels=labels).loss  # HF's mean NLL over labelled tokens
+        loss = model(ids, labels=labels).loss  # HF's mean NLL over labelled tokens
     assert scorer.passage_ppls(Q, [GOOD], [answer], 0.0)[0] == pytest.approx(
         math.exp(loss.item()), rel=1e-4
     )
@@ -77,22 +87,24 @@ def test_minimum_over_gold_answers(scorer: GainScorer) -> None:
 
 
 def test_padding_does_not_change_logits(scorer: GainScorer) -> None:
-    short = _Seq(scorer.prompt_ids(Q, None), [scorer.answer_ids("Röntgen")])
-    long = _Seq(scorer.prompt_ids(Q, GOOD), [scorer.answer_ids("Röntgen")])
+    short = PackedReplies(scorer.prompt_ids(Q, None), [scorer.answer_ids("Röntgen")])
+    long = PackedReplies(scorer.prompt_ids(Q, GOOD), [scorer.answer_ids("Röntgen")])
     together = scorer.answer_logits([short, long])
     alone = [scorer.answer_logits([s])[0] for s in (short, long)]
     for a, b in zip(together, alone, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_packed_answers_equal_one_sequence_per_answer(scorer: GainScorer) -> None:
+def test_packed_answers_equal_one_sequence_per_answer(
+    scorer: GainScorer, model: torch.nn.Module
+) -> None:
     # The answers share one prompt in a packed sequence; none may see another.
     prompt = scorer.prompt_ids(Q, GOOD)
     answers = [scorer.answer_ids(a) for a in ("Wilhelm Conrad Röntgen", "Röntgen", "X-ray man")]
-    (packed,) = scorer.answer_logits([_Seq(prompt, answers)])
+    (packed,) = scorer.answer_logits([PackedReplies(prompt, answers)])
     with torch.inference_mode():
         for got, a in zip(packed, answers, strict=True):
-            plain = scorer.model(torch.tensor([prompt + a])).logits[0]
+            plain = model(torch.tensor([prompt + a])).logits[0]
             want = plain[len(prompt) - 1 : len(prompt) - 1 + len(a)].float()
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 

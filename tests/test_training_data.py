@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from gainrag.cli import main
-from gainrag.training.gain_signals import finished_ids
-from gainrag.training.selector_data import gain_label, make_group
+from gainrag.training.signals.gain_signals import finished_ids
+from gainrag.training.signals.selector_data import gain_label, make_group
 
 
 @pytest.fixture
@@ -139,7 +139,7 @@ def test_relevance_groups_use_gold_positives_and_safe_negatives(
 
 
 def test_training_questions_interleave_files_and_are_seeded(tmp_path: Path) -> None:
-    from gainrag.training.gain_signals import training_questions
+    from gainrag.training.questions import training_questions
 
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text(

@@ -147,90 +147,29 @@ def _eval(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _train(settings: Settings, args: argparse.Namespace) -> None:
-    if args.train_cmd == "gain-signals":
-        from gainrag.training.gain_signals import synthesize, training_questions
+    from gainrag.training import plans, recipes
 
-        questions = training_questions(args.questions, args.limit, args.seed)
-        stats = synthesize(
-            settings,
-            questions,
-            args.output,
-            k=args.k,
-            alpha=args.alpha,
-            batch_questions=args.batch_questions,
-            shard=args.shard,
-        )
-        print(
-            f"gain signals: {stats['written']} written, {stats['skipped']} already done "
-            f"-> {args.output}"
-        )
-    elif args.train_cmd in ("relevance", "selector"):
-        _train_selector(settings, args)
-    elif args.train_cmd == "selector-data":
-        from gainrag.training.selector_data import write_groups
-
-        n = write_groups(args.input, args.output, group_size=args.group_size, seed=args.seed)
-        print(f"selector data: {n} groups of {args.group_size} -> {args.output}")
-
-
-def _train_selector(settings: Settings, args: argparse.Namespace) -> None:
-    from gainrag.training.selector_train import TrainConfig, load_groups, train_selector
-
-    cfg = TrainConfig(
-        loss="infonce" if args.train_cmd == "relevance" else "kl",
-        lr=args.lr,
-        epochs=args.epochs,
-        warmup_ratio=args.warmup_ratio,
-        weight_decay=args.weight_decay,
-        max_length=args.max_length,
-        groups_per_step=args.groups_per_step,
-        seed=args.seed,
-        save_every=args.save_every,
-    )
-    if args.train_cmd == "relevance":
-        from gainrag.models import resolve_encoder
-        from gainrag.retrieval.encoder import BiEncoder
-        from gainrag.retrieval.local import LocalRetriever
-        from gainrag.training.gain_signals import training_questions
-        from gainrag.training.relevance_data import relevance_groups
-
-        r = settings.retrieval
-        retriever = LocalRetriever.from_settings(r, BiEncoder.from_settings(r))
-        questions = training_questions(args.questions, args.limit, args.seed)
-        groups = relevance_groups(
-            retriever, questions, group_size=args.group_size, k=args.k, seed=args.seed
-        )
-        print(f"relevance: {len(groups)} groups from {len(questions)} questions")
-        init = resolve_encoder(args.init)
+    if args.train_cmd in (None, "recipes"):
+        print(recipes.listing())
+    elif args.train_cmd == "plan":
+        plans.main(args)
     else:
-        groups = load_groups(args.groups)
-        init = args.init or settings.selector.rerank_checkpoint
-        if not (init / "config.json").is_file():
-            raise ConfigurationError(f"no warm-start checkpoint at {init} (--init)")
-    meta = train_selector(init, groups, args.out, cfg, stop_after_steps=args.stop_after_steps)
-    if meta is None:
-        print(f"stopped after {args.stop_after_steps} steps; rerun the same command to resume")
-        return
-    print(
-        f"selector checkpoint -> {args.out} ({meta['steps']} steps, loss "
-        f"{meta['loss_first_50']:.4f} -> {meta['loss_last_50']:.4f})"
-    )
+        args.job.run(settings, args)
 
 
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected I/N, e.g. 0/2, got {text!r}") from None
-    if n < 1 or not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"shard {text!r}: need 0 <= I < N")
-    return i, n
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    """``gainrag train``: the signal jobs and recipes found in gainrag.training, and plans."""
+    from gainrag.training import plans, recipes, signals
 
-
-def question_args(parser: argparse.ArgumentParser, help_: str) -> None:
-    """--questions FILE... and --limit, shared by the jobs that read training questions."""
-    parser.add_argument("--questions", type=Path, nargs="+", required=True, help=help_)
-    parser.add_argument("--limit", type=int, help="questions per file (seeded random sample)")
+    t = sub.add_parser(
+        "train", help="offline training jobs (no arguments: list the recipes)"
+    ).add_subparsers(dest="train_cmd")
+    t.add_parser("recipes", help="list the selector training recipes")
+    for job in [*signals.jobs().values(), *recipes.recipes().values()]:
+        jp = t.add_parser(job.name, aliases=list(job.aliases), help=job.summary)
+        job.add_arguments(jp)
+        jp.set_defaults(job=job)
+    plans.add_arguments(t.add_parser("plan", help="print (or --run) a plan's exact commands"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,61 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSONL memo of greedy generations, shared across runs (skips repeated prompts)",
     )
 
-    t = sub.add_parser("train", help="offline training jobs").add_subparsers(
-        dest="train_cmd", required=True
-    )
-    g = t.add_parser("gain-signals", help="label candidates with contrastive PPL (resumable)")
-    question_args(g, "JSONL files with question and answers")
-    g.add_argument("--output", type=Path, required=True, help="JSONL to append to")
-    g.add_argument("--k", type=int, default=20, help="retrieved candidates per question")
-    g.add_argument("--alpha", type=float, default=0.5, help="contrastive weight")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-questions", type=int, default=8)
-    g.add_argument(
-        "--shard",
-        type=_shard,
-        default=(0, 1),
-        metavar="I/N",
-        help="process every N-th question from the I-th (0-based), to spread over processes",
-    )
-    sd = t.add_parser("selector-data", help="gain signals -> distillation groups")
-    sd.add_argument("--input", type=Path, required=True, help="gain-signals JSONL")
-    sd.add_argument("--output", type=Path, required=True, help="groups JSONL")
-    sd.add_argument("--group-size", type=int, default=16)
-    sd.add_argument("--seed", type=int, default=0)
-
-    def training_args(parser: argparse.ArgumentParser, lr: float, epochs: int) -> None:
-        parser.add_argument("--out", type=Path, required=True, help="checkpoint directory")
-        parser.add_argument("--lr", type=float, default=lr)
-        parser.add_argument("--epochs", type=int, default=epochs)
-        parser.add_argument("--warmup-ratio", type=float, default=0.1)
-        parser.add_argument("--weight-decay", type=float, default=0.01)
-        parser.add_argument("--max-length", type=int, default=512)
-        parser.add_argument("--groups-per-step", type=int, default=1)
-        parser.add_argument("--save-every", type=int, default=200)
-        parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument(
-            "--stop-after-steps", type=int, help="end this run early (resumable), to time-box it"
-        )
-
-    rel = t.add_parser("relevance", help="relevance warm start: gold vs hard negatives, InfoNCE")
-    question_args(rel, "JSONL files with question, answers, gold_ids")
-    rel.add_argument(
-        "--init",
-        default="all-MiniLM-L6-v2",
-        help="bare encoder (bundled name or directory) or a checkpoint",
-    )
-    rel.add_argument("--group-size", type=int, default=16)
-    rel.add_argument("--k", type=int, default=50, help="retrieved passages to mine negatives")
-    training_args(rel, lr=3e-5, epochs=1)
-    dis = t.add_parser("selector", help="distil gain labels into the selector (KL)")
-    dis.add_argument("--groups", type=Path, required=True, help="selector-data JSONL")
-    dis.add_argument(
-        "--init",
-        type=Path,
-        help="relevance warm-start checkpoint (default: GAINRAG_SELECTOR__RERANK_CHECKPOINT)",
-    )
-    training_args(dis, lr=6e-5, epochs=2)
+    _train_parser(sub)
 
     k = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_cmd", required=True)
     ka = k.add_parser("add", help="create a key: print it once, append its hash to the keys file")

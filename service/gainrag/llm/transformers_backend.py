@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gainrag.batching import MicroBatcher
 from gainrag.errors import ValidationFailedError
+from gainrag.llm.scoring import TransformersTeacherForcedScorer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -140,3 +141,9 @@ class TransformersGenerator:
     async def close(self) -> None:
         """Stop the batcher thread."""
         await self.batcher.close()
+
+    def teacher_forced_scorer(self, *, batch_size: int = 8) -> TransformersTeacherForcedScorer:
+        """This model and chat template as a ``TeacherForcedScorer`` (same weights, no copy)."""
+        return TransformersTeacherForcedScorer(
+            self.model, self.tokenizer, self.render, version=self.version, batch_size=batch_size
+        )

@@ -7,21 +7,18 @@ For a candidate passage c, question q and gold answer a = (a_1..a_n):
 
 and the signal of c is the minimum PPL over the gold answers. Both prompts are the generator's own
 answer-path prompts (with the passage, and closed-book), through its chat template, with the
-answer as the assistant's reply. One sequence per context packs the prompt with all gold answers
-(a custom attention mask keeps the answers apart), so every answer position comes from one forward
-pass and the prompt is computed once; sequences are batched; the LM head is applied only at
-answer positions (a full-vocabulary logit tensor for every prompt token would cost ~50 MB per
-sequence for nothing).
+answer as the assistant's reply. The logits come from the LLM's public teacher-forcing interface
+(``gainrag.llm.scoring``), which packs every gold answer after one prompt and batches contexts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 
 from gainrag.llm import prompts
+from gainrag.llm.scoring import PackedReplies, TeacherForcedScorer
 from gainrag.types import Passage
 
 
@@ -41,110 +38,27 @@ def contrastive_ppl(
     return float(torch.exp(nll.mean()))
 
 
-@dataclass(frozen=True)
-class _Seq:
-    """One context (prompt) followed by every gold answer, packed into one sequence."""
-
-    prompt: list[int]
-    answers: list[list[int]]
-
-    def __len__(self) -> int:
-        return len(self.prompt) + sum(len(a) for a in self.answers)
-
-
-def packed_inputs(
-    seqs: Sequence[_Seq], dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input ids, position ids and an additive 4D mask for a batch of packed sequences.
-
-    Each answer attends to the whole prompt and causally to itself, never to the other answers,
-    and its positions continue from the prompt: so every answer sees exactly what it would see
-    alone after the prompt, while the prompt (~95% of the tokens) is computed once, not once per
-    gold answer. Right padding attends only to itself (a row with nothing to attend would be NaN).
-    """
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros((len(seqs), width), dtype=torch.long)
-    pos = torch.zeros((len(seqs), width), dtype=torch.long)
-    allowed = torch.zeros((len(seqs), width, width), dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        p = len(s.prompt)
-        ids[b, :p] = torch.as_tensor(s.prompt)
-        pos[b, :p] = torch.arange(p)
-        allowed[b, :p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
-        at = p
-        for a in s.answers:
-            n = len(a)
-            ids[b, at : at + n] = torch.as_tensor(a)
-            pos[b, at : at + n] = torch.arange(p, p + n)
-            allowed[b, at : at + n, :p] = True
-            allowed[b, at : at + n, at : at + n] = torch.ones(n, n, dtype=torch.bool).tril()
-            at += n
-        idx = torch.arange(at, width)
-        allowed[b, idx, idx] = True
-    mask = torch.zeros((len(seqs), 1, width, width), dtype=dtype)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    return ids, pos, mask
-
-
 class GainScorer:
-    """Computes contrastive PPLs with a causal LM (the generator's model and chat template)."""
+    """Contrastive PPLs from a teacher-forced LLM (the generator's weights and chat template)."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: object,
-        render: Callable[[str], str],
-        *,
-        batch_size: int = 8,
-        max_passage_words: int | None = 200,
-    ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.render = render
-        self.batch_size = batch_size
+    def __init__(self, llm: TeacherForcedScorer, *, max_passage_words: int | None = 200) -> None:
+        self.llm = llm
         self.max_passage_words = max_passage_words
-
-    def _ids(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-        return list(ids)
 
     def prompt_ids(self, question: str, passage: Passage | None) -> list[int]:
         """Token ids of the answer-path prompt (closed-book when ``passage`` is None)."""
         message = prompts.answer_prompt(
             question, [] if passage is None else [passage], self.max_passage_words
         )
-        return self._ids(self.render(message))
+        return self.llm.prompt_ids(message)
 
     def answer_ids(self, answer: str) -> list[int]:
         """Token ids of an answer as the assistant's reply."""
-        return self._ids(answer.strip())
+        return self.llm.reply_ids(answer.strip())
 
-    @torch.inference_mode()
-    def answer_logits(self, seqs: Sequence[_Seq]) -> list[list[torch.Tensor]]:
+    def answer_logits(self, seqs: Sequence[PackedReplies]) -> list[list[torch.Tensor]]:
         """For each sequence and each of its answers, the (len(answer), vocab) float32 logits."""
-        out: list[list[torch.Tensor]] = [[] for _ in seqs]
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        param = next(self.model.parameters())
-        decoder = self.model.get_decoder()  # type: ignore[operator]
-        head = self.model.get_output_embeddings()  # type: ignore[operator]
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            ids, pos, mask = packed_inputs([seqs[i] for i in idx], param.dtype)
-            hidden = decoder(
-                input_ids=ids.to(param.device),
-                position_ids=pos.to(param.device),
-                attention_mask=mask.to(param.device),
-            )[0]
-            for b, i in enumerate(idx):
-                p = len(seqs[i].prompt)
-                at = p
-                for a in seqs[i].answers:
-                    # token t of an answer is predicted by the prompt's last position (t = 0) or
-                    # by the answer's own token t-1
-                    rows = [p - 1, *range(at, at + len(a) - 1)]
-                    out[i].append(head(hidden[b, rows]).float().cpu())
-                    at += len(a)
-        return out
+        return self.llm.reply_logits(seqs)
 
     def passage_ppls(
         self, question: str, passages: Sequence[Passage], answers: Sequence[str], alpha: float
@@ -153,8 +67,8 @@ class GainScorer:
         golds = [a for a in (self.answer_ids(x) for x in answers) if a]
         if not golds:
             raise ValueError(f"no non-empty gold answer for {question!r}")
-        seqs = [_Seq(self.prompt_ids(question, None), golds)] + [
-            _Seq(self.prompt_ids(question, p), golds) for p in passages
+        seqs = [PackedReplies(self.prompt_ids(question, None), golds)] + [
+            PackedReplies(self.prompt_ids(question, p), golds) for p in passages
         ]
         without, *with_passage = self.answer_logits(seqs)
         return [

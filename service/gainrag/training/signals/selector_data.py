@@ -9,12 +9,16 @@ Texts are the selector's view of a candidate, ``title\\ntext``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from gainrag.config import Settings
+from gainrag.training.registry import Job
 
 
 def gain_label(ppl: float) -> float:
@@ -69,3 +73,23 @@ def write_groups(src: Path, out: Path, *, group_size: int = 16, seed: int = 0) -
             n += 1
     tmp.replace(out)
     return n
+
+
+class SelectorData(Job):
+    """``gainrag train selector-data``."""
+
+    name = "selector-data"
+    summary = "gain signals -> distillation groups (the distill recipe's input)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--input", type=Path, required=True, help="gain-signals JSONL")
+        parser.add_argument("--output", type=Path, required=True, help="groups JSONL")
+        parser.add_argument("--group-size", type=int, default=16)
+        parser.add_argument("--seed", type=int, default=0)
+
+    def run(self, settings: Settings, args: argparse.Namespace) -> None:
+        n = write_groups(args.input, args.output, group_size=args.group_size, seed=args.seed)
+        print(f"selector data: {n} groups of {args.group_size} -> {args.output}")
+
+
+JOB = SelectorData()

@@ -8,27 +8,22 @@ interrupted job resumes where it stopped.
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
-import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from itertools import zip_longest
 from pathlib import Path
 from typing import IO, Any
 
 from tqdm import tqdm
 
 from gainrag.config import Settings
-from gainrag.evaluation.harness import load_questions
 from gainrag.evaluation.metrics import has_answer
 from gainrag.llm import prompts
-from gainrag.llm.transformers_backend import TransformersGenerator
-from gainrag.models import prepare_llm
 from gainrag.pipeline import PSEUDO_ID
-from gainrag.retrieval.encoder import BiEncoder
-from gainrag.retrieval.local import LocalRetriever
-from gainrag.training.gain import GainScorer
+from gainrag.training.questions import question_args, training_questions
+from gainrag.training.registry import Job
 from gainrag.types import Passage
 
 
@@ -69,19 +64,6 @@ def finished_ids(path: Path) -> set[str]:
     return ids
 
 
-def select_questions(path: Path, limit: int | None, seed: int) -> list[dict[str, Any]]:
-    """Questions with at least one answer, in a seeded random order, the first ``limit``."""
-    rows = [r for r in load_questions(path) if any(a.strip() for a in r["answers"])]
-    random.Random(seed).shuffle(rows)
-    return rows[:limit] if limit is not None else rows
-
-
-def training_questions(paths: list[Path], limit: int | None, seed: int) -> list[dict[str, Any]]:
-    """Seeded samples of several files, interleaved so a partial run covers every file."""
-    per_file = [select_questions(path, limit, seed) for path in paths]
-    return [q for batch in zip_longest(*per_file) for q in batch if q is not None]
-
-
 def synthesize(
     settings: Settings,
     questions: list[dict[str, Any]],
@@ -104,12 +86,17 @@ def synthesize(
     questions = questions[i::n]
     done = finished_ids(out)
     todo = [q for q in questions if str(q["id"]) not in done]
+    # Models load here, not at import: the CLI imports every job to build its parser.
+    from gainrag.llm.transformers_backend import TransformersGenerator
+    from gainrag.models import prepare_llm
+    from gainrag.retrieval.encoder import BiEncoder
+    from gainrag.retrieval.local import LocalRetriever
+    from gainrag.training.gain import GainScorer
+
     r, llm = settings.retrieval, settings.llm
     retriever = LocalRetriever.from_settings(r, BiEncoder.from_settings(r))
     gen = TransformersGenerator(prepare_llm(llm.model, llm.models_dir), dtype=llm.dtype)
-    scorer = GainScorer(
-        gen.model, gen.tokenizer, gen.render, max_passage_words=llm.max_passage_words
-    )
+    scorer = GainScorer(gen.teacher_forced_scorer(), max_passage_words=llm.max_passage_words)
     meta = {
         "alpha": alpha,
         "k": k,
@@ -177,3 +164,54 @@ def synthesize(
                 written += 1
                 bar.update(1)
     return {"questions": len(questions), "skipped": len(questions) - len(todo), "written": written}
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N, e.g. 0/2, got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+class GainSignals(Job):
+    """``gainrag train gain-signals``."""
+
+    name = "gain-signals"
+    summary = "label retrieved passages and the pseudo-passage with contrastive PPL (resumable)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        question_args(parser, "JSONL files with question and answers")
+        parser.add_argument("--output", type=Path, required=True, help="JSONL to append to")
+        parser.add_argument("--k", type=int, default=20, help="retrieved candidates per question")
+        parser.add_argument("--alpha", type=float, default=0.5, help="contrastive weight")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--batch-questions", type=int, default=8)
+        parser.add_argument(
+            "--shard",
+            type=_shard,
+            default=(0, 1),
+            metavar="I/N",
+            help="process every N-th question from the I-th (0-based), to spread over processes",
+        )
+
+    def run(self, settings: Settings, args: argparse.Namespace) -> None:
+        questions = training_questions(args.questions, args.limit, args.seed)
+        stats = synthesize(
+            settings,
+            questions,
+            args.output,
+            k=args.k,
+            alpha=args.alpha,
+            batch_questions=args.batch_questions,
+            shard=args.shard,
+        )
+        print(
+            f"gain signals: {stats['written']} written, {stats['skipped']} already done "
+            f"-> {args.output}"
+        )
+
+
+JOB = GainSignals()

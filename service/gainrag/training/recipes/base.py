@@ -1,0 +1,118 @@
+"""The abstract selector recipe: arguments, data, loss; ``training.trainer`` is the runner.
+
+Modelled on FlagEmbedding's ``abc/finetune/reranker`` split (arguments, dataset, modeling,
+runner). A recipe subclasses only what differs:
+
+* ``TrainArgs``: optimisation settings; the defaults here are GainRAG's reference recipe, and a
+  recipe's subclass changes a default by redeclaring the field;
+* ``inputs``: a dataclass of what the recipe reads (the starting checkpoint, its data);
+* ``load_groups`` / ``resolve_init``: groups in FlagEmbedding's reranker format
+  ``{"query", "pos", "neg"[, "pos_scores", "neg_scores"]}`` and the checkpoint to start from;
+* ``group_loss``: the loss of one group's scores (positive first), the overridable method.
+
+The runner scores each group's ``1 + len(neg)`` pairs with the cross-encoder and averages
+``group_loss`` over the groups of a step; the optimisation loop is transformers' ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from abc import abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from gainrag.config import Settings
+from gainrag.training.registry import Job, add_dataclass_arguments, from_args
+
+if TYPE_CHECKING:
+    import torch
+
+TRAIN_HELP = {
+    "lr": "peak learning rate (AdamW, linear warmup and decay)",
+    "epochs": "passes over the groups",
+    "warmup_ratio": "share of the steps spent warming up the learning rate",
+    "weight_decay": "AdamW weight decay (not on biases and LayerNorm weights)",
+    "max_length": "tokens per (query, passage) pair",
+    "groups_per_step": "groups per device and forward pass",
+    "grad_accum": "forward passes per optimizer step (gradient accumulation)",
+    "precision": "training precision: fp32, or bf16/fp16 mixed precision (GPU)",
+    "seed": "seed of the head's init, dropout and the data order",
+    "save_every": "checkpoint every N optimizer steps (resumed from automatically)",
+    "fp16_output": "ship the final weights as fp16 safetensors",
+    "deepspeed": "DeepSpeed config JSON (launch with deepspeed or torchrun)",
+}
+
+
+@dataclass(kw_only=True)
+class TrainArgs:
+    """Optimisation settings (defaults: GainRAG's reference recipe); recorded with the model."""
+
+    lr: float = 6e-5
+    epochs: int = 2
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_length: int = 512
+    groups_per_step: int = 1
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    save_every: int = 200
+    fp16_output: bool = True
+    deepspeed: Path | None = None
+
+
+class Recipe(Job):
+    """A selector training recipe: ``gainrag train <name>``."""
+
+    loss: ClassVar[str]  # the loss's name, recorded as config["loss"] in gainrag_training.json
+    train_args: ClassVar[type[TrainArgs]] = TrainArgs
+    inputs: ClassVar[type]  # dataclass: what the recipe reads
+
+    @abstractmethod
+    def load_groups(
+        self, settings: Settings, inputs: Any, args: TrainArgs
+    ) -> tuple[list[dict[str, Any]], str]:
+        """The training groups, and a line saying what they are (printed)."""
+
+    @abstractmethod
+    def resolve_init(self, settings: Settings, inputs: Any) -> Path:
+        """The checkpoint (or bare encoder) to start from."""
+
+    @abstractmethod
+    def group_loss(self, scores: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
+        """Loss of one group: ``scores`` (n,) with the positive first; ``teacher`` (n,) or None."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """The recipe's inputs, its training arguments, ``--out`` and ``--stop-after-steps``."""
+        add_dataclass_arguments(parser, self.inputs)
+        add_dataclass_arguments(parser, self.train_args, TRAIN_HELP)
+        parser.add_argument("--out", type=Path, required=True, help="checkpoint directory")
+        parser.add_argument(
+            "--stop-after-steps", type=int, help="end this run early (resumable), to time-box it"
+        )
+
+    def run(self, settings: Settings, args: argparse.Namespace) -> None:
+        """Load the data, train, and write the checkpoint to ``--out``."""
+        from gainrag.training.trainer import train_selector  # torch + transformers: on use
+
+        inputs: Any = from_args(self.inputs, args)
+        targs = from_args(self.train_args, args)
+        init = self.resolve_init(settings, inputs)  # before the data: fail fast on a bad --init
+        groups, note = self.load_groups(settings, inputs, targs)
+        print(note)
+        meta = train_selector(
+            self, init, groups, args.out, targs, stop_after_steps=args.stop_after_steps
+        )
+        if meta is None:
+            print(f"stopped after {args.stop_after_steps} steps; rerun the same command to resume")
+            return
+        print(
+            f"selector checkpoint -> {args.out} ({meta['steps']} steps, loss "
+            f"{meta['loss_first_50']:.4f} -> {meta['loss_last_50']:.4f})"
+        )
+
+    def config(self, args: TrainArgs) -> dict[str, Any]:
+        """The training settings as recorded in ``gainrag_training.json``."""
+        values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()}
+        return {"loss": self.loss, **values}
