@@ -234,6 +234,15 @@ def _recovered(dep: str, gateway: Service, http: httpx.Client, questions: Iterat
     return again
 
 
+# What a request sent while each dependency is out must end with (the failure policy).
+EXPECTED: dict[str, Callable[[str], bool]] = {
+    "retriever": lambda c: "retrieval_down" in c,
+    "selector": lambda c: "selector_down" in c,
+    "llm": lambda c: c in {"llm_down", "llm_timeout", "timeout"},
+    "redis": lambda c: not c.startswith("degraded") and c not in {"llm_down", "llm_timeout"},
+}
+
+
 def _inject(service: Service, fault: str, during: Callable[[], None]) -> None:
     """Kill (and restart) or pause (and resume) ``service``; ``during()`` runs while it is out.
 
@@ -282,9 +291,14 @@ def test_faults_under_load(
                     t0 = time.monotonic()
 
                     def probe_while_out(phase: tuple[str, str] = (dep, fault)) -> None:
-                        out = ask(http, gw.url, next(probe_qs), phase, fresh=True)
-                        with load.lock:
-                            load.outcomes.append(out)
+                        # Up to 3 tries: on a loaded machine the LLM (which every request also
+                        # needs) can fail a probe first; the fault stays on while probing.
+                        for _ in range(3):
+                            out = ask(http, gw.url, next(probe_qs), phase, fresh=True)
+                            with load.lock:
+                                load.outcomes.append(out)
+                            if EXPECTED[phase[0]](out.code):
+                                return
 
                     _inject(stack[dep], fault, probe_while_out)
                     back = time.monotonic()
@@ -336,9 +350,8 @@ def test_faults_under_load(
 
     # Each fault was really observed (the test is not vacuous), as the failure policy says.
     for fault in FAULTS:
-        assert seen("retriever", fault, lambda c: "retrieval_down" in c), fault
-        assert seen("selector", fault, lambda c: "selector_down" in c), fault
-        assert seen("llm", fault, lambda c: c in {"llm_down", "llm_timeout", "timeout"}), fault
+        for dep in ("retriever", "selector", "llm"):
+            assert seen(dep, fault, EXPECTED[dep]), (dep, fault)
         # Redis down never degrades a request: it only costs the cache.
         assert seen("redis", fault, lambda c: c.startswith("degraded")) == 0, fault
     assert all(p["cache_errors"] > 0 for p in phases if p["dependency"] == "redis"), phases
