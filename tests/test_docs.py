@@ -11,7 +11,11 @@ from gainrag.cli import build_parser
 from gainrag.config import REPO_ROOT, Settings
 
 SETTINGS_DOC = REPO_ROOT / "docs" / "settings.md"
-PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+PAGES = [
+    REPO_ROOT / "README.md",
+    REPO_ROOT / "deploy" / "README.md",
+    *sorted((REPO_ROOT / "docs").glob("*.md")),
+]
 
 
 def test_every_setting_is_in_the_settings_page() -> None:
@@ -76,12 +80,15 @@ def test_make_targets_and_gainrag_commands_exist() -> None:
     parser = build_parser()
     commands = {name for a in parser._actions if isinstance(a.choices, dict) for name in a.choices}
     for page in PAGES:
-        # Commands are in code: fenced blocks and inline code spans (prose may say "gainrag runs").
+        # Commands are in code: fenced blocks and inline code spans (prose may say "gainrag runs";
+        # `kubectl -n gainrag` names the namespace).
         text = page.read_text()
         code = re.findall(r"```.*?```", text, flags=re.S)
         code += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
         text = "\n".join(code)
         for target in re.findall(r"\bmake ([a-z][a-z0-9-]*)", text):
             assert target in targets, f"{page.name}: `make {target}` is not a Makefile target"
-        for command in re.findall(r"\bgainrag ([a-z][a-z-]*)", text):
+        for command in re.findall(
+            r"(?:^|(?<=[\s`(])|(?<=bin/))(?<!-n )gainrag ([a-z][a-z-]*)", text, re.M
+        ):
             assert command in commands, f"{page.name}: `gainrag {command}` is not a command"
