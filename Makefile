@@ -119,9 +119,9 @@ bench-quick: prepare $(BENCH_STAMP)
 	scripts/system-deps.sh bench
 	for b in gateway llm selector retrieval; do $(BIN)/python benchmarks/bench_$$b.py --quick || exit 1; done
 
-# The README's quality tables: 5 presets x 2 dev sets, 300 questions each, k = 20 (selecting among
-# 101 candidates with a cross-encoder costs ~4 s a question on 2 CPU cores). The generation memo
-# lets presets share identical prompts (same passage, same pseudo-passage prompt).
+# The quality tables of docs/evaluation.md: 5 presets x 2 dev sets, 300 questions each, k = 20
+# (selecting among 101 candidates with a cross-encoder costs ~4 s a question on 2 CPU cores). The
+# generation memo lets presets share identical prompts (same passage, same pseudo-passage prompt).
 EVAL_PRESETS ?= closed-book retrieval rerank gainrag-no-pseudo gainrag
 EVAL_SETS ?= nq_dev squad_dev
 EVAL_LIMIT ?= 300
