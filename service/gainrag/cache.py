@@ -15,13 +15,11 @@ import asyncio
 import hashlib
 import json
 import logging
-import time
 from typing import Any
-
-from redis.asyncio import Redis
 
 from gainrag import metrics
 from gainrag.config import RedisSettings
+from gainrag.redis_conn import Outage, bounded_client
 
 log = logging.getLogger(__name__)
 
@@ -41,44 +39,23 @@ class Cache:
     """Get/set JSON values in Redis within a time budget; failures degrade to a miss."""
 
     def __init__(self, settings: RedisSettings) -> None:
-        if not settings.url:
-            raise ValueError("the cache needs GAINRAG_REDIS__URL")
         self.settings = settings
         self.timeout_s = settings.timeout_ms / 1000.0
-        # No retries inside redis-py: one bounded attempt, then the request goes on without us.
-        self.client = Redis.from_url(
-            settings.url,
-            socket_timeout=self.timeout_s,
-            socket_connect_timeout=self.timeout_s,
-            retry_on_timeout=False,
-            decode_responses=False,
-        )
-        self._down_until = 0.0
-        self._down = False
+        self.client = bounded_client(settings)
+        self.outage = Outage("cache", settings.retry_s)
 
     def _skip(self, kind: str) -> bool:
-        if self._down and time.monotonic() < self._down_until:
+        if self.outage.skipping():
             metrics.CACHE.labels(kind, "skipped").inc()
             return True
         return False
 
     def _failed(self, kind: str, op: str, exc: BaseException) -> None:
         metrics.CACHE.labels(kind, "error").inc()
-        if not self._down:  # log once per outage, not once per request
-            log.warning(
-                "cache unavailable (%s %s: %s); answering without it, retrying in %g s",
-                kind,
-                op,
-                type(exc).__name__,
-                self.settings.retry_s,
-            )
-        self._down = True
-        self._down_until = time.monotonic() + self.settings.retry_s
+        self.outage.failed(exc, f"{kind} {op}")
 
     def _ok(self) -> None:
-        if self._down:
-            log.info("cache available again")
-        self._down = False
+        self.outage.ok()
 
     async def get(self, kind: str, key: str) -> Any | None:
         """The cached value, or None on a miss, an error or while the cache is skipped."""

@@ -24,13 +24,12 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from redis.asyncio import Redis
-
 from gainrag import metrics
 from gainrag.api.auth import Principal
 from gainrag.api.drain import Drain
 from gainrag.config import RedisSettings
 from gainrag.errors import OverloadedError, RateLimitedError, UnavailableError
+from gainrag.redis_conn import Outage, bounded_client
 
 log = logging.getLogger(__name__)
 
@@ -88,23 +87,16 @@ class RedisBuckets:
     """
 
     def __init__(self, settings: RedisSettings) -> None:
-        assert settings.url
         self.settings = settings
         self.timeout_s = settings.timeout_ms / 1000.0
-        self.client = Redis.from_url(
-            settings.url,
-            socket_timeout=self.timeout_s,
-            socket_connect_timeout=self.timeout_s,
-            retry_on_timeout=False,
-        )
+        self.client = bounded_client(settings)
         self.script = self.client.register_script(_TAKE)
         self.local = LocalBuckets()
-        self._down_until = 0.0
-        self._down = False
+        self.outage = Outage("shared rate limits (Redis)", settings.retry_s)
 
     async def take(self, name: str, rate: float, burst: int) -> float:
         """Take a token: 0.0 if there was one, else the seconds until there is."""
-        if self._down and time.monotonic() < self._down_until:
+        if self.outage.skipping():
             return self.local.take(name, rate, burst)
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -112,18 +104,9 @@ class RedisBuckets:
                     keys=[f"{self.settings.prefix}bucket:{name}"], args=[rate, burst]
                 )
         except Exception as exc:  # down, slow or misbehaving: never fail the request for it
-            if not self._down:
-                log.warning(
-                    "rate limits fall back to this process: Redis failed (%s); retrying in %g s",
-                    type(exc).__name__,
-                    self.settings.retry_s,
-                )
-            self._down = True
-            self._down_until = time.monotonic() + self.settings.retry_s
+            self.outage.failed(exc)
             return self.local.take(name, rate, burst)
-        if self._down:
-            log.info("rate limits are shared through Redis again")
-            self._down = False
+        self.outage.ok()
         return float(wait_ms) / 1000.0
 
     async def close(self) -> None:
