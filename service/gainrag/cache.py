@@ -42,7 +42,7 @@ class Cache:
         self.settings = settings
         self.timeout_s = settings.timeout_ms / 1000.0
         self.client = bounded_client(settings)
-        self.outage = Outage("cache", settings.retry_s)
+        self.outage = Outage("cache", settings.retry_s, log)
 
     def _skip(self, kind: str) -> bool:
         if self.outage.skipping():

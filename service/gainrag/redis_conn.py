@@ -14,8 +14,6 @@ from redis.asyncio import Redis
 
 from gainrag.config import RedisSettings
 
-log = logging.getLogger(__name__)
-
 
 def bounded_client(settings: RedisSettings) -> Redis:
     """A client whose every call gives up within ``timeout_ms`` (no retries inside redis-py)."""
@@ -37,8 +35,9 @@ class Outage:
     ``what`` names the feature in the two log lines ("cache", "shared rate limits (Redis)").
     """
 
-    def __init__(self, what: str, retry_s: float) -> None:
+    def __init__(self, what: str, retry_s: float, logger: logging.Logger) -> None:
         self.what = what
+        self.log = logger  # the user's logger: its outage lines read as its own
         self.retry_s = retry_s
         self.down = False
         self._until = 0.0
@@ -50,7 +49,7 @@ class Outage:
     def failed(self, exc: BaseException, detail: str = "") -> None:
         """Record a failure: log it if it starts an outage, and skip Redis for ``retry_s``."""
         if not self.down:  # once per outage, not once per request
-            log.warning(
+            self.log.warning(
                 "%s unavailable (%s%s); going on without it, retrying in %g s",
                 self.what,
                 f"{detail}: " if detail else "",
@@ -63,5 +62,5 @@ class Outage:
     def ok(self) -> None:
         """Record a success; logs the recovery after an outage."""
         if self.down:
-            log.info("%s available again", self.what)
+            self.log.info("%s available again", self.what)
         self.down = False

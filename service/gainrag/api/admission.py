@@ -92,7 +92,7 @@ class RedisBuckets:
         self.client = bounded_client(settings)
         self.script = self.client.register_script(_TAKE)
         self.local = LocalBuckets()
-        self.outage = Outage("shared rate limits (Redis)", settings.retry_s)
+        self.outage = Outage("shared rate limits (Redis)", settings.retry_s, log)
 
     async def take(self, name: str, rate: float, burst: int) -> float:
         """Take a token: 0.0 if there was one, else the seconds until there is."""
