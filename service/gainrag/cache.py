@@ -20,7 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from gainrag import metrics
+from gainrag import telemetry
 from gainrag.config import RedisSettings
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,12 @@ class Cache:
 
     def _skip(self, kind: str) -> bool:
         if self._down and time.monotonic() < self._down_until:
-            metrics.CACHE.labels(kind, "skipped").inc()
+            telemetry.CACHE.labels(kind, "skipped").inc()
             return True
         return False
 
     def _failed(self, kind: str, op: str, exc: BaseException) -> None:
-        metrics.CACHE.labels(kind, "error").inc()
+        telemetry.CACHE.labels(kind, "error").inc()
         if not self._down:  # log once per outage, not once per request
             log.warning(
                 "cache unavailable (%s %s: %s); answering without it, retrying in %g s",
@@ -92,14 +92,14 @@ class Cache:
             return None
         self._ok()
         if raw is None:
-            metrics.CACHE.labels(kind, "miss").inc()
+            telemetry.CACHE.labels(kind, "miss").inc()
             return None
         try:
             value = json.loads(raw)
         except ValueError:  # written by an incompatible version: treat as a miss
-            metrics.CACHE.labels(kind, "miss").inc()
+            telemetry.CACHE.labels(kind, "miss").inc()
             return None
-        metrics.CACHE.labels(kind, "hit").inc()
+        telemetry.CACHE.labels(kind, "hit").inc()
         return value
 
     async def set(self, kind: str, key: str, value: Any) -> None:

@@ -49,7 +49,7 @@ def _index_build(settings: Settings, corpus: Path | None, out: Path | None, forc
 
 
 def _prepare(settings: Settings) -> None:
-    from gainrag.models import prepare_llm
+    from gainrag.weights import prepare_llm
 
     t = time.perf_counter()
     path = prepare_llm(settings.llm.model, settings.llm.models_dir)

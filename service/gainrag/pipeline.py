@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from gainrag import metrics
+from gainrag import telemetry
 from gainrag.cache import Cache, cache_key
 from gainrag.config import PipelineSettings, Settings
 from gainrag.errors import (
@@ -36,9 +36,9 @@ from gainrag.errors import (
     ValidationFailedError,
 )
 from gainrag.llm import prompts
-from gainrag.llm.base import Generator, prompt_tokens
-from gainrag.retrieval.base import Retriever
-from gainrag.selector.base import Selector
+from gainrag.llm.interface import Generator, prompt_tokens
+from gainrag.retrieval.interface import Retriever
+from gainrag.selector.interface import Selector
 from gainrag.textcheck import check_text, is_blank
 from gainrag.types import AnswerResult, Degradation, Passage, Retrieved, Scored
 
@@ -144,7 +144,7 @@ class Pipeline:
         finally:
             elapsed = time.perf_counter() - start
             timings[stage] = elapsed * 1000.0
-            metrics.STAGE_SECONDS.labels(stage).observe(elapsed)
+            telemetry.STAGE_SECONDS.labels(stage).observe(elapsed)
 
     async def _pseudo(self, question: str, read_cache: bool) -> str:
         g, budget = self.c.generator, self.settings.llm.max_new_tokens_pseudo
@@ -257,7 +257,7 @@ class Pipeline:
                 else:
                     result.timings_ms = dict.fromkeys(STAGES, 0.0)
                     result.timings_ms["total"] = (time.perf_counter() - start) * 1000.0
-                    metrics.ANSWERS.labels("cache").inc()
+                    telemetry.ANSWERS.labels("cache").inc()
                     return result
         try:
             async with asyncio.timeout(o.timeout_s):
@@ -266,16 +266,16 @@ class Pipeline:
             raise UpstreamTimeoutError(
                 f"no answer within {o.timeout_s:g} s (GAINRAG_PIPELINE__TIMEOUT_S)"
             ) from exc
-        metrics.ANSWERS.labels("pipeline").inc()
+        telemetry.ANSWERS.labels("pipeline").inc()
         if any(s.passage.pseudo for s in result.selected):
-            metrics.PSEUDO_SELECTED.inc()
+            telemetry.PSEUDO_SELECTED.inc()
         if cache is not None and key is not None and not result.degraded:
             await cache.set("answer", key, result.to_cache())
         return result
 
     def _degrade(self, degraded: list[Degradation], kind: str, message: str) -> None:
         log.warning("degraded answer (%s): %s", kind, message)
-        metrics.FALLBACKS.labels(kind).inc()
+        telemetry.FALLBACKS.labels(kind).inc()
         degraded.append(Degradation(kind, message))
 
     async def _answer(self, question: str, top_n: int, *, read_cache: bool) -> AnswerResult:
@@ -411,7 +411,7 @@ def build_components(settings: Settings) -> Components:
     else:
         import torch
 
-        from gainrag.models import prepare_llm
+        from gainrag.weights import prepare_llm
 
         if llm.threads > 0:
             torch.set_num_threads(llm.threads)
@@ -419,11 +419,11 @@ def build_components(settings: Settings) -> Components:
 
     kind = s.kind
     if kind == "auto":
-        kind = "cross-encoder" if s.checkpoint is not None else "relevance"
+        kind = "cross-encoder" if s.checkpoint is not None else "cosine"
     local_retrieval = o.retrieve and r.url is None
     local_selector = o.select and s.url is None
     encoder = None
-    if local_retrieval or (local_selector and kind == "relevance"):
+    if local_retrieval or (local_selector and kind == "cosine"):
         from gainrag.retrieval.encoder import BiEncoder
 
         encoder = BiEncoder.from_settings(r)
@@ -447,11 +447,11 @@ def build_components(settings: Settings) -> Components:
     elif local_selector and kind == "cross-encoder":
         selector = build_cross_encoder(settings)
     elif local_selector:
-        from gainrag.selector.relevance import RelevanceSelector
+        from gainrag.selector.cosine import CosineSelector
 
         assert encoder is not None
         index = getattr(retriever, "index", None)
-        selector = RelevanceSelector(encoder, index, max_queue=s.max_queue)
+        selector = CosineSelector(encoder, index, max_queue=s.max_queue)
 
     cache = None
     if settings.redis.url:
@@ -469,8 +469,8 @@ def build_cross_encoder(settings: Settings) -> Selector:
     if not (s.checkpoint / "config.json").is_file():
         raise ConfigurationError(
             f"no selector checkpoint at {s.checkpoint} (GAINRAG_SELECTOR__CHECKPOINT); "
-            "train one with `gainrag train selector` or set "
-            "GAINRAG_SELECTOR__KIND=relevance for the untrained fallback"
+            "train one with `gainrag train selector` or set GAINRAG_SELECTOR__KIND=cosine for "
+            "the untrained fallback (GAINRAG_SELECTOR__KIND=relevance, its old name, works too)"
         )
     return CrossEncoderSelector(
         s.checkpoint,

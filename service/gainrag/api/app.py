@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from gainrag.api.admission import Admission
 from gainrag.api.auth import Authenticator
-from gainrag.api.base import base_app
+from gainrag.api.base_app import base_app
 from gainrag.api.fields import declare_limits, hide_security, query_schema
 from gainrag.api.routes import router
 from gainrag.config import Settings

@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from gainrag.api.base import base_app
+from gainrag.api.base_app import base_app
 from gainrag.api.fields import hide_security
 from gainrag.api.schemas import ErrorResponse
 from gainrag.config import Settings

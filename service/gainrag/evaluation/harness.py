@@ -16,7 +16,7 @@ from gainrag.config import Settings
 from gainrag.errors import ConfigurationError, GainRAGError
 from gainrag.evaluation.machine import machine_info
 from gainrag.evaluation.memo import MemoGenerator
-from gainrag.evaluation.metrics import (
+from gainrag.evaluation.qa_metrics import (
     exact_match,
     f1_score,
     has_answer,

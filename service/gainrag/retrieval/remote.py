@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gainrag.remote import WorkerClient, malformed
 from gainrag.types import Passage, Retrieved
+from gainrag.upstream import WorkerClient, malformed
 
 
 class RemoteRetriever(WorkerClient):

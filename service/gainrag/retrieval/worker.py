@@ -16,7 +16,7 @@ from typing import Annotated
 from fastapi import APIRouter, FastAPI, Header, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from gainrag import metrics
+from gainrag import telemetry
 from gainrag.api.auth import WorkerToken
 from gainrag.api.fields import JsonInt, Text, declare_limits, query_schema
 from gainrag.api.routes import until_disconnect
@@ -103,7 +103,7 @@ def create_retrieval_app(
 
         r = settings.retrieval
         loaded = LocalRetriever.from_settings(r, BiEncoder.from_settings(r))
-        metrics.INDEX_INFO.labels(loaded.version).set(len(loaded.index.passages))
+        telemetry.INDEX_INFO.labels(loaded.version).set(len(loaded.index.passages))
         return loaded
 
     def state(request: Request) -> WorkerState[LocalRetriever]:
@@ -174,8 +174,8 @@ def create_retrieval_app(
             except ConfigurationError as exc:
                 raise ValidationFailedError(exc.message, code=exc.code) from exc
         if old.version != new.version:
-            metrics.INDEX_INFO.remove(old.version)
-        metrics.INDEX_INFO.labels(new.version).set(len(new.passages))
+            telemetry.INDEX_INFO.remove(old.version)
+        telemetry.INDEX_INFO.labels(new.version).set(len(new.passages))
         log.info("index swapped: %s -> %s (%s)", old.version, new.version, index_dir)
         return ReloadResponse(
             previous_version=old.version,

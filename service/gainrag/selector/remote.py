@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from gainrag.remote import WorkerClient, malformed
 from gainrag.types import Passage
+from gainrag.upstream import WorkerClient, malformed
 
 
 class RemoteSelector(WorkerClient):
