@@ -18,7 +18,8 @@ from gainrag.api.fields import declare_limits, hide_security, query_schema
 from gainrag.api.routes import router
 from gainrag.config import Settings
 from gainrag.errors import GainRAGError
-from gainrag.pipeline import Components, Pipeline, build_components
+from gainrag.pipeline import Components, Pipeline
+from gainrag.wiring import build_components
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from gainrag.evaluation.qa_metrics import (
     percentile,
     recall_at,
 )
-from gainrag.pipeline import Pipeline, build_components
+from gainrag.pipeline import Pipeline
+from gainrag.wiring import build_components
 
 RECALL_KS = (1, 5, 20, 100)
 

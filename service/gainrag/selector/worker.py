@@ -88,7 +88,7 @@ def create_selector_app(
     router = APIRouter()
 
     def load() -> CrossEncoderSelector:
-        from gainrag.pipeline import build_cross_encoder
+        from gainrag.wiring import build_cross_encoder
 
         built = build_cross_encoder(settings)
         assert isinstance(built, CrossEncoderSelector)

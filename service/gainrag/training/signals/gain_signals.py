@@ -21,10 +21,9 @@ from tqdm import tqdm
 from gainrag.config import Settings
 from gainrag.evaluation.qa_metrics import has_answer
 from gainrag.llm import prompts
-from gainrag.pipeline import PSEUDO_ID
 from gainrag.training.questions import question_args, training_questions
 from gainrag.training.registry import Job
-from gainrag.types import Passage
+from gainrag.types import PSEUDO_ID, Passage
 
 
 @contextmanager
