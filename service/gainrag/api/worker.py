@@ -14,11 +14,11 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from gainrag.api.base_app import base_app
-from gainrag.api.fields import hide_security
-from gainrag.api.schemas import ErrorResponse
+from gainrag.api.openapi import hide_security
 from gainrag.config import Settings
 from gainrag.errors import GainRAGError, UnavailableError, ValidationFailedError
 from gainrag.textcheck import check_text, is_blank
+from gainrag.wire import ErrorResponse
 
 log = logging.getLogger(__name__)
 M = TypeVar("M")

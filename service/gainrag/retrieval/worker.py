@@ -18,9 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from gainrag import telemetry
 from gainrag.api.auth import WorkerToken
-from gainrag.api.fields import JsonInt, Text, declare_limits, query_schema
-from gainrag.api.routes import until_disconnect
-from gainrag.api.schemas import ErrorResponse
+from gainrag.api.cancel import until_disconnect
+from gainrag.api.openapi import declare_limits
 from gainrag.api.worker import WorkerState, require_query, worker_app
 from gainrag.config import Settings
 from gainrag.errors import (
@@ -30,6 +29,7 @@ from gainrag.errors import (
     ValidationFailedError,
 )
 from gainrag.retrieval.local import LocalRetriever
+from gainrag.wire import ErrorResponse, JsonInt, Text, query_schema
 
 log = logging.getLogger(__name__)
 _ERRORS: dict[int | str, dict[str, object]] = {

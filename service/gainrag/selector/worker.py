@@ -15,19 +15,13 @@ from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from gainrag.api.auth import WorkerToken
-from gainrag.api.fields import (
-    TEXT_OR_EMPTY_PATTERN,
-    PositiveJsonInt,
-    Text,
-    declare_limits,
-    query_schema,
-)
-from gainrag.api.routes import until_disconnect
-from gainrag.api.schemas import ErrorResponse
+from gainrag.api.cancel import until_disconnect
+from gainrag.api.openapi import declare_limits
 from gainrag.api.worker import WorkerState, require_documents, require_query, worker_app
 from gainrag.config import Settings
 from gainrag.errors import UpstreamError, ValidationFailedError
 from gainrag.selector.cross_encoder import CrossEncoderSelector
+from gainrag.wire import TEXT_OR_EMPTY_PATTERN, ErrorResponse, PositiveJsonInt, Text, query_schema
 
 _ERRORS: dict[int | str, dict[str, object]] = {
     c: {"model": ErrorResponse} for c in (401, 400, 413, 422, 429, 502, 503)
