@@ -20,6 +20,7 @@ import uuid
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from gainrag import telemetry
 from gainrag.errors import (
@@ -209,6 +210,13 @@ def malformed(name: str, what: str) -> UpstreamError:
     """The error for a 2xx body that does not have the promised shape."""
     telemetry.UPSTREAM.labels(name, "bad_response").inc()
     return UpstreamError(f"the {name} sent a malformed response ({what})", code=f"{name}_error")
+
+
+def off_model(name: str, exc: ValidationError) -> UpstreamError:
+    """:func:`malformed` for a body its wire model refused: the first problem, briefly."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    return malformed(name, f"{where}: {first['msg']}")
 
 
 class WorkerClient:

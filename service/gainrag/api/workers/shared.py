@@ -1,5 +1,6 @@
-"""Lifecycle shared by the retrieval and selector workers: load in the background, serve
-``/health`` at once and ``/ready`` once the model is in, close it at shutdown."""
+"""What the retrieval and selector workers share: the lifecycle (load in the background, serve
+``/health`` at once and ``/ready`` once the model is in, close it at shutdown) and the checks of
+query and document text."""
 
 from __future__ import annotations
 
