@@ -29,7 +29,7 @@ LLM_PORT ?= 8080
 help:
 	@echo "make run    install, prepare models and index, serve on 127.0.0.1:8000"
 	@echo "make test   install and run the test suite"
-	@echo "make lint   ruff + mypy;  make bench  per-stage latency;  make eval  quality table"
+	@echo "make lint   ruff + mypy + dependency map;  make bench  per-stage latency;  make eval  quality table"
 	@echo "make llm-server  the bundled GGUF behind an OpenAI-compatible API (llama.cpp)"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -78,6 +78,7 @@ lint: install
 	$(BIN)/ruff check service tests benchmarks loadtests
 	$(BIN)/ruff format --check service tests benchmarks loadtests
 	$(BIN)/mypy
+	$(BIN)/python tests/test_architecture.py  # the dependency map (also a test)
 
 # Locust sweep of POST /answer (loadtests/README.md): ~15 min on 2 CPU cores with the embedded
 # service; writes benchmarks/results/loadtest/loadtest.{json,md,png}.
