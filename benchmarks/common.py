@@ -22,7 +22,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "service"))
 
 from gainrag.evaluation.machine import machine_info  # noqa: E402
-from gainrag.evaluation.metrics import percentile  # noqa: E402
+from gainrag.evaluation.qa_metrics import percentile  # noqa: E402
 
 __all__ = [
     "RESULTS",

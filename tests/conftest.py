@@ -17,10 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from gainrag.config import REPO_ROOT, Settings
-from gainrag.models import prepare_llm, resolve_encoder
-from gainrag.pipeline import Components, build_components
+from gainrag.pipeline import Components
 from gainrag.retrieval.encoder import BiEncoder
 from gainrag.retrieval.index import build_index
+from gainrag.weights import prepare_llm, resolve_encoder
+from gainrag.wiring import build_components
 
 DATA = REPO_ROOT / "data"
 N_DEV = 8  # dev questions whose gold passages are in the small corpus

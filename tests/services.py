@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from gainrag.config import REPO_ROOT
-from gainrag.models import package_dir
+from gainrag.weights import package_dir
 
 LLAMA_PYTHON = REPO_ROOT / ".venv-llama" / "bin" / "python"
 REQUIRED = os.environ.get("GAINRAG_REQUIRE_SERVICES") == "1"

@@ -15,14 +15,14 @@ from prometheus_client import REGISTRY
 from starlette.requests import Request
 
 from gainrag.api import create_app
-from gainrag.api.fields import TEXT_PATTERN
+from gainrag.api.cancel import until_disconnect
 from gainrag.api.middleware import RequestContextMiddleware
-from gainrag.api.routes import until_disconnect
 from gainrag.batching import MicroBatcher
 from gainrag.config import Settings
 from gainrag.errors import ClientClosedError, ValidationFailedError
 from gainrag.pipeline import Components
 from gainrag.types import Passage
+from gainrag.wire import TEXT_PATTERN
 from tests.conftest import make_settings
 
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from gainrag.api.fields import NON_BLANK, TEXT_PATTERN, JsonInt, PositiveJsonInt, Text
 from gainrag.textcheck import invalid_character
+from gainrag.wire import NON_BLANK, TEXT_PATTERN, JsonInt, PositiveJsonInt, Text
 
 NON_BLANK_RE = re.compile(NON_BLANK)
 

@@ -15,7 +15,8 @@ from asgi_lifespan import LifespanManager
 from prometheus_client import REGISTRY
 
 from gainrag.api import create_app
-from gainrag.cache import Cache, cache_key
+from gainrag.cache import Cache
+from gainrag.cache_interface import cache_key
 from gainrag.config import RedisSettings, Settings
 from gainrag.pipeline import Components
 from tests.services import Service, free_port, redis_service

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-import gainrag.metrics  # noqa: F401 - registers the metric families
+import gainrag.telemetry  # noqa: F401 - registers the metric families
 from gainrag.config import REPO_ROOT
 
 COMPOSE = shutil.which("docker-compose")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gainrag.evaluation.metrics import (
+from gainrag.evaluation.qa_metrics import (
     dpr_tokens,
     exact_match,
     f1_score,

@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from gainrag.errors import ConfigurationError
-from gainrag.models import BUNDLED_LLMS, _assemble_gguf, package_dir, prepare_llm
+from gainrag.weights import BUNDLED_LLMS, _assemble_gguf, package_dir, prepare_llm
 
 
 def test_converted_cache_is_plain_safetensors(llm_dir: Path) -> None:

@@ -6,9 +6,10 @@ import asyncio
 
 import pytest
 
+from gainrag.concurrency import gather_or_cancel
 from gainrag.config import Settings
 from gainrag.errors import UpstreamError
-from gainrag.pipeline import Components, Pipeline, gather_or_cancel
+from gainrag.pipeline import Components, Pipeline
 
 
 async def test_both_results_in_order() -> None:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gainrag.errors import UpstreamError
-from gainrag.remote import Upstream, make_client
+from gainrag.upstream import Upstream, make_client
 
 _OK = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n{"ok": true}'
 

@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY
 from gainrag.api.admission import Admission, RedisBuckets
 from gainrag.api.auth import Principal, WorkerToken
 from gainrag.api.drain import Drain
-from gainrag.api.worker import worker_app
+from gainrag.api.workers.shared import worker_app
 from gainrag.cli import main
 from gainrag.config import RedisSettings, Settings
 from gainrag.errors import ConfigurationError, RateLimitedError

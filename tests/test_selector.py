@@ -1,4 +1,4 @@
-"""The selector interface with both implementations: cross-encoder and relevance fallback."""
+"""The selector interface with both implementations: cross-encoder and cosine fallback."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from gainrag.models import resolve_encoder
 from gainrag.retrieval.encoder import BiEncoder
 from gainrag.retrieval.index import DenseIndex
+from gainrag.selector.cosine import CosineSelector
 from gainrag.selector.cross_encoder import CrossEncoderSelector
-from gainrag.selector.relevance import RelevanceSelector
 from gainrag.types import Passage
+from gainrag.weights import resolve_encoder
 
 CANDIDATES = [
     Passage("p1", "Nobel Prize in Physics", "The first prize went to Wilhelm Röntgen in 1901."),
@@ -72,7 +72,7 @@ def test_cross_encoder_rejects_multi_label_checkpoints(tmp_path: Path) -> None:
 
 
 async def test_relevance_selector_is_cosine(encoder: BiEncoder) -> None:
-    sel = RelevanceSelector(encoder)
+    sel = CosineSelector(encoder)
     q = "who got the first nobel prize in physics"
     scores = await sel.score(q, CANDIDATES)
     vecs = encoder.encode([q] + [c.as_candidate_text() for c in CANDIDATES])
@@ -83,8 +83,8 @@ async def test_relevance_selector_is_cosine(encoder: BiEncoder) -> None:
 
 async def test_relevance_reuses_index_vectors(encoder: BiEncoder, index_dir: Path) -> None:
     index = DenseIndex.load(index_dir)
-    with_index = RelevanceSelector(encoder, index)
-    without = RelevanceSelector(encoder)
+    with_index = CosineSelector(encoder, index)
+    without = CosineSelector(encoder)
     cands = [*index.passages[:5], CANDIDATES[2]]
     q = "where do they grow hops in the us"
     a = await with_index.score(q, cands)

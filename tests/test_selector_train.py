@@ -13,7 +13,6 @@ from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from gainrag.models import resolve_encoder
 from gainrag.selector.cross_encoder import CrossEncoderSelector
 from gainrag.training.recipes.base import TrainArgs
 from gainrag.training.recipes.contrastive import RECIPE as CONTRASTIVE
@@ -21,6 +20,7 @@ from gainrag.training.recipes.contrastive import ContrastiveArgs
 from gainrag.training.recipes.distill import RECIPE as DISTILL
 from gainrag.training.trainer import load_groups, train_selector
 from gainrag.types import Passage
+from gainrag.weights import resolve_encoder
 
 
 def test_infonce_is_cross_entropy_on_the_positive() -> None:

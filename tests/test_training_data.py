@@ -121,7 +121,7 @@ def test_small_candidate_sets_sample_with_replacement_or_skip() -> None:
 def test_relevance_groups_use_gold_positives_and_safe_negatives(
     index_dir: Path, encoder: object, dev_questions: list[dict]
 ) -> None:
-    from gainrag.evaluation.metrics import has_answer
+    from gainrag.evaluation.qa_metrics import has_answer
     from gainrag.retrieval.index import DenseIndex
     from gainrag.retrieval.local import LocalRetriever
     from gainrag.training.relevance_data import relevance_groups

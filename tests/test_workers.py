@@ -12,15 +12,15 @@ import pytest
 from asgi_lifespan import LifespanManager
 from prometheus_client import REGISTRY
 
-from gainrag.api.fields import TEXT_OR_EMPTY_PATTERN, TEXT_PATTERN
+from gainrag.api.workers.retrieval import create_retrieval_app
+from gainrag.api.workers.selector import create_selector_app
 from gainrag.config import Settings
 from gainrag.pipeline import Components
 from gainrag.retrieval.encoder import BiEncoder
 from gainrag.retrieval.index import build_index
 from gainrag.retrieval.local import LocalRetriever
-from gainrag.retrieval.worker import create_retrieval_app
 from gainrag.selector.cross_encoder import CrossEncoderSelector
-from gainrag.selector.worker import create_selector_app
+from gainrag.wire import TEXT_OR_EMPTY_PATTERN, TEXT_PATTERN
 from tests.conftest import DATA, make_settings
 
 

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from gainrag import metrics
+from gainrag import telemetry
 from gainrag.errors import GainRAGError, OverloadedError, ValidationFailedError
 from gainrag.logs import request_id_var
 
@@ -96,11 +96,11 @@ class MicroBatcher(Generic[I, O]):
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.stats = BatchStats()
-        self._m_queue = metrics.BATCH_QUEUE.labels(name)
-        self._m_requests = metrics.BATCH_REQUESTS.labels(name)
-        self._m_cost = metrics.BATCH_COST.labels(name)
-        self._m_rejected = metrics.BATCH_REJECTED.labels(name)
-        self._m_dropped = metrics.BATCH_DROPPED.labels(name)
+        self._m_queue = telemetry.BATCH_QUEUE.labels(name)
+        self._m_requests = telemetry.BATCH_REQUESTS.labels(name)
+        self._m_cost = telemetry.BATCH_COST.labels(name)
+        self._m_rejected = telemetry.BATCH_REJECTED.labels(name)
+        self._m_dropped = telemetry.BATCH_DROPPED.labels(name)
 
     @property
     def queue_size(self) -> int:

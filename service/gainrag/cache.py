@@ -1,38 +1,24 @@
 """Redis cache of answers and pseudo-passages, which never makes a request fail.
 
-Keys hash the question exactly as the models see it (NFC and stripped by
-:mod:`gainrag.textcheck`, nothing else) with every version that changes the result (index, selector,
-generator, prompts, top_n, k, the pipeline switches and generation budgets). Every call has a
-bounded budget (``timeout_ms``): a down or slow Redis costs at most that, the request is answered
-without the cache, the failure is logged once and counted, and for ``retry_s`` afterwards the cache
-is skipped outright so a dead Redis does not add its timeout to every request. The first call
-after that window is a probe: success logs the recovery.
+A :class:`~gainrag.cache_interface.CacheStore` (keys: :func:`gainrag.cache_interface.cache_key`).
+Every call has a bounded budget (``timeout_ms``): a down or slow Redis costs at most that, the
+request is answered without the cache, the failure is logged once and counted, and for ``retry_s``
+afterwards the cache is skipped outright so a dead Redis does not add its timeout to every
+request. The first call after that window is a probe: success logs the recovery.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 from typing import Any
 
-from gainrag import metrics
+from gainrag import telemetry
 from gainrag.config import RedisSettings
 from gainrag.redis_conn import Outage, bounded_client
 
 log = logging.getLogger(__name__)
-
-
-def cache_key(kind: str, question: str, versions: dict[str, Any]) -> str:
-    """``<kind>:<sha256>`` of the question text and the versions (order-independent).
-
-    The text is hashed as given, never re-normalised: two requests share an entry only when the
-    model got the same prompt for both, so no spelling variant can fill the entry that another
-    spelling is then served (case or a trailing '?' can change a greedy generation).
-    """
-    blob = json.dumps({"q": question, "v": versions}, sort_keys=True, ensure_ascii=False)
-    return f"{kind}:{hashlib.sha256(blob.encode()).hexdigest()}"
 
 
 class Cache:
@@ -46,12 +32,12 @@ class Cache:
 
     def _skip(self, kind: str) -> bool:
         if self.outage.skipping():
-            metrics.CACHE.labels(kind, "skipped").inc()
+            telemetry.CACHE.labels(kind, "skipped").inc()
             return True
         return False
 
     def _failed(self, kind: str, op: str, exc: BaseException) -> None:
-        metrics.CACHE.labels(kind, "error").inc()
+        telemetry.CACHE.labels(kind, "error").inc()
         self.outage.failed(exc, f"{kind} {op}")
 
     def _ok(self) -> None:
@@ -69,14 +55,14 @@ class Cache:
             return None
         self._ok()
         if raw is None:
-            metrics.CACHE.labels(kind, "miss").inc()
+            telemetry.CACHE.labels(kind, "miss").inc()
             return None
         try:
             value = json.loads(raw)
         except ValueError:  # written by an incompatible version: treat as a miss
-            metrics.CACHE.labels(kind, "miss").inc()
+            telemetry.CACHE.labels(kind, "miss").inc()
             return None
-        metrics.CACHE.labels(kind, "hit").inc()
+        telemetry.CACHE.labels(kind, "hit").inc()
         return value
 
     async def set(self, kind: str, key: str, value: Any) -> None:

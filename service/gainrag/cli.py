@@ -49,7 +49,7 @@ def _index_build(settings: Settings, corpus: Path | None, out: Path | None, forc
 
 
 def _prepare(settings: Settings) -> None:
-    from gainrag.models import prepare_llm
+    from gainrag.weights import prepare_llm
 
     t = time.perf_counter()
     path = prepare_llm(settings.llm.model, settings.llm.models_dir)
@@ -82,8 +82,8 @@ def _worker(settings: Settings, kind: str, host: str | None, port: int | None) -
     w = settings.worker
     app: FastAPI
     if kind == "retrieval":
+        from gainrag.api.workers.retrieval import create_retrieval_app
         from gainrag.retrieval.index import read_manifest
-        from gainrag.retrieval.worker import create_retrieval_app
 
         if read_manifest(settings.retrieval.index_dir) is None:
             raise ConfigurationError(
@@ -91,7 +91,7 @@ def _worker(settings: Settings, kind: str, host: str | None, port: int | None) -
             )
         app, default_port = create_retrieval_app(settings), w.retrieval_port
     else:
-        from gainrag.selector.worker import create_selector_app
+        from gainrag.api.workers.selector import create_selector_app
 
         app, default_port = create_selector_app(settings), w.selector_port
     serve(app, settings.http, host=host or settings.host, port=port or default_port)

@@ -6,10 +6,11 @@ Every field is documented in the README (``gainrag settings`` prints the effecti
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,10 +41,10 @@ class RetrievalSettings(BaseModel):
 class SelectorSettings(BaseModel):
     """The passage selector that scores (question, candidate) pairs."""
 
-    kind: Literal["auto", "cross-encoder", "relevance"] = Field(
+    kind: Literal["auto", "cross-encoder", "cosine"] = Field(
         "auto",
-        description="'auto': the cross-encoder at `checkpoint` if set, else 'relevance' "
-        "(bi-encoder cosine, no training needed).",
+        description="'auto': the cross-encoder at `checkpoint` if set, else 'cosine' "
+        "(bi-encoder cosine, no training needed; 'relevance' is accepted as its old name).",
     )
     checkpoint: Path | None = Field(
         Path("models/selector/gainrag-minilm-l6"),
@@ -71,6 +72,20 @@ class SelectorSettings(BaseModel):
         description="Base URL of a selector worker (`gainrag worker selector`); unset: in-process.",
     )
     timeout_s: float = Field(30.0, gt=0, description="Deadline of one selector worker call.")
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _old_kind_name(cls, value: object) -> object:
+        # 'relevance' named the cosine fallback until it was told apart from the relevance-trained
+        # cross-encoder (the 'rerank' baseline): configurations that still say it keep working.
+        if value == "relevance":
+            warnings.warn(
+                "GAINRAG_SELECTOR__KIND=relevance is deprecated; it is now called 'cosine'",
+                FutureWarning,
+                stacklevel=1,
+            )
+            return "cosine"
+        return value
 
 
 class LLMSettings(BaseModel):

@@ -21,11 +21,11 @@ import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
-from gainrag import metrics
-from gainrag.cache import Cache, cache_key
+from gainrag import telemetry
+from gainrag.cache_interface import CacheStore, cache_key
+from gainrag.concurrency import gather_or_cancel
 from gainrag.config import PipelineSettings, Settings
 from gainrag.errors import (
     ConfigurationError,
@@ -36,19 +36,16 @@ from gainrag.errors import (
     ValidationFailedError,
 )
 from gainrag.llm import prompts
-from gainrag.llm.base import Generator, prompt_tokens
-from gainrag.retrieval.base import Retriever
-from gainrag.selector.base import Selector
+from gainrag.llm.interface import Generator, prompt_tokens
+from gainrag.retrieval.interface import Retriever
+from gainrag.selector.interface import Selector
 from gainrag.textcheck import check_text, is_blank
-from gainrag.types import AnswerResult, Degradation, Passage, Retrieved, Scored
+from gainrag.types import PSEUDO_ID, AnswerResult, Degradation, Passage, Retrieved, Scored
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-A = TypeVar("A")
-B = TypeVar("B")
 
 STAGES = ("retrieve", "pseudo", "select", "generate")
-PSEUDO_ID = "pseudo"
 # A dependency that is down, failing or too slow: these degrade; bad input and 429 do not.
 _DEPENDENCY_FAILURES = (UnavailableError, UpstreamError, UpstreamTimeoutError)
 
@@ -63,12 +60,15 @@ class CheckedQuery:
 
 @dataclass
 class Components:
-    """The models behind the pipeline; any may be absent when its stage is disabled."""
+    """The models behind the pipeline; any may be absent when its stage is disabled.
+
+    :func:`gainrag.wiring.build_components` builds them from the settings; tests and benchmarks
+    pass stand-ins."""
 
     retriever: Retriever | None
     selector: Selector | None
     generator: Generator
-    cache: Cache | None = None
+    cache: CacheStore | None = None
 
     async def refresh(self) -> None:
         """Ask remote workers for their model versions (best effort: a worker may be down)."""
@@ -144,7 +144,7 @@ class Pipeline:
         finally:
             elapsed = time.perf_counter() - start
             timings[stage] = elapsed * 1000.0
-            metrics.STAGE_SECONDS.labels(stage).observe(elapsed)
+            telemetry.STAGE_SECONDS.labels(stage).observe(elapsed)
 
     async def _pseudo(self, question: str, read_cache: bool) -> str:
         g, budget = self.c.generator, self.settings.llm.max_new_tokens_pseudo
@@ -257,7 +257,7 @@ class Pipeline:
                 else:
                     result.timings_ms = dict.fromkeys(STAGES, 0.0)
                     result.timings_ms["total"] = (time.perf_counter() - start) * 1000.0
-                    metrics.ANSWERS.labels("cache").inc()
+                    telemetry.ANSWERS.labels("cache").inc()
                     return result
         try:
             async with asyncio.timeout(o.timeout_s):
@@ -266,16 +266,16 @@ class Pipeline:
             raise UpstreamTimeoutError(
                 f"no answer within {o.timeout_s:g} s (GAINRAG_PIPELINE__TIMEOUT_S)"
             ) from exc
-        metrics.ANSWERS.labels("pipeline").inc()
+        telemetry.ANSWERS.labels("pipeline").inc()
         if any(s.passage.pseudo for s in result.selected):
-            metrics.PSEUDO_SELECTED.inc()
+            telemetry.PSEUDO_SELECTED.inc()
         if cache is not None and key is not None and not result.degraded:
             await cache.set("answer", key, result.to_cache())
         return result
 
     def _degrade(self, degraded: list[Degradation], kind: str, message: str) -> None:
         log.warning("degraded answer (%s): %s", kind, message)
-        metrics.FALLBACKS.labels(kind).inc()
+        telemetry.FALLBACKS.labels(kind).inc()
         degraded.append(Degradation(kind, message))
 
     async def _answer(self, question: str, top_n: int, *, read_cache: bool) -> AnswerResult:
@@ -373,124 +373,3 @@ class Pipeline:
             timings_ms=timings,
             degraded=degraded,
         )
-
-
-async def gather_or_cancel(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
-    """Run two awaitables concurrently; if one fails, cancel the other before raising.
-
-    (``asyncio.gather`` would leave the sibling running, e.g. an LLM generation for a request
-    that has already failed, using capacity that the in-flight limit no longer accounts for.)
-    """
-    t1, t2 = asyncio.ensure_future(first), asyncio.ensure_future(second)
-    try:
-        await asyncio.wait((t1, t2), return_when=asyncio.FIRST_EXCEPTION)
-    finally:  # also when this request itself is cancelled (deadline, client gone)
-        for t in (t1, t2):
-            if not t.done():
-                t.cancel()
-    for t in (t1, t2):  # raise the real failure, not the sibling's cancellation
-        if t.done() and not t.cancelled() and t.exception() is not None:
-            raise t.exception()  # type: ignore[misc]
-    return t1.result(), t2.result()
-
-
-def build_components(settings: Settings) -> Components:
-    """Build what the settings ask for (once, at start-up): remote clients where a worker URL is
-    set, in-process models otherwise."""
-    o, r, s, llm = settings.pipeline, settings.retrieval, settings.selector, settings.llm
-    api_token = settings.worker.api_token
-    worker_token = api_token.get_secret_value() if api_token is not None else None
-
-    use_openai = llm.backend == "openai" or (llm.backend == "auto" and llm.base_url is not None)
-    if use_openai:
-        from gainrag.llm.openai_backend import OpenAIGenerator
-
-        if not llm.base_url:
-            raise ConfigurationError("GAINRAG_LLM__BACKEND=openai needs GAINRAG_LLM__BASE_URL")
-        generator: Generator = OpenAIGenerator(llm)
-    else:
-        import torch
-
-        from gainrag.models import prepare_llm
-
-        if llm.threads > 0:
-            torch.set_num_threads(llm.threads)
-        generator = _build_generator(settings, prepare_llm(llm.model, llm.models_dir))
-
-    kind = s.kind
-    if kind == "auto":
-        kind = "cross-encoder" if s.checkpoint is not None else "relevance"
-    local_retrieval = o.retrieve and r.url is None
-    local_selector = o.select and s.url is None
-    encoder = None
-    if local_retrieval or (local_selector and kind == "relevance"):
-        from gainrag.retrieval.encoder import BiEncoder
-
-        encoder = BiEncoder.from_settings(r)
-
-    retriever: Retriever | None = None
-    if o.retrieve and r.url is not None:
-        from gainrag.retrieval.remote import RemoteRetriever
-
-        retriever = RemoteRetriever(r.url, timeout_s=r.timeout_s, token=worker_token)
-    elif local_retrieval:
-        from gainrag.retrieval.local import LocalRetriever
-
-        assert encoder is not None
-        retriever = LocalRetriever.from_settings(r, encoder)
-
-    selector: Selector | None = None
-    if o.select and s.url is not None:
-        from gainrag.selector.remote import RemoteSelector
-
-        selector = RemoteSelector(s.url, timeout_s=s.timeout_s, token=worker_token)
-    elif local_selector and kind == "cross-encoder":
-        selector = build_cross_encoder(settings)
-    elif local_selector:
-        from gainrag.selector.relevance import RelevanceSelector
-
-        assert encoder is not None
-        index = getattr(retriever, "index", None)
-        selector = RelevanceSelector(encoder, index, max_queue=s.max_queue)
-
-    cache = None
-    if settings.redis.url:
-        cache = Cache(settings.redis)
-    return Components(retriever=retriever, selector=selector, generator=generator, cache=cache)
-
-
-def build_cross_encoder(settings: Settings) -> Selector:
-    """The in-process cross-encoder selector of the settings (also the selector worker's model)."""
-    from gainrag.selector.cross_encoder import CrossEncoderSelector
-
-    s = settings.selector
-    if s.checkpoint is None:
-        raise ConfigurationError("selector kind 'cross-encoder' needs GAINRAG_SELECTOR__CHECKPOINT")
-    if not (s.checkpoint / "config.json").is_file():
-        raise ConfigurationError(
-            f"no selector checkpoint at {s.checkpoint} (GAINRAG_SELECTOR__CHECKPOINT); "
-            "train one with `gainrag train selector` or set "
-            "GAINRAG_SELECTOR__KIND=relevance for the untrained fallback"
-        )
-    return CrossEncoderSelector(
-        s.checkpoint,
-        max_length=s.max_length,
-        batch_size=s.batch_size,
-        max_batch_pairs=s.max_batch_pairs,
-        max_wait_s=s.max_wait_ms / 1000.0,
-        max_queue=s.max_queue,
-    )
-
-
-def _build_generator(settings: Settings, path: Path) -> Generator:
-    from gainrag.llm.transformers_backend import TransformersGenerator
-
-    llm = settings.llm
-    return TransformersGenerator(
-        path,
-        dtype=llm.dtype,
-        max_input_tokens=llm.max_input_tokens,
-        max_batch_size=llm.max_batch_size,
-        max_wait_s=llm.max_wait_ms / 1000.0,
-        max_queue=llm.max_queue,
-    )

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+PSEUDO_ID = "pseudo"  # the id of the LLM-written pseudo-passage among the candidates
+
 
 # slots: the answer path builds ~100 of these per request; slotted instances are cheaper.
 @dataclass(frozen=True, slots=True)

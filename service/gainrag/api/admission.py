@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from gainrag import metrics
+from gainrag import telemetry
 from gainrag.api.auth import Principal
 from gainrag.api.drain import Drain
 from gainrag.config import RedisSettings
@@ -164,7 +164,7 @@ class Admission:
                         f"(burst {who.burst}); retry after the Retry-After seconds",
                         retry_after_s=max(1, math.ceil(wait)),
                     )
-            gauge = metrics.IN_FLIGHT.labels(route)
+            gauge = telemetry.IN_FLIGHT.labels(route)
             gauge.inc()
             try:
                 yield

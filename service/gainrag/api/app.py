@@ -6,31 +6,23 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from gainrag.api.admission import Admission
 from gainrag.api.auth import Authenticator
-from gainrag.api.base import base_app
-from gainrag.api.fields import declare_limits, hide_security, query_schema
+from gainrag.api.base_app import base_app
+from gainrag.api.openapi import declare_limits, hide_security
 from gainrag.api.routes import router
+from gainrag.api.state import AppState
 from gainrag.config import Settings
 from gainrag.errors import GainRAGError
-from gainrag.pipeline import Components, Pipeline, build_components
+from gainrag.pipeline import Components, Pipeline
+from gainrag.wire import query_schema
+from gainrag.wiring import build_components
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AppState:
-    """What the routes need, created once in the lifespan."""
-
-    settings: Settings
-    admission: Admission
-    pipeline: Pipeline | None = None
-    load_error: str | None = None
 
 
 def create_app(settings: Settings | None = None, components: Components | None = None) -> FastAPI:

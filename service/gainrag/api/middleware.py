@@ -14,7 +14,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gainrag import metrics
+from gainrag import telemetry
 from gainrag.api.drain import Drain
 from gainrag.logs import request_id_var
 
@@ -139,7 +139,7 @@ class RequestContextMiddleware:
                 drain.active -= 1
             elapsed = time.perf_counter() - start
             route = _route_label(scope)
-            metrics.HTTP_SECONDS.labels(route, scope["method"], str(status)).observe(elapsed)
+            telemetry.HTTP_SECONDS.labels(route, scope["method"], str(status)).observe(elapsed)
             if route not in _QUIET:  # the access log, with the request id of the line
                 # The key's name, never the key: the Authorization header is not logged anywhere.
                 who = scope["state"].get("principal", "-")

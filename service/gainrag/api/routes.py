@@ -2,91 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse
 
-from gainrag.api.auth import ApiPrincipal
+from gainrag.api.cancel import until_disconnect
+from gainrag.api.deps import CheckedQueryDep, PipelineDep, PrincipalDep, StateDep
 from gainrag.api.schemas import (
     AnswerRequest,
     AnswerResponse,
     DegradationOut,
-    ErrorResponse,
     PassageOut,
     Timings,
 )
-from gainrag.errors import ClientClosedError, UnavailableError
-from gainrag.pipeline import CheckedQuery, Pipeline
+from gainrag.errors import UnavailableError
 from gainrag.types import Scored
-
-if TYPE_CHECKING:
-    from gainrag.api.app import AppState
+from gainrag.wire import ErrorResponse
 
 router = APIRouter()
-T = TypeVar("T")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 413, 415, 422, 429, 502, 503, 504)
 }
-
-
-def app_state(request: Request) -> AppState:
-    """The gateway's state (settings, admission, pipeline)."""
-    state: AppState = request.app.state.gainrag
-    return state
-
-
-def loaded_pipeline(request: Request) -> Pipeline:
-    """The pipeline, once loaded (else 503 ``not_ready`` / ``load_failed``)."""
-    state = app_state(request)
-    if state.pipeline is None:
-        raise _not_ready(state)
-    return state.pipeline
-
-
-async def checked_query(
-    body: AnswerRequest, pipeline: Annotated[Pipeline, Depends(loaded_pipeline)]
-) -> CheckedQuery:
-    """Every 4xx that needs no model (text, length in tokens, top_n), before admission.
-
-    Async: the check is a tokenisation of at most a few hundred microseconds, cheaper on the
-    event loop than a hop to the thread pool.
-    """
-    return pipeline.check(body.question, body.top_n)
-
-
-def _not_ready(state: AppState) -> UnavailableError:
-    if state.load_error is not None:
-        return UnavailableError(state.load_error, code="load_failed")
-    return UnavailableError("models are still loading; retry shortly", code="not_ready")
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    # After the body is read, the next ASGI message is http.disconnect: the client went away.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def until_disconnect(request: Request, aw: Awaitable[T]) -> T:
-    """Await ``aw`` unless the client disconnects first, in which case cancel it.
-
-    Starlette does not cancel a handler whose client left; without this, abandoned requests would
-    keep the models busy until their deadline.
-    """
-    work = asyncio.ensure_future(aw)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        done, _ = await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also when this handler itself is cancelled
-        watcher.cancel()
-        if not work.done():
-            work.cancel()
-    if work in done:
-        return work.result()
-    raise ClientClosedError("client disconnected; the request was cancelled")
 
 
 def _passage_out(s: Scored) -> PassageOut:
@@ -108,9 +46,10 @@ def _passage_out(s: Scored) -> PassageOut:
 async def answer(
     body: AnswerRequest,
     request: Request,
-    principal: ApiPrincipal,
-    pipeline: Annotated[Pipeline, Depends(loaded_pipeline)],
-    checked: Annotated[CheckedQuery, Depends(checked_query)],
+    principal: PrincipalDep,
+    state: StateDep,
+    pipeline: PipelineDep,
+    checked: CheckedQueryDep,
     cache_control: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Answer a question with GainRAG: retrieve || pseudo-passage, select, generate.
@@ -123,7 +62,7 @@ async def answer(
     use_cache = not (_no_cache(cache_control) and principal.can_refresh)
     # The slot is taken here, after every dependency: FastAPI raises body-validation errors only
     # once all dependencies ran, so a slot taken in one would turn a burst of 422s into 429s.
-    async with app_state(request).admission.slot(principal, "/answer"):
+    async with state.admission.slot(principal, "/answer"):
         result = await until_disconnect(request, pipeline.answer(checked, use_cache=use_cache))
     out = AnswerResponse(
         request_id=request.state.request_id,
@@ -159,11 +98,8 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready", responses={503: {"model": ErrorResponse}})
-async def ready(request: Request) -> JSONResponse:
+async def ready(state: StateDep) -> JSONResponse:
     """Readiness: models and index are loaded, and the server is not draining."""
-    state = app_state(request)
     if state.admission.drain.draining:
         raise UnavailableError("the server is shutting down", code="shutting_down")
-    if state.pipeline is None:
-        raise _not_ready(state)
-    return JSONResponse({"status": "ready", "models": state.pipeline.models})
+    return JSONResponse({"status": "ready", "models": state.require_pipeline().models})

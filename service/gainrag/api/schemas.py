@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
-from gainrag.api.fields import JsonInt
+from gainrag.wire import JsonInt
 
 
 class AnswerRequest(BaseModel):
@@ -72,17 +72,3 @@ class AnswerResponse(BaseModel):
         default_factory=list,
         description="Empty normally; lists each fallback used (see the README's failure policy).",
     )
-
-
-class ErrorBody(BaseModel):
-    """The error object."""
-
-    message: str
-    type: str
-    code: str
-
-
-class ErrorResponse(BaseModel):
-    """Every error response has this shape."""
-
-    error: ErrorBody

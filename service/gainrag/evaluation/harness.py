@@ -16,14 +16,15 @@ from gainrag.config import Settings
 from gainrag.errors import ConfigurationError, GainRAGError
 from gainrag.evaluation.machine import machine_info
 from gainrag.evaluation.memo import MemoGenerator
-from gainrag.evaluation.metrics import (
+from gainrag.evaluation.qa_metrics import (
     exact_match,
     f1_score,
     has_answer,
     percentile,
     recall_at,
 )
-from gainrag.pipeline import Pipeline, build_components
+from gainrag.pipeline import Pipeline
+from gainrag.wiring import build_components
 
 RECALL_KS = (1, 5, 20, 100)
 

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from gainrag.llm.base import Generator, prompt_tokens
+from gainrag.llm.interface import Generator, prompt_tokens
 
 
 def memo_key(version: str, message: str, max_new_tokens: int) -> str:

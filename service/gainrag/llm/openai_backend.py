@@ -16,7 +16,7 @@ from typing import Any
 
 from gainrag.config import LLMSettings
 from gainrag.llm.prompts import neutralize_control_text
-from gainrag.remote import Upstream, make_client, malformed
+from gainrag.upstream import Upstream, make_client, malformed
 
 
 class OpenAIGenerator:

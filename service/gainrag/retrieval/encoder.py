@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from gainrag.config import RetrievalSettings
-from gainrag.models import resolve_encoder
+from gainrag.weights import resolve_encoder
 
 
 class BiEncoder:
@@ -32,7 +32,7 @@ class BiEncoder:
         self.model = AutoModel.from_pretrained(path).float().to(self.device).eval()
         self.max_length = max_length
         self.dim = int(self.model.config.hidden_size)
-        # The retriever and the relevance selector call one encoder from their own threads; the
+        # The retriever and the cosine selector call one encoder from their own threads; the
         # fast tokenizer's padding state is not thread-safe, so encodes take turns.
         self._lock = threading.Lock()
 

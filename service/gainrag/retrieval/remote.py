@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from gainrag.remote import WorkerClient, malformed
+from pydantic import ValidationError
+
+from gainrag.retrieval.wire import RetrieveRequest, RetrieveResponse
 from gainrag.types import Passage, Retrieved
+from gainrag.upstream import WorkerClient, malformed, off_model
 
 
 class RemoteRetriever(WorkerClient):
@@ -31,23 +34,23 @@ class RemoteRetriever(WorkerClient):
 
     async def retrieve(self, question: str, k: int) -> list[Retrieved]:
         """Top-k passages for one question, best first."""
-        body = await self.upstream.request("POST", "/retrieve", {"queries": [question], "k": k})
-        return self._parse(body)[0]
+        request = RetrieveRequest(queries=[question], k=k)
+        body = await self.upstream.request("POST", "/retrieve", request.model_dump())
+        results = self._parse(body)
+        if len(results) != 1:
+            raise malformed("retriever", f"{len(results)} result lists for one query")
+        return results[0]
 
     def _parse(self, body: dict[str, Any]) -> list[list[Retrieved]]:
         try:
-            if "index_version" in body:
-                self.version = str(body["index_version"])
-            return [
-                [
-                    Retrieved(
-                        Passage(str(h["id"]), str(h["title"]), str(h["text"])),
-                        rank,
-                        float(h["score"]),
-                    )
-                    for rank, h in enumerate(hits)
-                ]
-                for hits in body["results"]
+            reply = RetrieveResponse.model_validate(body)
+        except ValidationError as exc:
+            raise off_model("retriever", exc) from exc
+        self.version = reply.index_version
+        return [
+            [
+                Retrieved(Passage(h.id, h.title, h.text), rank, h.score)
+                for rank, h in enumerate(hits)
             ]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise malformed("retriever", f"{type(exc).__name__}: {exc}") from exc
+            for hits in reply.results
+        ]

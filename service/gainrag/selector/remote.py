@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 
-from gainrag.remote import WorkerClient, malformed
+from pydantic import ValidationError
+
+from gainrag.selector.wire import RerankRequest, RerankScores
 from gainrag.types import Passage
+from gainrag.upstream import WorkerClient, malformed, off_model
 
 
 class RemoteSelector(WorkerClient):
@@ -34,17 +37,23 @@ class RemoteSelector(WorkerClient):
         if not candidates:
             return []
         docs = [c.as_candidate_text() for c in candidates]
+        request = RerankRequest(query=question, documents=docs)
+        # Only the fields set: the optional ones keep the server's defaults.
         body = await self.upstream.request(
-            "POST", "/rerank", {"query": question, "documents": docs}
+            "POST", "/rerank", request.model_dump(exclude_defaults=True)
         )
+        try:
+            reply = RerankScores.model_validate(body)
+        except ValidationError as exc:
+            raise off_model("selector", exc) from exc
         scores = [math.nan] * len(docs)
         try:
-            for r in body["results"]:
-                scores[int(r["index"])] = float(r["relevance_score"])
-            if isinstance(body.get("model_version"), str):
-                self.version = body["model_version"]
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise malformed("selector", f"{type(exc).__name__}: {exc}") from exc
+            for r in reply.results:
+                scores[r.index] = r.relevance_score
+        except IndexError as exc:
+            raise malformed("selector", f"IndexError: {exc}") from exc
+        if reply.model_version is not None:
+            self.version = reply.model_version
         if any(math.isnan(s) for s in scores):
             raise malformed("selector", "not every document was scored")
         return scores

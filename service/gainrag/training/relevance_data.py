@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from gainrag.evaluation.metrics import has_answer
+from gainrag.evaluation.qa_metrics import has_answer
 from gainrag.retrieval.local import LocalRetriever
 
 

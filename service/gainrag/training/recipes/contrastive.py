@@ -73,7 +73,7 @@ class Contrastive(Recipe):
 
     def resolve_init(self, settings: Settings, inputs: ContrastiveInputs) -> Path:
         """A bundled encoder's directory, or the path given."""
-        from gainrag.models import resolve_encoder
+        from gainrag.weights import resolve_encoder
 
         return resolve_encoder(inputs.init)
 

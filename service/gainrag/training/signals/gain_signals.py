@@ -19,12 +19,11 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from gainrag.config import Settings
-from gainrag.evaluation.metrics import has_answer
+from gainrag.evaluation.qa_metrics import has_answer
 from gainrag.llm import prompts
-from gainrag.pipeline import PSEUDO_ID
 from gainrag.training.questions import question_args, training_questions
 from gainrag.training.registry import Job
-from gainrag.types import Passage
+from gainrag.types import PSEUDO_ID, Passage
 
 
 @contextmanager
@@ -88,10 +87,10 @@ def synthesize(
     todo = [q for q in questions if str(q["id"]) not in done]
     # Models load here, not at import: the CLI imports every job to build its parser.
     from gainrag.llm.transformers_backend import TransformersGenerator
-    from gainrag.models import prepare_llm
     from gainrag.retrieval.encoder import BiEncoder
     from gainrag.retrieval.local import LocalRetriever
     from gainrag.training.gain import GainScorer
+    from gainrag.weights import prepare_llm
 
     r, llm = settings.retrieval, settings.llm
     retriever = LocalRetriever.from_settings(r, BiEncoder.from_settings(r))

@@ -1,18 +1,26 @@
-"""Field types of the workers' request bodies, and the limits their OpenAPI schema states.
+"""The wire vocabulary every gainrag HTTP process shares: field types of request bodies, the
+text patterns their schema states, and the error shape.
 
-The schema is a contract: a request it allows must not be refused for a reason it could have
-said, and nothing it allows may crash a worker. These types close the gaps schemathesis found:
-integral floats, Unicode whitespace, lone surrogates and the limits the handlers check.
+Plain pydantic, no FastAPI: the workers' wire models (``retrieval/wire.py``, ``selector/wire.py``)
+are used by their remote clients too. The schema is a contract: a request it allows must not be
+refused for a reason it could have said, and nothing it allows may crash a worker. These types
+close the gaps schemathesis found: integral floats, Unicode whitespace, lone surrogates and the
+limits the handlers check (stated in the schema by :func:`gainrag.api.openapi.declare_limits`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated, Any
 
 from annotated_types import Ge
-from fastapi import FastAPI
-from pydantic import AfterValidator, BeforeValidator, StrictInt, StrictStr, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+)
 
 from gainrag.textcheck import invalid_character
 
@@ -85,56 +93,15 @@ def query_schema(limit: int) -> dict[str, Any]:
     return {"minLength": 1, "maxLength": limit, "pattern": TEXT_PATTERN}
 
 
-def patch_openapi(app: FastAPI, patch: Callable[[dict[str, Any]], None]) -> None:
-    """Apply ``patch`` to the app's OpenAPI schema once, when it is first built."""
-    build = app.openapi
+class ErrorBody(BaseModel):
+    """The error object."""
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = build()  # FastAPI caches it in app.openapi_schema: patched once
-        patch(schema)
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+    message: str
+    type: str
+    code: str
 
 
-def declare_limits(app: FastAPI, limits: dict[str, dict[str, Any]]) -> None:
-    """State in the app's OpenAPI schema the limits its handlers enforce themselves.
+class ErrorResponse(BaseModel):
+    """Every error response has this shape."""
 
-    The handlers check configured limits (query length, documents per request) with error codes
-    of their own (``too_many_documents``...); declaring them too lets a client, or a schema-driven
-    fuzzer, know what is accepted before it is refused. ``limits`` maps ``"Model.field"`` (or
-    ``"Model.field[]"``, the items of a list) to JSON-schema keywords.
-    """
-
-    def patch(schema: dict[str, Any]) -> None:
-        models = schema["components"]["schemas"]
-        for where, keywords in limits.items():
-            model, _, name = where.partition(".")
-            node = models[model]["properties"][name.removesuffix("[]")]
-            node = node["items"] if name.endswith("[]") else node
-            # An optional field is anyOf [its type, null]: the bounds belong to its type.
-            for branch in node.get("anyOf", [node]):
-                if branch.get("type") != "null":
-                    branch.update(keywords)
-
-    patch_openapi(app, patch)
-
-
-def hide_security(app: FastAPI) -> None:
-    """Drop the bearer scheme from the schema while authentication is off.
-
-    The dependency that checks keys is always there (it lets everyone through when none are
-    configured); a schema that still asked for a key would tell clients, and fuzzers, otherwise.
-    """
-
-    def patch(schema: dict[str, Any]) -> None:
-        schema.get("components", {}).pop("securitySchemes", None)
-        for path in schema.get("paths", {}).values():
-            for operation in path.values():
-                if isinstance(operation, dict):
-                    operation.pop("security", None)
-
-    patch_openapi(app, patch)
+    error: ErrorBody

@@ -1,5 +1,6 @@
-"""Lifecycle shared by the retrieval and selector workers: load in the background, serve
-``/health`` at once and ``/ready`` once the model is in, close it at shutdown."""
+"""What the retrieval and selector workers share: the lifecycle (load in the background, serve
+``/health`` at once and ``/ready`` once the model is in, close it at shutdown) and the checks of
+query and document text."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from typing import Any, Generic, TypeVar
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from gainrag.api.base import base_app
-from gainrag.api.fields import hide_security
-from gainrag.api.schemas import ErrorResponse
+from gainrag.api.base_app import base_app
+from gainrag.api.openapi import hide_security
 from gainrag.config import Settings
 from gainrag.errors import GainRAGError, UnavailableError, ValidationFailedError
 from gainrag.textcheck import check_text, is_blank
+from gainrag.wire import ErrorResponse
 
 log = logging.getLogger(__name__)
 M = TypeVar("M")

@@ -1,8 +1,8 @@
-"""Relevance fallback selector: bi-encoder cosine between the question and each candidate.
+"""The untrained fallback selector: bi-encoder cosine between the question and each candidate.
 
-Used when no cross-encoder checkpoint is configured. Corpus passages reuse the vectors already
-stored in the index (the index encodes exactly ``title\\ntext``), so only the question and the
-pseudo-passage are encoded per request.
+Used when no cross-encoder checkpoint is configured (``GAINRAG_SELECTOR__KIND=cosine``). Corpus
+passages reuse the vectors already stored in the index (the index encodes exactly
+``title\\ntext``), so only the question and the pseudo-passage are encoded per request.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from gainrag.retrieval.index import DenseIndex
 from gainrag.types import Passage
 
 
-class RelevanceSelector:
+class CosineSelector:
     """Cosine similarity of normalised bi-encoder vectors."""
 
     def __init__(
@@ -23,6 +23,8 @@ class RelevanceSelector:
     ) -> None:
         self.encoder = encoder
         self.index = index
+        # Its former name stays in the public identifiers: name and version are in /ready, in
+        # answers and in cache keys, and "relevance" is the batcher label of its metrics.
         self.name = f"relevance:{encoder.name}"
         self.version = f"relevance-{encoder.name}-{encoder.max_length}"
         # Encoding shares the encoder's thread budget; batching several requests' texts is cheap.

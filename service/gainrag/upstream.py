@@ -20,8 +20,9 @@ import uuid
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
-from gainrag import metrics
+from gainrag import telemetry
 from gainrag.errors import (
     OverloadedError,
     UnavailableError,
@@ -95,7 +96,7 @@ class Upstream:
                     attempt += 1
                     await asyncio.sleep(0.05 * 2**attempt)
                     continue
-                metrics.UPSTREAM.labels(self.name, "unavailable").inc()
+                telemetry.UPSTREAM.labels(self.name, "unavailable").inc()
                 raise UnavailableError(
                     f"the {self.name} at {self.base_url} is unreachable", code=f"{self.name}_down"
                 ) from exc
@@ -107,38 +108,38 @@ class Upstream:
                 # down (503), where the stale connection alone would have made a 502.
                 if not dropped:
                     dropped = True
-                    metrics.UPSTREAM.labels(self.name, "dropped").inc()
+                    telemetry.UPSTREAM.labels(self.name, "dropped").inc()
                     continue
-                metrics.UPSTREAM.labels(self.name, "error").inc()
+                telemetry.UPSTREAM.labels(self.name, "error").inc()
                 raise UpstreamError(
                     f"the {self.name} at {self.base_url} failed: {type(exc).__name__}",
                     code=f"{self.name}_error",
                 ) from exc
             except httpx.TimeoutException as exc:
-                metrics.UPSTREAM.labels(self.name, "timeout").inc()
+                telemetry.UPSTREAM.labels(self.name, "timeout").inc()
                 raise UpstreamTimeoutError(
                     f"the {self.name} at {self.base_url} did not answer in time",
                     code=f"{self.name}_timeout",
                 ) from exc
             except httpx.HTTPError as exc:  # connection dropped mid-request, protocol errors
-                metrics.UPSTREAM.labels(self.name, "error").inc()
+                telemetry.UPSTREAM.labels(self.name, "error").inc()
                 raise UpstreamError(
                     f"the {self.name} at {self.base_url} failed: {type(exc).__name__}",
                     code=f"{self.name}_error",
                 ) from exc
         if resp.status_code == 429:
-            metrics.UPSTREAM.labels(self.name, "overloaded").inc()
+            telemetry.UPSTREAM.labels(self.name, "overloaded").inc()
             raise OverloadedError(f"the {self.name} is overloaded; retry shortly")
         if resp.status_code == 422 and _error_code(resp) in INPUT_ERROR_CODES:
             # The worker refused the text itself (the gateway checks the same rules, so this
             # is rare): the client's input, a 422 here too, not a dependency failure.
-            metrics.UPSTREAM.labels(self.name, "rejected_input").inc()
+            telemetry.UPSTREAM.labels(self.name, "rejected_input").inc()
             raise ValidationFailedError(
                 f"the {self.name} rejected the input: {_error_message(resp)}",
                 code=str(_error_code(resp)),
             )
         if resp.status_code >= 400:
-            metrics.UPSTREAM.labels(self.name, f"http_{resp.status_code}").inc()
+            telemetry.UPSTREAM.labels(self.name, f"http_{resp.status_code}").inc()
             detail = _error_message(resp)
             log.warning("%s answered %d: %s", self.name, resp.status_code, detail)
             raise UpstreamError(
@@ -148,16 +149,16 @@ class Upstream:
         try:
             body = resp.json()
         except ValueError as exc:
-            metrics.UPSTREAM.labels(self.name, "bad_response").inc()
+            telemetry.UPSTREAM.labels(self.name, "bad_response").inc()
             raise UpstreamError(
                 f"the {self.name} sent a body that is not JSON", code=f"{self.name}_error"
             ) from exc
         if not isinstance(body, dict):
-            metrics.UPSTREAM.labels(self.name, "bad_response").inc()
+            telemetry.UPSTREAM.labels(self.name, "bad_response").inc()
             raise UpstreamError(
                 f"the {self.name} sent an unexpected body", code=f"{self.name}_error"
             )
-        metrics.UPSTREAM.labels(self.name, "ok").inc()
+        telemetry.UPSTREAM.labels(self.name, "ok").inc()
         return body
 
     async def close(self) -> None:
@@ -207,8 +208,15 @@ def _error_message(resp: httpx.Response) -> str:
 
 def malformed(name: str, what: str) -> UpstreamError:
     """The error for a 2xx body that does not have the promised shape."""
-    metrics.UPSTREAM.labels(name, "bad_response").inc()
+    telemetry.UPSTREAM.labels(name, "bad_response").inc()
     return UpstreamError(f"the {name} sent a malformed response ({what})", code=f"{name}_error")
+
+
+def off_model(name: str, exc: ValidationError) -> UpstreamError:
+    """:func:`malformed` for a body its wire model refused: the first problem, briefly."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    return malformed(name, f"{where}: {first['msg']}")
 
 
 class WorkerClient:

@@ -14,14 +14,12 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Header, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from gainrag import metrics
+from gainrag import telemetry
 from gainrag.api.auth import WorkerToken
-from gainrag.api.fields import JsonInt, Text, declare_limits, query_schema
-from gainrag.api.routes import until_disconnect
-from gainrag.api.schemas import ErrorResponse
-from gainrag.api.worker import WorkerState, require_query, worker_app
+from gainrag.api.cancel import until_disconnect
+from gainrag.api.openapi import declare_limits
+from gainrag.api.workers.shared import WorkerState, require_query, worker_app
 from gainrag.config import Settings
 from gainrag.errors import (
     AuthenticationError,
@@ -30,56 +28,19 @@ from gainrag.errors import (
     ValidationFailedError,
 )
 from gainrag.retrieval.local import LocalRetriever
+from gainrag.retrieval.wire import (
+    Hit,
+    ReloadRequest,
+    ReloadResponse,
+    RetrieveRequest,
+    RetrieveResponse,
+)
+from gainrag.wire import ErrorResponse, query_schema
 
 log = logging.getLogger(__name__)
 _ERRORS: dict[int | str, dict[str, object]] = {
     c: {"model": ErrorResponse} for c in (400, 401, 403, 413, 422, 429, 503)
 }
-
-
-class RetrieveRequest(BaseModel):
-    """Body of ``POST /retrieve``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    queries: list[StrictStr] = Field(..., min_length=1, description="Questions to search for.")
-    k: JsonInt = Field(100, ge=1, le=1000, description="Passages per query.")
-
-
-class Hit(BaseModel):
-    """One retrieved passage."""
-
-    id: str
-    title: str
-    text: str
-    score: float = Field(..., description="Cosine similarity of normalised vectors.")
-
-
-class RetrieveResponse(BaseModel):
-    """Per query, its top-k passages, best first."""
-
-    results: list[list[Hit]]
-    index_version: str
-    encoder: str
-
-
-class ReloadRequest(BaseModel):
-    """Body of ``POST /admin/reload-index``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    index_dir: Text | None = Field(
-        None, description="Index directory to load; default: the configured one (rebuilt in place)."
-    )
-
-
-class ReloadResponse(BaseModel):
-    """What the swap did."""
-
-    previous_version: str
-    version: str
-    count: int
-    index_dir: str
 
 
 def _models(r: LocalRetriever) -> dict[str, str]:
@@ -103,7 +64,7 @@ def create_retrieval_app(
 
         r = settings.retrieval
         loaded = LocalRetriever.from_settings(r, BiEncoder.from_settings(r))
-        metrics.INDEX_INFO.labels(loaded.version).set(len(loaded.index.passages))
+        telemetry.INDEX_INFO.labels(loaded.version).set(len(loaded.index.passages))
         return loaded
 
     def state(request: Request) -> WorkerState[LocalRetriever]:
@@ -174,8 +135,8 @@ def create_retrieval_app(
             except ConfigurationError as exc:
                 raise ValidationFailedError(exc.message, code=exc.code) from exc
         if old.version != new.version:
-            metrics.INDEX_INFO.remove(old.version)
-        metrics.INDEX_INFO.labels(new.version).set(len(new.passages))
+            telemetry.INDEX_INFO.remove(old.version)
+        telemetry.INDEX_INFO.labels(new.version).set(len(new.passages))
         log.info("index swapped: %s -> %s (%s)", old.version, new.version, index_dir)
         return ReloadResponse(
             previous_version=old.version,

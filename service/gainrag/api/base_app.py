@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from gainrag import __version__, metrics
+from gainrag import __version__, telemetry
 from gainrag.api.auth import require_key
 from gainrag.api.drain import Drain
 from gainrag.api.errors import install_error_handlers
@@ -27,7 +27,7 @@ Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 async def _metrics() -> Response:
     """Prometheus exposition of this process's metrics."""
-    data, content_type = metrics.render()
+    data, content_type = telemetry.render()
     return Response(data, media_type=content_type)
 
 

@@ -12,68 +12,32 @@ from __future__ import annotations
 import math
 
 from fastapi import APIRouter, FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from gainrag.api.auth import WorkerToken
-from gainrag.api.fields import (
-    TEXT_OR_EMPTY_PATTERN,
-    PositiveJsonInt,
-    Text,
-    declare_limits,
-    query_schema,
+from gainrag.api.cancel import until_disconnect
+from gainrag.api.openapi import declare_limits
+from gainrag.api.workers.shared import (
+    WorkerState,
+    require_documents,
+    require_query,
+    worker_app,
 )
-from gainrag.api.routes import until_disconnect
-from gainrag.api.schemas import ErrorResponse
-from gainrag.api.worker import WorkerState, require_documents, require_query, worker_app
 from gainrag.config import Settings
 from gainrag.errors import UpstreamError, ValidationFailedError
 from gainrag.selector.cross_encoder import CrossEncoderSelector
+from gainrag.selector.wire import (
+    RerankDocument,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    Usage,
+)
+from gainrag.wire import TEXT_OR_EMPTY_PATTERN, ErrorResponse, query_schema
+from gainrag.wiring import build_cross_encoder
 
 _ERRORS: dict[int | str, dict[str, object]] = {
     c: {"model": ErrorResponse} for c in (401, 400, 413, 422, 429, 502, 503)
 }
-
-
-class RerankRequest(BaseModel):
-    """Body of ``POST /rerank`` (the fields vLLM's and Jina's rerank APIs share)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    query: StrictStr
-    documents: list[StrictStr] = Field(..., min_length=1)
-    top_n: PositiveJsonInt | None = Field(None, description="Return only the best n results.")
-    return_documents: StrictBool = False
-    model: Text | None = Field(None, description="Accepted for compatibility; one model.")
-
-
-class RerankDocument(BaseModel):
-    """The document text, when ``return_documents`` is set."""
-
-    text: str
-
-
-class RerankResult(BaseModel):
-    """One document's score; ``index`` points into the request's ``documents``."""
-
-    index: int
-    relevance_score: float = Field(..., description="The cross-encoder's raw logit.")
-    document: RerankDocument | None = None
-
-
-class Usage(BaseModel):
-    """Tokens scored (query + document, after truncation)."""
-
-    total_tokens: int
-
-
-class RerankResponse(BaseModel):
-    """Results sorted best first."""
-
-    id: str
-    model: str
-    model_version: str
-    results: list[RerankResult]
-    usage: Usage
 
 
 def _models(s: CrossEncoderSelector) -> dict[str, str]:
@@ -88,8 +52,6 @@ def create_selector_app(
     router = APIRouter()
 
     def load() -> CrossEncoderSelector:
-        from gainrag.pipeline import build_cross_encoder
-
         built = build_cross_encoder(settings)
         assert isinstance(built, CrossEncoderSelector)
         return built

@@ -1,0 +1,50 @@
+"""The gateway's request dependencies, as ``Annotated`` aliases for route signatures.
+
+``pipeline: PipelineDep`` is the loaded pipeline (503 until then), ``checked: CheckedQueryDep``
+the question after every check that needs no model (422 before the request takes a slot),
+``principal: PrincipalDep`` the authenticated caller (:mod:`gainrag.api.auth`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from gainrag.api.auth import ApiPrincipal
+from gainrag.api.schemas import AnswerRequest
+from gainrag.api.state import AppState
+from gainrag.pipeline import CheckedQuery, Pipeline
+
+
+# async although nothing here awaits: FastAPI runs a plain ``def`` dependency in its thread pool,
+# a hop per request that these attribute reads do not need.
+async def app_state(request: Request) -> AppState:
+    """The gateway's state (settings, admission, pipeline)."""
+    state: AppState = request.app.state.gainrag
+    return state
+
+
+StateDep = Annotated[AppState, Depends(app_state)]
+
+
+async def loaded_pipeline(state: StateDep) -> Pipeline:
+    """The pipeline, once loaded (else 503 ``not_ready`` / ``load_failed``)."""
+    return state.require_pipeline()
+
+
+PipelineDep = Annotated[Pipeline, Depends(loaded_pipeline)]
+
+
+async def checked_query(body: AnswerRequest, pipeline: PipelineDep) -> CheckedQuery:
+    """Every 4xx that needs no model (text, length in tokens, top_n), before admission.
+
+    Async: the check is a tokenisation of at most a few hundred microseconds, cheaper on the
+    event loop than a hop to the thread pool.
+    """
+    return pipeline.check(body.question, body.top_n)
+
+
+CheckedQueryDep = Annotated[CheckedQuery, Depends(checked_query)]
+PrincipalDep = ApiPrincipal
+"""The caller (every public route takes one; see :mod:`gainrag.api.auth`)."""
