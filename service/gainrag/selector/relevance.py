@@ -24,7 +24,7 @@ class RelevanceSelector:
         self.encoder = encoder
         self.index = index
         self.name = f"relevance:{encoder.name}"
-        self.version = f"relevance-{encoder.name}-{encoder.max_length}"
+        self.version = f"relevance-{encoder.version}-{encoder.max_length}"
         # Encoding shares the encoder's thread budget; batching several requests' texts is cheap.
         self.batcher: MicroBatcher[list[str], np.ndarray] = MicroBatcher(
             "relevance",
