@@ -113,12 +113,13 @@ bench: prepare $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_cache.py
 	$(BIN)/python benchmarks/bench_llm.py
 	$(BIN)/python benchmarks/bench_selector.py
+	$(BIN)/python benchmarks/bench_dtype.py
 	$(BIN)/python benchmarks/bench_retrieval.py $(BENCH_RETRIEVAL_ARGS)
 	$(BIN)/python benchmarks/summary.py
 
 bench-quick: prepare $(BENCH_STAMP)
 	scripts/system-deps.sh bench
-	for b in gateway llm selector retrieval; do $(BIN)/python benchmarks/bench_$$b.py --quick || exit 1; done
+	for b in gateway llm selector dtype retrieval; do $(BIN)/python benchmarks/bench_$$b.py --quick || exit 1; done
 
 # The quality tables of docs/evaluation.md: 5 presets x 2 dev sets, 300 questions each, k = 20
 # (selecting among 101 candidates with a cross-encoder costs ~4 s a question on 2 CPU cores). The

@@ -238,6 +238,8 @@ def selector_worker(settings: dict[str, Any], *, gpu: bool) -> Server:
     }
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
+        # fp32 against FlagReranker fp32 and the fp32 peak; bench_dtype.py measures dtype=auto
+        env["GAINRAG_SELECTOR__DTYPE"] = "float32"
     log = LOG_DIR / ("selector_worker_gpu.log" if gpu else "selector_worker.log")
     return Server.gainrag("worker", "selector", env=env, log=log)
 

@@ -73,12 +73,15 @@ def llm_dir() -> Path:
 
 
 def make_settings(index_dir: Path, small_corpus: Path, **overrides: object) -> Settings:
-    """Settings for tests: the small index, k=10, short generations."""
+    """Settings for tests: the small index, k=10, short generations, fp32 models (the exactness
+    tests compare against fp32 references on any machine; tests/test_dtype.py covers auto)."""
     base: dict[str, object] = {
-        "retrieval": {"index_dir": index_dir, "corpus": small_corpus, "k": 10},
+        "retrieval": {"index_dir": index_dir, "corpus": small_corpus, "k": 10, "dtype": "float32"},
+        "selector": {"dtype": "float32"},
         "llm": {
             "max_new_tokens_pseudo": 24,
             "max_new_tokens_answer": 12,
+            "dtype": "float32",
         },
     }
     for key, value in overrides.items():

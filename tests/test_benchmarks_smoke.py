@@ -25,7 +25,9 @@ import bench_retrieval  # noqa: E402
 import bench_selector  # noqa: E402
 
 
-@pytest.mark.parametrize("script", ["bench_selector.py", "bench_retrieval.py", "bench_llm.py"])
+@pytest.mark.parametrize(
+    "script", ["bench_selector.py", "bench_retrieval.py", "bench_llm.py", "bench_dtype.py"]
+)
 def test_scripts_parse_their_arguments(script: str) -> None:
     out = subprocess.run(
         [sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120

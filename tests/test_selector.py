@@ -37,7 +37,7 @@ def cross_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def test_cross_encoder_scores_match_a_direct_forward_pass(cross_encoder_dir: Path) -> None:
-    sel = CrossEncoderSelector(cross_encoder_dir, batch_size=2)
+    sel = CrossEncoderSelector(cross_encoder_dir, batch_size=2, dtype="float32")
     q = "who got the first nobel prize in physics"
     scores = await sel.score(q, CANDIDATES)
     tok = AutoTokenizer.from_pretrained(cross_encoder_dir)

@@ -40,7 +40,7 @@ def _index_build(settings: Settings, corpus: Path | None, out: Path | None, forc
             f"version {manifest['version']})"
         )
         return
-    encoder = BiEncoder.from_settings(r)
+    encoder = BiEncoder.from_settings(r, dtype="float32")  # index vectors: always fp32
     manifest = build_index(corpus, out, encoder, batch_size=r.batch_size)
     print(
         f"built index at {out}: {manifest['count']} passages in {manifest['built_seconds']} s, "

@@ -36,6 +36,11 @@ class RetrievalSettings(BaseModel):
         description="URL of a retrieval worker (`gainrag worker retrieval`); unset: in-process.",
     )
     timeout_s: float = Field(10.0, gt=0, description="Deadline of one retrieval worker call.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Torch dtype of query encoding: 'auto' = fp16 on CUDA, bf16 on CPUs where "
+        "it measures faster (docs/hardware.md), else fp32. Index building is always fp32.",
+    )
 
 
 class SelectorSettings(BaseModel):
@@ -72,6 +77,11 @@ class SelectorSettings(BaseModel):
         description="Base URL of a selector worker (`gainrag worker selector`); unset: in-process.",
     )
     timeout_s: float = Field(30.0, gt=0, description="Deadline of one selector worker call.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Torch dtype of the cross-encoder: 'auto' = fp16 on CUDA, bf16 on CPUs "
+        "where it measures faster (docs/hardware.md), else fp32.",
+    )
 
     @field_validator("kind", mode="before")
     @classmethod
@@ -119,7 +129,11 @@ class LLMSettings(BaseModel):
         Path("~/.cache/gainrag/models"),
         description="Cache of converted models, shared by every checkout on the machine.",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Torch dtype.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Torch dtype of the in-process LLM: 'auto' = fp16 on CUDA, bf16 on CPUs "
+        "where it measures faster at batch 1 and max_batch_size (docs/hardware.md), else fp32.",
+    )
     threads: int = Field(0, ge=0, description="Torch CPU threads (0 = torch default).")
     max_new_tokens_pseudo: int = Field(
         160, ge=1, le=1024, description="Budget for the ~100-word pseudo-passage."

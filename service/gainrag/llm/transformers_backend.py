@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from gainrag.batching import MicroBatcher
 from gainrag.errors import ValidationFailedError
+from gainrag.hardware import linear_shapes, resolve_dtype
 from gainrag.llm.scoring import TransformersTeacherForcedScorer
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TransformersGenerator:
@@ -32,7 +31,7 @@ class TransformersGenerator:
         self,
         path: Path,
         *,
-        dtype: str = "float32",
+        dtype: str = "auto",
         max_input_tokens: int = 4096,
         max_batch_size: int = 8,
         max_wait_s: float = 0.005,
@@ -43,11 +42,15 @@ class TransformersGenerator:
         self.tokenizer.padding_side = "left"  # decoder-only batching pads on the left
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+        # auto measures a decode step at batch 1 and at a full batch: bf16 must win at both (on
+        # some CPUs its one-row matmul is far slower than fp32, and batch 1 is the idle case).
+        shapes = linear_shapes(AutoConfig.from_pretrained(path), [1, max_batch_size])
+        self.dtype = resolve_dtype("llm", dtype, self.device, shapes)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype.torch_dtype)
         self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         meta = path / "gainrag_model.json"
         self.name = json.loads(meta.read_text())["name"] if meta.is_file() else path.name
-        self.version = f"{self.name}-{dtype}"
+        self.version = f"{self.name}-{self.dtype.dtype}"  # the resolved dtype, never "auto"
         self.max_input_tokens = max_input_tokens
         self._prefix, self._suffix = self._template_ids()
         # A second tokenizer for counting on the caller's thread (before admission): the one

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from gainrag.config import RetrievalSettings
+from gainrag.hardware import linear_shapes, resolve_dtype
 from gainrag.weights import resolve_encoder
 
 
@@ -24,12 +25,20 @@ class BiEncoder:
         max_length: int = 256,
         name: str | None = None,
         device: str | None = None,
+        dtype: str = "float32",
     ) -> None:
         self.name = name or path.name
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        # fp32 everywhere: the index vectors must not depend on the device that encoded them.
-        self.model = AutoModel.from_pretrained(path).float().to(self.device).eval()
+        model = AutoModel.from_pretrained(path)
+        # fp32 by default, and always for building an index (build_index checks): the index
+        # vectors must not depend on the machine that encoded them. Query encoding at serve time
+        # may run in bf16/fp16 (from_settings): a query vector only ranks, it is not stored.
+        # auto measures a batch of short queries and one of 64 passage-length texts.
+        shapes = linear_shapes(model.config, [16, 2048])
+        self.dtype = resolve_dtype("bi-encoder", dtype, self.device, shapes)
+        self.model = model.to(self.dtype.torch_dtype).to(self.device).eval()
+        self.version = f"{self.name}-{self.dtype.dtype}"
         self.max_length = max_length
         self.dim = int(self.model.config.hidden_size)
         # The retriever and the cosine selector call one encoder from their own threads; the
@@ -37,9 +46,15 @@ class BiEncoder:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, r: RetrievalSettings) -> BiEncoder:
-        """The configured encoder (bundled name or local directory)."""
-        return cls(resolve_encoder(r.encoder), max_length=r.max_length, name=r.encoder)
+    def from_settings(cls, r: RetrievalSettings, *, dtype: str | None = None) -> BiEncoder:
+        """The configured encoder (bundled name or local directory) in ``r.dtype`` unless
+        ``dtype`` is given (index building passes float32)."""
+        return cls(
+            resolve_encoder(r.encoder),
+            max_length=r.max_length,
+            name=r.encoder,
+            dtype=dtype or r.dtype,
+        )
 
     @torch.inference_mode()
     def encode(
@@ -68,7 +83,8 @@ class BiEncoder:
                 max_length=self.max_length,
                 return_tensors="pt",
             ).to(self.device)
-            hidden = self.model(**enc).last_hidden_state
+            # pool in fp32: a bf16 sum over tokens would round at every addition
+            hidden = self.model(**enc).last_hidden_state.float()
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)

@@ -48,6 +48,11 @@ def build_index(
     corpus: Path, out: Path, encoder: BiEncoder, *, batch_size: int = 64, show_progress: bool = True
 ) -> dict[str, Any]:
     """Encode every passage and write the index directory atomically; return the manifest."""
+    if encoder.dtype.dtype != "float32":
+        # index vectors are stored and compared across machines: never machine-dependent
+        raise ConfigurationError(
+            f"an index is built in float32, not {encoder.dtype.dtype} (BiEncoder dtype='float32')"
+        )
     passages = list(iter_corpus(corpus))
     if not passages:
         raise ConfigurationError(f"corpus {corpus} is empty")

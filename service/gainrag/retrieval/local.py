@@ -21,7 +21,8 @@ class LocalRetriever:
         self.encoder = encoder
         self._check(index)
         self.index = index
-        self.name = f"faiss-{'gpu' if index.on_gpu else 'cpu'}:{encoder.name}"
+        # encoder.version carries the query dtype: it changes rankings, so it is in cache keys
+        self.name = f"faiss-{'gpu' if index.on_gpu else 'cpu'}:{encoder.version}"
         self.version = index.version
         self.batcher: MicroBatcher[tuple[str, int], list[Retrieved]] = MicroBatcher(
             "retriever",

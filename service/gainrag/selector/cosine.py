@@ -26,7 +26,7 @@ class CosineSelector:
         # Its former name stays in the public identifiers: name and version are in /ready, in
         # answers and in cache keys, and "relevance" is the batcher label of its metrics.
         self.name = f"relevance:{encoder.name}"
-        self.version = f"relevance-{encoder.name}-{encoder.max_length}"
+        self.version = f"relevance-{encoder.version}-{encoder.max_length}"
         # Encoding shares the encoder's thread budget; batching several requests' texts is cheap.
         self.batcher: MicroBatcher[list[str], np.ndarray] = MicroBatcher(
             "relevance",

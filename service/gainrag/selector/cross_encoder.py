@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from gainrag.batching import MicroBatcher
+from gainrag.hardware import linear_shapes, resolve_dtype
 from gainrag.types import Passage
 from gainrag.util import file_sha256
 
@@ -34,11 +35,38 @@ def checkpoint_version(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def _fp32_head(model: torch.nn.Module) -> None:
+    """Run the pooler and classifier in fp32 on a bf16 encoder.
+
+    A bf16 logit has 8 significant bits (steps of 1/16 at |logit| ~ 8): candidates would tie
+    and the ranking would depend on rounding. The head is two small matmuls on one token.
+    """
+
+    def upcast(
+        _module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> tuple[tuple[object, ...], dict[str, object]]:
+        def up(v: object) -> object:
+            return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+        return tuple(up(a) for a in args), {k: up(v) for k, v in kwargs.items()}
+
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("pooler", "classifier", "score"):
+            module.float()
+            module.register_forward_pre_hook(upcast, with_kwargs=True)
+
+
 class CrossEncoderScorer:
     """Synchronous scoring of (query, passage) pairs; one logit per pair."""
 
     def __init__(
-        self, path: Path, *, max_length: int = 512, batch_size: int = 0, device: str | None = None
+        self,
+        path: Path,
+        *,
+        max_length: int = 512,
+        batch_size: int = 0,
+        device: str | None = None,
+        dtype: str = "auto",
     ) -> None:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -47,12 +75,17 @@ class CrossEncoderScorer:
             raise ValueError(
                 f"{path}: a selector needs num_labels=1, got {model.config.num_labels}"
             )
-        # fp16 on GPU, fp32 on CPU (whatever the checkpoint's dtype: CPU fp16 is slow)
-        model = model.half() if self.device == "cuda" else model.float()
-        self.model = model.to(self.device).eval()
         self.max_length = max_length
         # Measured on 2 CPU cores (16 x 101 passages): 16 pairs per pass beat 8, 32 and 64.
         self.batch_size = batch_size or (128 if self.device == "cuda" else 16)
+        # Whatever the checkpoint's dtype (the shipped one is fp16, slow on CPU): auto measures
+        # a batch of ~128-token pairs, the selector's typical pass.
+        shapes = linear_shapes(model.config, [self.batch_size * 128])
+        self.dtype = resolve_dtype("selector", dtype, self.device, shapes)
+        model = model.to(self.dtype.torch_dtype)
+        if self.dtype.dtype == "bfloat16":
+            _fp32_head(model)
+        self.model = model.to(self.device).eval()
 
     def score_pairs(self, pairs: list[Pair]) -> list[float]:
         """Raw logits, in input order."""
@@ -97,10 +130,14 @@ class CrossEncoderSelector:
         max_batch_pairs: int = 512,
         max_wait_s: float = 0.002,
         max_queue: int = 64,
+        dtype: str = "auto",
     ) -> None:
-        self.scorer = CrossEncoderScorer(path, max_length=max_length, batch_size=batch_size)
+        self.scorer = CrossEncoderScorer(
+            path, max_length=max_length, batch_size=batch_size, dtype=dtype
+        )
         self.name = f"cross-encoder:{path.name}"
-        self.version = checkpoint_version(path)
+        # The dtype changes the scores (bf16 ~3 digits), so it is part of the cache keys.
+        self.version = f"{checkpoint_version(path)}-{self.scorer.dtype.dtype}"
         self.batcher: MicroBatcher[list[Pair], tuple[list[float], int]] = MicroBatcher(
             "selector",
             self._run,
