@@ -47,7 +47,9 @@ from locust import HttpUser, events, task
 from locust.env import Environment
 from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
-ROOT = Path(__file__).resolve().parents[1]
+from gainrag.config import REPO_ROOT as ROOT
+from gainrag_harness import load_questions
+
 SCENARIOS = ("uncached", "cached")
 SCENARIO = os.environ.get("LOADTEST_SCENARIO", "uncached")
 if SCENARIO not in SCENARIOS:
@@ -62,21 +64,9 @@ BACKOFF_S = float(os.environ.get("LOADTEST_BACKOFF_S", "5"))
 SAMPLES = os.environ.get("LOADTEST_SAMPLES")
 
 
-def load_questions(path: Path, limit: int) -> list[str]:
-    """The first ``limit`` ``question`` fields of a JSONL file."""
-    out: list[str] = []
-    with path.open() as f:
-        for line in f:
-            if line.strip():
-                out.append(json.loads(line)["question"])
-                if len(out) >= limit:
-                    break
-    if not out:
-        raise SystemExit(f"no questions in {path}")
-    return out
-
-
-QUESTIONS = load_questions(QUESTIONS_PATH, LIMIT)
+QUESTIONS = [r["question"] for r in load_questions(QUESTIONS_PATH, LIMIT, answers=False)]
+if not QUESTIONS:
+    raise SystemExit(f"no questions in {QUESTIONS_PATH}")
 _user_ids = itertools.count()
 _samples = open(SAMPLES, "a", buffering=1) if SAMPLES else None  # noqa: SIM115 (process-long)
 

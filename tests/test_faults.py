@@ -31,7 +31,7 @@ import httpx
 import pytest
 
 from gainrag.config import REPO_ROOT
-from gainrag_harness import DEPENDENCIES, Service, deployment, machine_info, machine_line, running
+from gainrag_harness import DEPENDENCIES, Service, machine_info, machine_line
 
 pytestmark = pytest.mark.faults
 
@@ -159,31 +159,24 @@ def problems(outcome: Outcome) -> list[str]:
     return found
 
 
+# The gateway's settings in the deployment of conftest's ``stack`` fixture.
+GATEWAY_ENV = {
+    "GAINRAG_RETRIEVAL__K": "3",
+    "GAINRAG_RETRIEVAL__TIMEOUT_S": str(WORKER_TIMEOUT_S),
+    "GAINRAG_SELECTOR__TIMEOUT_S": str(WORKER_TIMEOUT_S),
+    "GAINRAG_LLM__TIMEOUT_S": str(LLM_TIMEOUT_S),
+    "GAINRAG_LLM__MAX_NEW_TOKENS_PSEUDO": "16",
+    "GAINRAG_LLM__MAX_NEW_TOKENS_ANSWER": "8",
+    "GAINRAG_PIPELINE__TIMEOUT_S": str(PIPELINE_TIMEOUT_S),
+    "GAINRAG_REDIS__TIMEOUT_MS": str(REDIS_TIMEOUT_MS),
+    "GAINRAG_REDIS__RETRY_S": "1",
+}
+
+
 def _metric(url: str, name: str, labels: str) -> float:
     text = httpx.get(url + "/metrics", timeout=10).text
     m = re.search(re.escape(name) + r"\{" + re.escape(labels) + r"\} (\S+)", text)
     return float(m.group(1)) if m else 0.0
-
-
-@pytest.fixture(scope="module")
-def stack(
-    tmp_path_factory: pytest.TempPathFactory, index_dir: Path, llm_dir: Path
-) -> Iterator[dict[str, Service]]:
-    gateway_env = {
-        "GAINRAG_RETRIEVAL__K": "3",
-        "GAINRAG_RETRIEVAL__TIMEOUT_S": str(WORKER_TIMEOUT_S),
-        "GAINRAG_SELECTOR__TIMEOUT_S": str(WORKER_TIMEOUT_S),
-        "GAINRAG_LLM__TIMEOUT_S": str(LLM_TIMEOUT_S),
-        "GAINRAG_LLM__MAX_NEW_TOKENS_PSEUDO": "16",
-        "GAINRAG_LLM__MAX_NEW_TOKENS_ANSWER": "8",
-        "GAINRAG_PIPELINE__TIMEOUT_S": str(PIPELINE_TIMEOUT_S),
-        "GAINRAG_REDIS__TIMEOUT_MS": str(REDIS_TIMEOUT_MS),
-        "GAINRAG_REDIS__RETRY_S": "1",
-    }
-    services = deployment(tmp_path_factory.mktemp("faults"), index_dir, gateway_env)
-    # The dependencies load side by side (start-up is most of this test's fixed cost).
-    with running(services, order=DEPENDENCIES):
-        yield services
 
 
 def _recovered(dep: str, gateway: Service, http: httpx.Client, questions: Iterator[str]) -> Outcome:

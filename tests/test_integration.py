@@ -9,13 +9,17 @@ answers -> a cache hit -> selector killed (fallback) -> retriever killed (fallba
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import pytest
 
-from gainrag_harness import DEPENDENCIES, Service, deployment, running
+from gainrag_harness import Service
+
+# The gateway's settings in the deployment of conftest's ``stack`` fixture.
+GATEWAY_ENV = {
+    "GAINRAG_RETRIEVAL__K": "10",
+    "GAINRAG_LLM__MAX_NEW_TOKENS_PSEUDO": "24",
+    "GAINRAG_LLM__MAX_NEW_TOKENS_ANSWER": "12",
+}
 
 
 def _metric(gateway: Service, name: str, labels: str = "") -> float:
@@ -23,20 +27,6 @@ def _metric(gateway: Service, name: str, labels: str = "") -> float:
     pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" (\S+)"
     m = re.search(pattern, text)
     return float(m.group(1)) if m else 0.0
-
-
-@pytest.fixture(scope="module")
-def stack(
-    tmp_path_factory: pytest.TempPathFactory, index_dir: Path, llm_dir: Path
-) -> Iterator[dict[str, Service]]:
-    gateway_env = {
-        "GAINRAG_RETRIEVAL__K": "10",
-        "GAINRAG_LLM__MAX_NEW_TOKENS_PSEUDO": "24",
-        "GAINRAG_LLM__MAX_NEW_TOKENS_ANSWER": "12",
-    }
-    services = deployment(tmp_path_factory.mktemp("stack"), index_dir, gateway_env)
-    with running(services, order=DEPENDENCIES):
-        yield services
 
 
 def _ask(gateway: Service, question: str, **headers: str) -> httpx.Response:
