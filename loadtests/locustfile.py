@@ -43,12 +43,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gevent
 from locust import HttpUser, events, task
 from locust.env import Environment
 from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
-from gainrag.config import REPO_ROOT as ROOT
-from gainrag_harness import load_questions
+# The light module (no pydantic settings, no models): every Locust process imports this file.
+from gainrag.evaluation.questions import load_questions
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SCENARIOS = ("uncached", "cached")
 SCENARIO = os.environ.get("LOADTEST_SCENARIO", "uncached")
@@ -80,6 +83,9 @@ UNEXPECTED = "/answer (miss)" if SCENARIO == "cached" else "/answer (hit)"
 def _on_init(environment: Environment, **_kw: Any) -> None:
     global _environment
     _environment = environment
+    # gevent's loop has not run since Locust imported gevent, so its clock lags by the start-up
+    # time (seconds on a loaded machine) and --run-time, timed from it, would end that much early.
+    gevent.get_hub().loop.update_now()
 
 
 @events.quit.add_listener
