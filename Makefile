@@ -104,22 +104,23 @@ bench-venv: $(BENCH_STAMP)
 
 # Every stage benchmark, each a side-by-side measurement in one run, written to
 # benchmarks/results/<name>.{json,md} with the command and the machine; then the summary table.
+# They run as modules of the `benchmarks` package (from the repository root, no sys.path edits).
 # About 1 h on 2 CPU cores (selector ~25 min, retrieval ~25 min with the 1M-vector indexes).
 BENCH_RETRIEVAL_ARGS ?=
 bench: prepare $(BENCH_STAMP)
 	scripts/system-deps.sh bench
-	$(BIN)/python benchmarks/bench_answer.py
-	$(BIN)/python benchmarks/bench_gateway.py
-	$(BIN)/python benchmarks/bench_cache.py
-	$(BIN)/python benchmarks/bench_llm.py
-	$(BIN)/python benchmarks/bench_selector.py
-	$(BIN)/python benchmarks/bench_dtype.py
-	$(BIN)/python benchmarks/bench_retrieval.py $(BENCH_RETRIEVAL_ARGS)
-	$(BIN)/python benchmarks/summary.py
+	$(BIN)/python -m benchmarks.bench_answer
+	$(BIN)/python -m benchmarks.bench_gateway
+	$(BIN)/python -m benchmarks.bench_cache
+	$(BIN)/python -m benchmarks.bench_llm
+	$(BIN)/python -m benchmarks.bench_selector
+	$(BIN)/python -m benchmarks.bench_dtype
+	$(BIN)/python -m benchmarks.bench_retrieval $(BENCH_RETRIEVAL_ARGS)
+	$(BIN)/python -m benchmarks.summary
 
 bench-quick: prepare $(BENCH_STAMP)
 	scripts/system-deps.sh bench
-	for b in gateway llm selector dtype retrieval; do $(BIN)/python benchmarks/bench_$$b.py --quick || exit 1; done
+	for b in gateway llm selector dtype retrieval; do $(BIN)/python -m benchmarks.bench_$$b --quick || exit 1; done
 
 # The quality tables of docs/evaluation.md: 5 presets x 2 dev sets, 300 questions each, k = 20
 # (selecting among 101 candidates with a cross-encoder costs ~4 s a question on 2 CPU cores). The

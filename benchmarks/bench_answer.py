@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import ROOT, Server, load_questions, percentile, write_result
+from gainrag.evaluation.qa_metrics import percentile
+
+from benchmarks.common import LOG_DIR, QUESTIONS, START_S, question_texts, rel, write_result
+from gainrag_harness import gainrag_service
 
 STAGES = ("retrieve", "pseudo", "select", "generate", "total")
 TARGET_RATIO = 1.10
@@ -107,7 +110,7 @@ def to_markdown(levels: dict[int, dict[str, Any]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--questions", type=Path, default=ROOT / "data/questions/nq_dev.jsonl")
+    ap.add_argument("--questions", type=Path, default=QUESTIONS)
     ap.add_argument("--limit", type=int, default=50, help="questions at concurrency 1")
     ap.add_argument("--concurrency", default="1,16", help="levels, comma-separated")
     ap.add_argument(
@@ -118,11 +121,12 @@ def main() -> None:
 
     levels_c = [int(x) for x in args.concurrency.split(",")]
     need = max(args.limit, *(c * args.per_level for c in levels_c)) + 2
-    questions = load_questions(args.questions, need)
+    questions = question_texts(args.questions, need)
     levels: dict[int, dict[str, Any]] = {}
     rows_all: dict[int, list[dict[str, Any]]] = {}
     with contextlib.ExitStack() as stack:
-        url = args.url or stack.enter_context(Server.gainrag("serve")).url
+        serve = gainrag_service("serve", ["serve"], LOG_DIR, timeout_s=START_S)
+        url = args.url or stack.enter_context(serve).url
         asyncio.run(run(url, questions[:2], 1))  # warm-up, not counted
         for c in levels_c:
             n = args.limit if c == 1 else c * args.per_level
@@ -133,9 +137,7 @@ def main() -> None:
     ratios = {c: levels[c]["total_over_critical_path_p50"] for c in levels}
     results = {
         "service": "embedded, started by this script" if not args.url else f"remote {args.url}",
-        "questions": str(args.questions.relative_to(ROOT))
-        if args.questions.is_relative_to(ROOT)
-        else str(args.questions),
+        "questions": rel(args.questions),
         "levels": {str(c): levels[c] for c in levels},
         "target": {
             "total_over_critical_path_p50_at_most": TARGET_RATIO,
@@ -148,7 +150,6 @@ def main() -> None:
     }
     md = to_markdown(levels)
     write_result("answer_fanout", results, markdown=md)
-    print(md)
 
 
 if __name__ == "__main__":

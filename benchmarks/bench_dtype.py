@@ -26,14 +26,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_selector import DEFAULT_CHECKPOINT, FlopModel
-from common import ROOT, write_result
-from gainrag.weights import resolve_encoder
 
+from benchmarks.bench_selector import DEFAULT_CHECKPOINT, FlopModel
+from benchmarks.common import ROOT, write_result
 from gainrag.hardware import choose_dtype, cpu_features, linear_shapes
 from gainrag.retrieval.encoder import BiEncoder
 from gainrag.selector.cross_encoder import CrossEncoderScorer
 from gainrag.types import Passage
+from gainrag.weights import resolve_encoder
 
 NAME = "dtype"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -171,10 +171,10 @@ def encoder_side_by_side(questions: list[str], rounds: int) -> dict[str, Any]:
 
 def choices(batch_size: int, llm_batch: int) -> dict[str, Any]:
     """What auto picks for each component's shapes on this machine, and why."""
-    from gainrag.weights import prepare_llm
     from transformers import AutoConfig
 
     from gainrag.config import Settings
+    from gainrag.weights import prepare_llm
 
     minilm = AutoConfig.from_pretrained(DEFAULT_CHECKPOINT)
     shapes = {

@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, Server, write_result
+from benchmarks.common import LOG_DIR, table, write_result
+from gainrag_harness import Service, free_port
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 LUA = """wrk.method = "POST"
@@ -54,12 +55,14 @@ def main() -> None:
         sys.exit("wrk is not installed: scripts/system-deps.sh bench (apt-get install wrk)")
     duration = 5 if args.quick else args.duration
     levels = [int(x) for x in args.levels.split(",")]
-    standin = [sys.executable, str(ROOT / "benchmarks/gateway_standin.py")]
-    cmd = [*standin, "--port", "{port}", "--workers", str(args.workers)]
+    port = free_port()
+    cmd = [sys.executable, "-m", "benchmarks.gateway_standin", "--port", str(port)]
+    cmd += ["--workers", str(args.workers)]
     # Above the largest level so that the in-flight limit measures latency, not 429s.
     env = {"GAINRAG_API__MAX_IN_FLIGHT": str(max(levels) * 2)}
+    server = Service("gateway_standin", cmd, port, LOG_DIR, env=env, probe="/ready")
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp, Server(cmd, env=env, probe="/ready") as server:
+    with tempfile.TemporaryDirectory() as tmp, server:
         script = Path(tmp) / "post.lua"
         script.write_text(LUA)
         base = [wrk, "-t1", "--latency", "-s", str(script)]
@@ -87,18 +90,17 @@ def main() -> None:
             "request on one event loop, with wrk on the same cores"
         ),
     }
-    md = [
-        "| concurrency | p50 ms | p75 ms | p90 ms | p99 ms | requests/s | non-2xx |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        md.append(
-            f"| {r['concurrency']} | {r['p50_ms']:.2f} | {r['p75_ms']:.2f} | {r['p90_ms']:.2f} "
-            f"| {r['p99_ms']:.2f} | {r['rps']:.0f} | {r['non_2xx']} |"
-        )
+    head = ["concurrency", "p50 ms", "p75 ms", "p90 ms", "p99 ms", "requests/s", "non-2xx"]
+    pcts = ("p50_ms", "p75_ms", "p90_ms", "p99_ms")
+    md = table(
+        head,
+        (
+            [r["concurrency"], *(f"{r[k]:.2f}" for k in pcts), f"{r['rps']:.0f}", r["non_2xx"]]
+            for r in rows
+        ),
+    )
     md += ["", f"Target p50 < 5 ms at concurrency {target_c}: {'met' if p50 < 5 else 'missed'}."]
     write_result("gateway", results, markdown="\n".join(md))
-    print("\n".join(md))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import ROOT, load_questions, matmul_peak, write_result
+
+from benchmarks.common import QUESTIONS, matmul_peak, question_texts, table, write_result
 
 NAME = "llm"
 
@@ -253,37 +254,38 @@ def bounds(
 # --------------------------------------------------------------------------- report
 
 
+def _row(r: dict[str, Any]) -> list[object]:
+    b = r["bound"]
+    return [
+        r["batch"], r["prompt_tokens_padded"], f"{r['ttft_s'] * 1000:.0f}",
+        f"{r['decode_step_s'] * 1000:.1f}", f"{r['decode_tokens_per_s']:.1f}",
+        f"{r['forward_loop_tokens_per_s']:.1f}",
+        f"{b['bound_tokens_per_s']:.1f} ({b['limited_by']})", f"{r['fraction_of_bound']:.0%}",
+        f"{b['gemv_gb_s']:.1f}", f"{b['gemv_bound_tokens_per_s']:.1f}",
+    ]  # fmt: skip
+
+
 def to_markdown(res: dict[str, Any]) -> str:
     f, bw = res["model"], res["bandwidth"]
-    lines = [
-        f"# LLM decode vs memory bandwidth ({res['llm']}, {f['dtype']}, {res['device']})",
-        "",
+    intro = (
         f"{f['params'] / 1e6:.1f}M parameters, {f['weight_bytes_per_step'] / 1e6:.0f} MB read per "
         f"decode step (tied embeddings: {f['tied_embeddings']}), KV cache "
         f"{f['kv_bytes_per_token_of_context'] / 1024:.0f} KiB per token of context. "
         f"Bandwidth: copy {bw['copy_gb_s']:.1f} GB/s (read + write), read {bw['read_gb_s']:.1f} "
         f"GB/s; matmul peak {res['peak']['gflops']:.0f} GFLOP/s; torch threads "
-        f"{res['torch_threads']}.",
-        "",
-        "| batch | prompt tok | TTFT ms | decode ms/step | decode tok/s | forward-loop tok/s "
-        "| bound tok/s | achieved / bound | linear() GB/s | linear()-bound tok/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in res["batches"]:
-        lines.append(
-            f"| {r['batch']} | {r['prompt_tokens_padded']} | {r['ttft_s'] * 1000:.0f} | "
-            f"{r['decode_step_s'] * 1000:.1f} | {r['decode_tokens_per_s']:.1f} | "
-            f"{r['forward_loop_tokens_per_s']:.1f} | {r['bound']['bound_tokens_per_s']:.1f} "
-            f"({r['bound']['limited_by']}) | {r['fraction_of_bound']:.0%} | "
-            f"{r['bound']['gemv_gb_s']:.1f} | {r['bound']['gemv_bound_tokens_per_s']:.1f} |"
-        )
-    lines += ["", f"Bound: {res['bound']}"]
-    return "\n".join(lines)
+        f"{res['torch_threads']}."
+    )
+    head = ["batch", "prompt tok", "TTFT ms", "decode ms/step", "decode tok/s"]
+    head += ["forward-loop tok/s", "bound tok/s", "achieved / bound", "linear() GB/s"]
+    head += ["linear()-bound tok/s"]
+    rows = [_row(r) for r in res["batches"]]
+    title = f"# LLM decode vs memory bandwidth ({res['llm']}, {f['dtype']}, {res['device']})"
+    return "\n".join([title, "", intro, "", *table(head, rows), "", f"Bound: {res['bound']}"])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--questions", type=Path, default=ROOT / "data/questions/nq_dev.jsonl")
+    ap.add_argument("--questions", type=Path, default=QUESTIONS)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
@@ -316,7 +318,7 @@ def main() -> None:
     dtype = getattr(torch, facts["dtype"])
     peak = matmul_peak(args.peak_sizes, 5 if not args.quick else 3, device=device, dtype=dtype)
 
-    questions = load_questions(args.questions, max(args.batch_sizes))
+    questions = question_texts(args.questions, max(args.batch_sizes))
     batches: list[dict[str, Any]] = []
     for b in args.batch_sizes:
         texts = [gen.render(pseudo_prompt(q)) for q in questions[:b]]
@@ -384,9 +386,7 @@ def main() -> None:
     ]
     if args.quick:
         notes.append("--quick: 16 new tokens, two repeats; figures are noisy.")
-    md = to_markdown(results)
-    write_result(NAME, results, notes=notes, markdown=md)
-    print(md)
+    write_result(NAME, results, notes=notes, markdown=to_markdown(results))
 
 
 if __name__ == "__main__":

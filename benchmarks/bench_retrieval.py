@@ -34,11 +34,12 @@ from typing import Any
 import faiss
 import httpx
 import numpy as np
-from common import ROOT, Server, load_questions, pct, write_result
+
+from benchmarks.common import LOG_DIR, QUESTIONS, START_S, pct, question_texts, write_result
+from gainrag_harness import gainrag_service
 
 NAME = "retrieval"
 DIM = 384
-LOG_DIR = ROOT / "var/bench"
 
 
 # --------------------------------------------------------------------------- part 1: worker
@@ -430,7 +431,7 @@ def default_nlist(n: int) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--questions", type=Path, default=ROOT / "data/questions/nq_dev.jsonl")
+    ap.add_argument("--questions", type=Path, default=QUESTIONS)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--queries-per-point", type=int, default=256)
@@ -462,7 +463,7 @@ def main() -> None:
     started = time.perf_counter()
     import torch
 
-    questions = load_questions(args.questions, 1000)
+    questions = question_texts(args.questions, 1000)
     results: dict[str, Any] = {
         "k": args.k,
         "faiss_version": faiss.__version__,
@@ -478,13 +479,11 @@ def main() -> None:
 
         if read_manifest(Settings().retrieval.index_dir) is None:
             raise SystemExit("no index at var/index: run `make prepare` (~5 min on 2 cores)")
-        LOG_DIR.mkdir(parents=True, exist_ok=True)
-        with Server.gainrag(
-            "worker",
-            "retrieval",
-            env={"GAINRAG_LOG_LEVEL": "WARNING"},
-            log=LOG_DIR / "retrieval_worker.log",
-        ) as srv:
+        env = {"GAINRAG_LOG_LEVEL": "WARNING"}
+        worker = gainrag_service(
+            "retrieval_worker", ["worker", "retrieval"], LOG_DIR, env, timeout_s=START_S
+        )
+        with worker as srv:
             ready = httpx.get(srv.url + "/ready", timeout=10).json()
             points = []
             for b in args.batch_sizes:
@@ -570,9 +569,7 @@ def main() -> None:
         notes.append("--quick: 64 queries per point, 100k synthetic vectors, 200 queries.")
     for r in synth.values():
         r.pop("log", None)
-    md = to_markdown(results)
-    write_result(NAME, results, notes=notes, markdown=md)
-    print(md)
+    write_result(NAME, results, notes=notes, markdown=to_markdown(results))
 
 
 if __name__ == "__main__":

@@ -34,13 +34,23 @@ from typing import Any
 
 import httpx
 import torch
-from common import ROOT, Server, load_questions, matmul_peak, write_result
+
+from benchmarks.common import (
+    LOG_DIR,
+    QUESTIONS,
+    ROOT,
+    START_S,
+    matmul_peak,
+    question_texts,
+    rel,
+    write_result,
+)
+from gainrag_harness import Service, gainrag_service
 
 NAME = "selector"
 TARGET_RATIO = 1.0
 DEFAULT_CHECKPOINT = ROOT / "models/selector/gainrag-minilm-l6"
 DEFAULT_BASELINE_PYTHON = ROOT / ".venv-bench/bin/python"
-LOG_DIR = ROOT / "var/bench"
 
 Workload = list[dict[str, Any]]  # [{"query": str, "documents": [str, ...]}]
 
@@ -227,7 +237,7 @@ def ours_round(url: str, workload: Workload) -> dict[str, Any]:
     return out
 
 
-def selector_worker(settings: dict[str, Any], *, gpu: bool) -> Server:
+def selector_worker(settings: dict[str, Any], *, gpu: bool) -> Service:
     """The selector worker with the benchmark's settings; CUDA hidden unless ``gpu``."""
     env = {
         "GAINRAG_SELECTOR__CHECKPOINT": str(settings["checkpoint"]),
@@ -240,8 +250,8 @@ def selector_worker(settings: dict[str, Any], *, gpu: bool) -> Server:
         env["CUDA_VISIBLE_DEVICES"] = ""
         # fp32 against FlagReranker fp32 and the fp32 peak; bench_dtype.py measures dtype=auto
         env["GAINRAG_SELECTOR__DTYPE"] = "float32"
-    log = LOG_DIR / ("selector_worker_gpu.log" if gpu else "selector_worker.log")
-    return Server.gainrag("worker", "selector", env=env, log=log)
+    name = "selector_worker_gpu" if gpu else "selector_worker"
+    return gainrag_service(name, ["worker", "selector"], LOG_DIR, env, timeout_s=START_S)
 
 
 # --------------------------------------------------------------------------- baseline
@@ -261,7 +271,7 @@ class Baseline:
         self.proc = subprocess.Popen(
             [
                 str(python),
-                str(ROOT / "benchmarks/_flag_baseline.py"),
+                str(ROOT / "benchmarks" / "_flag_baseline.py"),
                 "--model",
                 str(checkpoint),
                 "--input",
@@ -401,7 +411,7 @@ def to_markdown(res: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--questions", type=Path, default=ROOT / "data/questions/nq_dev.jsonl")
+    ap.add_argument("--questions", type=Path, default=QUESTIONS)
     ap.add_argument("--queries", type=int, default=16, help="concurrent queries")
     ap.add_argument("--k", type=int, default=100, help="retrieved passages per query (+1 pseudo)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of ours")
@@ -430,7 +440,7 @@ def main() -> None:
         args.peak_sizes, args.peak_reps = [1024], 3
     t_start = time.perf_counter()
 
-    questions = load_questions(args.questions, args.queries)
+    questions = question_texts(args.questions, args.queries)
     workload = build_workload(questions, args.k)
     settings = {
         "checkpoint": args.checkpoint,
@@ -548,16 +558,12 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "workload": {
-            "questions": str(args.questions.relative_to(ROOT))
-            if args.questions.is_relative_to(ROOT)
-            else str(args.questions),
+            "questions": rel(args.questions),
             "queries": len(workload),
             "candidates": args.k + 1,
             "pairs": pairs,
             "useful_tokens": useful_tokens,
-            "checkpoint": str(args.checkpoint.relative_to(ROOT))
-            if args.checkpoint.is_relative_to(ROOT)
-            else str(args.checkpoint),
+            "checkpoint": rel(args.checkpoint),
             "max_length": args.max_length,
             "batch_size": args.batch_size,
             "max_batch_pairs": args.max_batch_pairs,
@@ -591,9 +597,7 @@ def main() -> None:
     ]
     if args.quick:
         notes.append("--quick: tiny workload, one round; figures are not comparable.")
-    md = to_markdown(results)
-    write_result(NAME, results, notes=notes, markdown=md)
-    print(md)
+    write_result(NAME, results, notes=notes, markdown=to_markdown(results))
 
 
 def run_gpu(

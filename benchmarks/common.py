@@ -1,54 +1,44 @@
-"""What every benchmark shares: starting services on loopback, timing helpers and the result
-file format (``benchmarks/results/<name>.json``: the command, the machine, the figures, the
-targets and what bounds each figure).
+"""What the benchmarks share beyond :mod:`gainrag_harness` (processes, questions, machine):
+sample statistics, markdown tables and the result file format (``benchmarks/results/<name>.json``:
+the command, the machine, the figures, the targets and what bounds each figure).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
+from gainrag.evaluation.qa_metrics import percentile
 
-ROOT = Path(__file__).resolve().parents[1]
+from gainrag.config import REPO_ROOT
+from gainrag_harness import load_questions, machine_info, machine_line
+
+ROOT = REPO_ROOT
 RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT / "service"))
-
-from gainrag.evaluation.machine import machine_info  # noqa: E402
-from gainrag.evaluation.qa_metrics import percentile  # noqa: E402
-
-__all__ = [
-    "RESULTS",
-    "ROOT",
-    "Server",
-    "free_port",
-    "load_questions",
-    "matmul_peak",
-    "pct",
-    "percentile",
-    "write_result",
-]
+LOG_DIR = ROOT / "var" / "bench"  # the logs of the services a benchmark starts
+START_S = 600.0  # model loading on a busy 2-core machine: minutes, not seconds
+QUESTIONS = ROOT / "data" / "questions" / "nq_dev.jsonl"
 
 
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def question_texts(path: Path, limit: int | None = None) -> list[str]:
+    """The question texts of the first ``limit`` rows (benchmarks only ask; no answers needed)."""
+    return [row["question"] for row in load_questions(path, limit, answers=False)]
 
 
-def load_questions(path: Path, limit: int | None = None) -> list[str]:
-    """The ``question`` field of a JSONL file."""
-    with path.open() as f:
-        qs = [json.loads(line)["question"] for line in f if line.strip()]
-    return qs[:limit] if limit else qs
+def rel(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (result files stay portable)."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
+def table(head: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """A markdown table's lines."""
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return out + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
 def pct(values: Sequence[float]) -> dict[str, float]:
@@ -64,57 +54,6 @@ def pct(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-class Server:
-    """A child process serving HTTP on loopback, waited on until ``probe`` answers 200."""
-
-    def __init__(
-        self,
-        args: Sequence[str],
-        *,
-        env: dict[str, str] | None = None,
-        port: int | None = None,
-        probe: str = "/ready",
-        log: Path | None = None,
-    ) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [a.replace("{port}", str(self.port)) for a in args]
-        self.env = {**os.environ, **(env or {})}
-        self.probe = probe
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @classmethod
-    def gainrag(cls, *sub: str, env: dict[str, str] | None = None, **kw: Any) -> Server:
-        """``gainrag <sub> --host 127.0.0.1 --port <free>`` with this interpreter."""
-        args = [sys.executable, "-m", "gainrag.cli", *sub, "--host", "127.0.0.1"]
-        return cls([*args, "--port", "{port}"], env=env, **kw)
-
-    def __enter__(self) -> Server:
-        out = self.log.open("ab") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"{self.args[:4]} exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + self.probe, timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.__exit__()
-        raise SystemExit(f"{self.url} not ready after 600 s")
-
-    def __exit__(self, *_exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
 def write_result(
     name: str,
     results: dict[str, Any],
@@ -123,15 +62,15 @@ def write_result(
     notes: Sequence[str] = (),
     markdown: str | None = None,
 ) -> Path:
-    """Write ``benchmarks/results/<name>.json`` (+ ``.md`` if given) with command and machine."""
+    """Write ``benchmarks/results/<name>.json`` (+ ``.md`` if given, also printed) with the
+    command and the machine."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    script = Path(sys.argv[0])
-    if script.is_absolute() and script.is_relative_to(ROOT):
-        script = script.relative_to(ROOT)
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    how = ["-m", spec.name] if spec is not None else [rel(Path(sys.argv[0]))]
     report: dict[str, Any] = {
         "benchmark": name,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["python", str(script), *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python", *how, *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine_info(),
         "results": results,
         "notes": list(notes),
@@ -139,15 +78,10 @@ def write_result(
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     if markdown is not None:
-        machine = _machine_line(report["machine"])
-        header = f"Command: `{report['command']}`  \nMachine: {machine}\n\n"
+        header = f"Command: `{report['command']}`  \nMachine: {machine_line(report['machine'])}\n\n"
         (RESULTS / f"{name}.md").write_text(header + markdown.rstrip() + "\n")
+        print(markdown)
     return path
-
-
-def _machine_line(m: dict[str, Any]) -> str:
-    gpu = ", CUDA" if m.get("cuda") else ", no GPU"
-    return f"{m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB, torch {m['torch']}{gpu}"
 
 
 def matmul_peak(

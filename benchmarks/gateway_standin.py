@@ -2,20 +2,14 @@
 with instant in-process stand-ins for retrieval, selection and generation, to measure what the
 gateway itself costs per request. Used by ``bench_gateway.py``; not part of the service.
 
-    python benchmarks/gateway_standin.py --port 8100 [--workers 2]
+    python -m benchmarks.gateway_standin --port 8100 [--workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import uvicorn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from fastapi import FastAPI
 
 from gainrag.api import create_app
@@ -82,7 +76,7 @@ def main() -> None:
 
     setup_logging(Settings().log_level)
     uvicorn.run(
-        "gateway_standin:app_factory",
+        "benchmarks.gateway_standin:app_factory",
         factory=True,
         host=args.host,
         port=args.port,

@@ -10,7 +10,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from common import RESULTS
+from benchmarks.common import RESULTS
+from gainrag_harness import machine_line
 
 Row = tuple[str, str, str, str]  # figure, measured, target, what bounds it
 
@@ -208,10 +209,7 @@ def main() -> None:
             full.append(f"| {fig} | {val} | {target} | {bound} |")
             short.append(f"| {fig} | {val} | {target} |")
     if machine:
-        line = (
-            f"Machine: {machine['cpu']}, {machine['cpus']} CPUs, {machine['memory_gb']} GB, "
-            f"torch {machine['torch']}, {'CUDA' if machine.get('cuda') else 'no GPU'}."
-        )
+        line = f"Machine: {machine_line(machine)}."
         full += ["", line]
         short += ["", line]
     for stem, lines in (("summary", full), ("summary_short", short)):

@@ -7,7 +7,7 @@ distillation groups, rebuilt from ``data/train/gain_signals_k10.jsonl`` as the s
 (group size 11, seed 0), from the shipped relevance warm start. Writes
 ``benchmarks/results/train_equivalence.{json,md}``.
 
-    python benchmarks/train_equivalence.py --steps 100 [--no-dropout]
+    python -m benchmarks.train_equivalence --steps 100 [--no-dropout]
 
 With ``--no-dropout`` (every dropout layer off) the two runs are identical step for step: same
 init, data order, loss, AdamW, schedule and clipping. With dropout they differ within noise only:
@@ -26,8 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, write_result
-
+from benchmarks.common import ROOT, rel, write_result
 from gainrag.training.recipes.base import TrainArgs
 from gainrag.training.recipes.distill import RECIPE as DISTILL
 from gainrag.training.signals.selector_data import iter_groups
@@ -147,7 +146,7 @@ def main() -> None:
         "dropout": not a.no_dropout,
         "groups": len(groups),
         "group_size": a.group_size,
-        "init": str(a.init.relative_to(ROOT) if a.init.is_relative_to(ROOT) else a.init),
+        "init": rel(a.init),
         "config": DISTILL.config(args),
         "old_rev": a.rev,
         "old_losses": old,
@@ -171,7 +170,6 @@ def main() -> None:
     md += " Dropout off in both." if a.no_dropout else " Dropout on (default)."
     name = "train_equivalence" + ("_no_dropout" if a.no_dropout else "")
     write_result(name, results, markdown=md)
-    print(md)
 
 
 if __name__ == "__main__":

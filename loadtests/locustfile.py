@@ -43,11 +43,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gevent
 from locust import HttpUser, events, task
 from locust.env import Environment
 from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
+# The light module (no pydantic settings, no models): every Locust process imports this file.
+from gainrag.evaluation.questions import load_questions
+
 ROOT = Path(__file__).resolve().parents[1]
+
 SCENARIOS = ("uncached", "cached")
 SCENARIO = os.environ.get("LOADTEST_SCENARIO", "uncached")
 if SCENARIO not in SCENARIOS:
@@ -62,21 +67,9 @@ BACKOFF_S = float(os.environ.get("LOADTEST_BACKOFF_S", "5"))
 SAMPLES = os.environ.get("LOADTEST_SAMPLES")
 
 
-def load_questions(path: Path, limit: int) -> list[str]:
-    """The first ``limit`` ``question`` fields of a JSONL file."""
-    out: list[str] = []
-    with path.open() as f:
-        for line in f:
-            if line.strip():
-                out.append(json.loads(line)["question"])
-                if len(out) >= limit:
-                    break
-    if not out:
-        raise SystemExit(f"no questions in {path}")
-    return out
-
-
-QUESTIONS = load_questions(QUESTIONS_PATH, LIMIT)
+QUESTIONS = [r["question"] for r in load_questions(QUESTIONS_PATH, LIMIT, answers=False)]
+if not QUESTIONS:
+    raise SystemExit(f"no questions in {QUESTIONS_PATH}")
 _user_ids = itertools.count()
 _samples = open(SAMPLES, "a", buffering=1) if SAMPLES else None  # noqa: SIM115 (process-long)
 
@@ -90,6 +83,9 @@ UNEXPECTED = "/answer (miss)" if SCENARIO == "cached" else "/answer (hit)"
 def _on_init(environment: Environment, **_kw: Any) -> None:
     global _environment
     _environment = environment
+    # gevent's loop has not run since Locust imported gevent, so its clock lags by the start-up
+    # time (seconds on a loaded machine) and --run-time, timed from it, would end that much early.
+    gevent.get_hub().loop.update_now()
 
 
 @events.quit.add_listener

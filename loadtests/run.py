@@ -20,23 +20,25 @@ import csv
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+from gainrag.evaluation.qa_metrics import percentile
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import Server, free_port, load_questions, percentile  # noqa: E402
-
-from gainrag.evaluation.machine import machine_info  # noqa: E402
+from gainrag.config import REPO_ROOT as ROOT
+from gainrag_harness import (
+    gainrag_service,
+    load_questions,
+    machine_info,
+    machine_line,
+    redis_service,
+)
 
 LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
 SCENARIOS = {
@@ -294,44 +296,6 @@ def run_locust(
 # ------------------------------------------------------------------------------- the service
 
 
-@contextlib.contextmanager
-def redis_server(log: Path) -> Iterator[str]:
-    """A private, non-persistent redis-server on a free loopback port; yields its URL."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise SystemExit(
-            "redis-server is not installed (Debian: apt-get install redis-server); "
-            "or load-test a running service with --url"
-        )
-    port = free_port()
-    cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=port)
-        deadline = time.monotonic() + 15
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"redis-server exited with {proc.returncode}; see {log}")
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"redis-server not up after 15 s; see {log}") from None
-                time.sleep(0.1)
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 def effective_settings(env: dict[str, str]) -> dict[str, Any] | None:
     """``gainrag settings`` under ``env``, secrets redacted (None if it fails)."""
     proc = subprocess.run(
@@ -384,11 +348,6 @@ def ask(client: httpx.Client, question: str, *, no_cache: bool) -> dict[str, Any
 
 
 # ------------------------------------------------------------------------------------ report
-
-
-def machine_line(m: dict[str, Any]) -> str:
-    gpu = ", CUDA" if m.get("cuda") else ", no GPU"
-    return f"{m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB, torch {m['torch']}{gpu}"
 
 
 def _fmt(value: float | None, digits: int = 0) -> str:
@@ -505,6 +464,7 @@ def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
 
 
 def _rel(p: Path) -> Path:
+    """``p`` relative to the repository when it is inside it."""
     p = p.resolve()
     return p.relative_to(ROOT) if p.is_relative_to(ROOT) else p
 
@@ -526,9 +486,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     with contextlib.ExitStack() as stack:
         url = args.url.rstrip("/") if args.url else None
         if url is None:
-            redis_url = stack.enter_context(redis_server(work / "redis.log"))
+            redis = stack.enter_context(redis_service(work))
             env = {k: v for k, v in os.environ.items() if k.startswith("GAINRAG_")}
-            env["GAINRAG_REDIS__URL"] = redis_url
+            env["GAINRAG_REDIS__URL"] = f"{redis.url}/0"
             for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
                 env[name] = os.environ.get(name, "1")
             env["TOKENIZERS_PARALLELISM"] = os.environ.get("TOKENIZERS_PARALLELISM", "false")
@@ -539,13 +499,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
                     f"no index in {index_dir}: run `make prepare` first, or pass --url"
                 )
             print("starting the embedded service (models load in the background)...", flush=True)
-            log = work / "service.log"
-            try:
-                server = stack.enter_context(Server.gainrag("serve", env=env, log=log))
-            except SystemExit as exc:
-                tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-                raise SystemExit(f"{exc}\n--- {log} (tail) ---\n{tail}") from None
-            url = server.url
+            # Models load in minutes on a busy 2-core machine; a failure raises with the log tail.
+            serve = gainrag_service("service", ["serve"], work, env, timeout_s=600)
+            url = stack.enter_context(serve).url
             service = {
                 "where": "embedded: `gainrag serve` started by this script on this machine, with "
                 "a private redis-server (load generator and service share the CPUs)",
@@ -557,7 +513,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         service["ready"] = wait_ready(url)
         service["url"] = url
         with httpx.Client(base_url=url, timeout=600) as client:
-            qs = load_questions(args.questions, max(args.limit, args.cached_set))
+            rows = load_questions(args.questions, max(args.limit, args.cached_set), answers=False)
+            qs = [r["question"] for r in rows]
             warm = ask(client, qs[0], no_cache=True)
             print(f"warm-up: {warm['ms']:.0f} ms", flush=True)
             service["warmup_ms"] = warm["ms"]
@@ -567,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
                 duration = args.cached_duration if cached else args.duration
                 sc: dict[str, Any] = {
                     "description": SCENARIOS[scenario],
-                    "questions": len(load_questions(args.questions, limit)),
+                    "questions": len(qs[:limit]),
                     "levels": [],
                 }
                 if cached:

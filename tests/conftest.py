@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from gainrag.retrieval.encoder import BiEncoder
 from gainrag.retrieval.index import build_index
 from gainrag.weights import prepare_llm, resolve_encoder
 from gainrag.wiring import build_components
+from gainrag_harness import DEPENDENCIES, Service, deployment, running
 
 DATA = REPO_ROOT / "data"
 N_DEV = 8  # dev questions whose gold passages are in the small corpus
@@ -70,6 +71,22 @@ def index_dir(
 def llm_dir() -> Path:
     # Reuses the machine's converted-model cache (made by `make run` or the first test run).
     return prepare_llm("smollm2-135m", Settings().llm.models_dir)
+
+
+@pytest.fixture(scope="module")
+def stack(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    index_dir: Path,
+    llm_dir: Path,
+) -> Iterator[dict[str, Service]]:
+    """The distributed deployment as real processes on loopback (redis, llm, retriever, selector,
+    gateway), once per module, the gateway configured by the module's ``GATEWAY_ENV``."""
+    logs = tmp_path_factory.mktemp("stack")
+    services = deployment(logs, index_dir, request.module.GATEWAY_ENV)
+    # The dependencies load side by side (start-up is most of such a test's fixed cost).
+    with running(services, order=DEPENDENCIES):
+        yield services
 
 
 def make_settings(index_dir: Path, small_corpus: Path, **overrides: object) -> Settings:

@@ -16,21 +16,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from benchmarks import bench_llm, bench_retrieval, bench_selector
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import bench_llm  # noqa: E402
-import bench_retrieval  # noqa: E402
-import bench_selector  # noqa: E402
 
 
 @pytest.mark.parametrize(
-    "script", ["bench_selector.py", "bench_retrieval.py", "bench_llm.py", "bench_dtype.py"]
+    "module", ["bench_selector", "bench_retrieval", "bench_llm", "bench_dtype"]
 )
-def test_scripts_parse_their_arguments(script: str) -> None:
+def test_scripts_parse_their_arguments(module: str) -> None:
     out = subprocess.run(
-        [sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", f"benchmarks.{module}", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=BENCH.parent,
     )
     assert out.returncode == 0, out.stderr
     assert "--quick" in out.stdout
@@ -155,10 +155,11 @@ def test_memory_bandwidth_small_buffer() -> None:
 
 def _eval_tables(results: Path) -> subprocess.CompletedProcess[str]:
     out = subprocess.run(
-        [sys.executable, str(BENCH / "eval_tables.py"), "--dir", str(results), "--sets", "nq_dev"],
+        [sys.executable, "-m", "benchmarks.eval_tables", "--dir", str(results), "--sets", "nq_dev"],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=BENCH.parent,
     )
     assert out.returncode == 0, out.stderr
     return out

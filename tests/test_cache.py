@@ -19,18 +19,17 @@ from gainrag.cache import Cache
 from gainrag.cache_interface import cache_key
 from gainrag.config import RedisSettings, Settings
 from gainrag.pipeline import Components
-from tests.services import Service, free_port, redis_service
+from gainrag_harness import Service, free_port, redis_service
 
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = redis_service(tmp_path_factory.mktemp("redis")).start()
-    yield svc
-    svc.stop()
+    with redis_service(tmp_path_factory.mktemp("redis")) as svc:
+        yield svc
 
 
 def _cache(svc: Service, **kw: object) -> Cache:
-    return Cache(RedisSettings(url=f"redis://127.0.0.1:{svc.port}/0", **kw))  # type: ignore[arg-type]
+    return Cache(RedisSettings(url=f"{svc.url}/0", **kw))  # type: ignore[arg-type]
 
 
 def _count(kind: str, result: str) -> float:

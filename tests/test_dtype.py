@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gainrag.weights import resolve_encoder
 
 from gainrag.config import REPO_ROOT, Settings
 from gainrag.errors import ConfigurationError
@@ -44,6 +43,7 @@ from gainrag.retrieval.index import build_index
 from gainrag.selector.cross_encoder import CrossEncoderScorer, CrossEncoderSelector
 from gainrag.training.gain import GainScorer
 from gainrag.types import Passage
+from gainrag.weights import resolve_encoder
 
 DATA = REPO_ROOT / "data"
 SELECTOR = REPO_ROOT / "models/selector/gainrag-minilm-l6"

@@ -31,8 +31,7 @@ import httpx
 import pytest
 
 from gainrag.config import REPO_ROOT
-from gainrag.evaluation.machine import cpu_flags, machine_info
-from tests.services import Service, free_port, gainrag_service, llama_service, redis_service
+from gainrag_harness import DEPENDENCIES, Service, machine_info, machine_line
 
 pytestmark = pytest.mark.faults
 
@@ -55,7 +54,6 @@ PAUSED_S = max(WORKER_TIMEOUT_S, LLM_TIMEOUT_S) + 1.0  # in-flight calls must ti
 RECOVERY_S = 60.0  # bound on "answers normally again" after a dependency is back
 MAX_REQUESTS = 600  # the load is bounded in count as well as in time
 
-DEPENDENCIES = ("redis", "llm", "retriever", "selector")
 FAULTS = ("kill", "pause")
 # The documented 5xx of /answer with fallbacks on (README, Errors and Failure policy); with
 # fallbacks a worker's own errors become degradations, never a 5xx.
@@ -161,63 +159,24 @@ def problems(outcome: Outcome) -> list[str]:
     return found
 
 
+# The gateway's settings in the deployment of conftest's ``stack`` fixture.
+GATEWAY_ENV = {
+    "GAINRAG_RETRIEVAL__K": "3",
+    "GAINRAG_RETRIEVAL__TIMEOUT_S": str(WORKER_TIMEOUT_S),
+    "GAINRAG_SELECTOR__TIMEOUT_S": str(WORKER_TIMEOUT_S),
+    "GAINRAG_LLM__TIMEOUT_S": str(LLM_TIMEOUT_S),
+    "GAINRAG_LLM__MAX_NEW_TOKENS_PSEUDO": "16",
+    "GAINRAG_LLM__MAX_NEW_TOKENS_ANSWER": "8",
+    "GAINRAG_PIPELINE__TIMEOUT_S": str(PIPELINE_TIMEOUT_S),
+    "GAINRAG_REDIS__TIMEOUT_MS": str(REDIS_TIMEOUT_MS),
+    "GAINRAG_REDIS__RETRY_S": "1",
+}
+
+
 def _metric(url: str, name: str, labels: str) -> float:
     text = httpx.get(url + "/metrics", timeout=10).text
     m = re.search(re.escape(name) + r"\{" + re.escape(labels) + r"\} (\S+)", text)
     return float(m.group(1)) if m else 0.0
-
-
-@pytest.fixture(scope="module")
-def stack(
-    tmp_path_factory: pytest.TempPathFactory, index_dir: Path, llm_dir: Path
-) -> Iterator[dict[str, Service]]:
-    logs = tmp_path_factory.mktemp("faults")
-    ports = {n: free_port() for n in ("retriever", "selector", "gateway")}
-    common = {"GAINRAG_RETRIEVAL__INDEX_DIR": str(index_dir), "GAINRAG_LOG_LEVEL": "INFO"}
-    redis = redis_service(logs)
-    llm = llama_service(logs)
-    retriever = gainrag_service(
-        "retriever", ["worker", "retrieval"], ports["retriever"], logs, common
-    )
-    selector = gainrag_service("selector", ["worker", "selector"], ports["selector"], logs, common)
-    gateway_env = {
-        **common,
-        "GAINRAG_RETRIEVAL__URL": retriever.url,
-        "GAINRAG_RETRIEVAL__K": "3",
-        "GAINRAG_RETRIEVAL__TIMEOUT_S": str(WORKER_TIMEOUT_S),
-        "GAINRAG_SELECTOR__URL": selector.url,
-        "GAINRAG_SELECTOR__TIMEOUT_S": str(WORKER_TIMEOUT_S),
-        "GAINRAG_LLM__BASE_URL": llm.url + "/v1",
-        "GAINRAG_LLM__MODEL": "smollm2-135m",
-        "GAINRAG_LLM__TIMEOUT_S": str(LLM_TIMEOUT_S),
-        "GAINRAG_LLM__CONNECT_RETRIES": "1",
-        "GAINRAG_LLM__MAX_NEW_TOKENS_PSEUDO": "16",
-        "GAINRAG_LLM__MAX_NEW_TOKENS_ANSWER": "8",
-        "GAINRAG_PIPELINE__TIMEOUT_S": str(PIPELINE_TIMEOUT_S),
-        "GAINRAG_REDIS__URL": f"redis://127.0.0.1:{redis.port}/0",
-        "GAINRAG_REDIS__TIMEOUT_MS": str(REDIS_TIMEOUT_MS),
-        "GAINRAG_REDIS__RETRY_S": "1",
-    }
-    gateway = gainrag_service("gateway", ["serve"], ports["gateway"], logs, gateway_env)
-    services = {
-        "redis": redis, "llm": llm, "retriever": retriever, "selector": selector,
-        "gateway": gateway,
-    }  # fmt: skip
-    try:
-        # The dependencies load side by side (start-up is most of this test's fixed cost).
-        for name in DEPENDENCIES:
-            services[name].launch()
-        for name in DEPENDENCIES:
-            services[name].wait_up()
-        gateway.start()
-        yield services
-    except BaseException:
-        for s in services.values():
-            print(f"--- {s.name} log ---\n{s.tail()}")
-        raise
-    finally:
-        for s in reversed(list(services.values())):
-            s.stop()
 
 
 def _recovered(dep: str, gateway: Service, http: httpx.Client, questions: Iterator[str]) -> Outcome:
@@ -387,13 +346,12 @@ def _report(
                 "max_latency_s": round(max((o.elapsed_s for o in group), default=0.0), 2),
             }
         )
-    machine = {**machine_info(), "cpu_flags": cpu_flags()}
     return {
         "benchmark": STATS_FILE,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "GAINRAG_WRITE_FAULT_TABLE=1 .venv/bin/python -m pytest -q tests/test_faults.py",
         "argv": [Path(sys.executable).name, "-m", "pytest", *request.config.invocation_params.args],
-        "machine": machine,
+        "machine": machine_info(),
         "settings": {
             "clients": CLIENTS,
             "worker_timeout_s": WORKER_TIMEOUT_S,
@@ -425,11 +383,9 @@ def markdown(report: dict[str, Any]) -> str:
         cells = [str(count.get((d, f, label), "")) for label in labels]
         extra = [p["max_latency_s"], p.get("fault_s", ""), p.get("recovered_after_s", "")]
         lines.append("| " + " | ".join([d, f, str(p["requests"]), *cells, *map(str, extra)]) + " |")
-    m = report["machine"]
-    flags = ", ".join(m["cpu_flags"]) or "none of the listed"
     return (
         f"Command: `{report['command']}`  \n"
-        f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB; CPU flags: {flags}  \n"
+        f"Machine: {machine_line(report['machine'])}  \n"
         f"{report['requests']} requests from {report['settings']['clients']} clients in "
         f"{report['wall_s']} s; slowest {report['max_latency_s']} s (pipeline deadline "
         f"{report['settings']['pipeline_timeout_s']} s, client timeout "

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.services import Service, free_port
+from gainrag_harness import Service, free_port
 
 LIMITS = {
     "GAINRAG_HTTP__HEADER_TIMEOUT_S": "1",

@@ -9,13 +9,17 @@ answers -> a cache hit -> selector killed (fallback) -> retriever killed (fallba
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.services import Service, free_port, gainrag_service, llama_service, redis_service
+from gainrag_harness import Service
+
+# The gateway's settings in the deployment of conftest's ``stack`` fixture.
+GATEWAY_ENV = {
+    "GAINRAG_RETRIEVAL__K": "10",
+    "GAINRAG_LLM__MAX_NEW_TOKENS_PSEUDO": "24",
+    "GAINRAG_LLM__MAX_NEW_TOKENS_ANSWER": "12",
+}
 
 
 def _metric(gateway: Service, name: str, labels: str = "") -> float:
@@ -23,49 +27,6 @@ def _metric(gateway: Service, name: str, labels: str = "") -> float:
     pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" (\S+)"
     m = re.search(pattern, text)
     return float(m.group(1)) if m else 0.0
-
-
-@pytest.fixture(scope="module")
-def stack(
-    tmp_path_factory: pytest.TempPathFactory, index_dir: Path, llm_dir: Path
-) -> Iterator[dict[str, Service]]:
-    logs = tmp_path_factory.mktemp("stack")
-    ports = {n: free_port() for n in ("retriever", "selector", "gateway")}
-    common = {"GAINRAG_RETRIEVAL__INDEX_DIR": str(index_dir), "GAINRAG_LOG_LEVEL": "INFO"}
-    redis = redis_service(logs)
-    llm = llama_service(logs)
-    retriever = gainrag_service(
-        "retriever", ["worker", "retrieval"], ports["retriever"], logs, common
-    )
-    selector = gainrag_service("selector", ["worker", "selector"], ports["selector"], logs, common)
-    gateway_env = {
-        **common,
-        "GAINRAG_RETRIEVAL__URL": retriever.url,
-        "GAINRAG_RETRIEVAL__K": "10",
-        "GAINRAG_SELECTOR__URL": selector.url,
-        "GAINRAG_LLM__BASE_URL": llm.url + "/v1",
-        "GAINRAG_LLM__MODEL": "smollm2-135m",
-        "GAINRAG_LLM__MAX_NEW_TOKENS_PSEUDO": "24",
-        "GAINRAG_LLM__MAX_NEW_TOKENS_ANSWER": "12",
-        "GAINRAG_LLM__CONNECT_RETRIES": "1",
-        "GAINRAG_REDIS__URL": f"redis://127.0.0.1:{redis.port}/0",
-    }
-    gateway = gainrag_service("gateway", ["serve"], ports["gateway"], logs, gateway_env)
-    services = {
-        "redis": redis, "llm": llm, "retriever": retriever, "selector": selector,
-        "gateway": gateway,
-    }  # fmt: skip
-    try:
-        for name in ("redis", "llm", "retriever", "selector", "gateway"):
-            services[name].start()
-        yield services
-    except BaseException:
-        for s in services.values():
-            print(f"--- {s.name} log ---\n{s.tail()}")
-        raise
-    finally:
-        for s in reversed(list(services.values())):
-            s.stop()
 
 
 def _ask(gateway: Service, question: str, **headers: str) -> httpx.Response:

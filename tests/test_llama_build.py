@@ -7,12 +7,12 @@ from __future__ import annotations
 import platform
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from gainrag.config import REPO_ROOT
-from tests.services import LLAMA_PYTHON, missing
+from gainrag.evaluation.machine import cpu_flags
+from gainrag_harness import LLAMA_PYTHON, missing
 
 # ggml's feature names (llama_print_system_info) -> the /proc/cpuinfo flag each one needs.
 CPUINFO_FLAG = {
@@ -46,19 +46,12 @@ def compiled_features() -> set[str]:
     return set(re.findall(r"([A-Z0-9_]+) = 1", out))
 
 
-def cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 instruction sets only")
 def test_llama_cpp_build_fits_this_cpu_and_has_no_amx() -> None:
     features = compiled_features()
     assert "AVX2" in features, features  # built with SIMD at all, not a scalar fallback
     assert "AMX_INT8" not in features
-    flags = cpu_flags()
+    flags = set(cpu_flags(tuple(CPUINFO_FLAG.values())))
     lacking = {f for f in features & CPUINFO_FLAG.keys() if CPUINFO_FLAG[f] not in flags}
     assert not lacking, f"llama.cpp uses instructions this CPU lacks: {sorted(lacking)}"
     # The installed wheel is the one built for this CPU's flag set (the stamp holds its key).

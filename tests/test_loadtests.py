@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from gainrag.config import REPO_ROOT
-from tests.services import free_port, missing
+from gainrag_harness import free_port, missing
 
 UNCACHED_S = 0.2  # one computed answer; long enough that two users collide (429)
 

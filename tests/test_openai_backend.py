@@ -12,14 +12,13 @@ from gainrag.config import LLMSettings
 from gainrag.errors import UnavailableError, UpstreamError, UpstreamTimeoutError
 from gainrag.llm import prompts
 from gainrag.llm.openai_backend import OpenAIGenerator
-from tests.services import Service, free_port, llama_service
+from gainrag_harness import Service, free_port, llama_service
 
 
 @pytest.fixture(scope="module")
 def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = llama_service(tmp_path_factory.mktemp("llm")).start()
-    yield svc
-    svc.stop()
+    with llama_service(tmp_path_factory.mktemp("llm")) as svc:
+        yield svc
 
 
 def _llm(base_url: str, **kw: object) -> OpenAIGenerator:

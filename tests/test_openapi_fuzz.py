@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import Service, free_port, gainrag_service
+from gainrag_harness import Service, gainrag_service, running
 
 ADMIN_TOKEN = "fuzz-admin-token"
 CONFIG = Path(__file__).with_name("schemathesis.toml")  # the documented exceptions to the checks
@@ -29,7 +29,7 @@ GATEWAY_EXAMPLES = 5
 
 def _worker(kind: str, index_dir: Path, logs: Path, **env: str) -> Service:
     common = {"GAINRAG_RETRIEVAL__INDEX_DIR": str(index_dir), "GAINRAG_LOG_LEVEL": "WARNING"}
-    return gainrag_service(kind, ["worker", kind], free_port(), logs, {**common, **env})
+    return gainrag_service(kind, ["worker", kind], logs, {**common, **env}, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,6 @@ def processes(
     gateway = gainrag_service(
         "gateway",
         ["serve"],
-        free_port(),
         logs,
         {
             "GAINRAG_LOG_LEVEL": "WARNING",
@@ -62,21 +61,11 @@ def processes(
             "GAINRAG_LLM__MAX_NEW_TOKENS_PSEUDO": "8",
             "GAINRAG_LLM__MAX_NEW_TOKENS_ANSWER": "4",
         },
+        threads=1,
     )
     services = {"retrieval": retriever, "selector": selector, "gateway": gateway}
-    try:
-        for s in services.values():
-            s.launch()
-        for s in services.values():
-            s.wait_up()
+    with running(services, order=list(services)):
         yield services
-    except BaseException:
-        for s in services.values():
-            print(f"--- {s.name} log ---\n{s.tail()}")
-        raise
-    finally:
-        for s in services.values():
-            s.stop()
 
 
 def schemathesis_run(service: Service, examples: int, tmp_path: Path, *args: str) -> None:

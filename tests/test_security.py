@@ -27,8 +27,8 @@ from gainrag.cli import main
 from gainrag.config import RedisSettings, Settings
 from gainrag.errors import ConfigurationError, RateLimitedError
 from gainrag.keys import KeyRecord, append_key, hash_key, load_keys, new_key
+from gainrag_harness import free_port, redis_service
 from tests.fake_gateway import FakeGenerator, MemoryCache, fake_app, fake_settings
-from tests.services import free_port, redis_service
 from tests.test_api import assert_error
 
 KEYS = {

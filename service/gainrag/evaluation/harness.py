@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from gainrag.evaluation.qa_metrics import (
     percentile,
     recall_at,
 )
+from gainrag.evaluation.questions import load_questions
 from gainrag.pipeline import Pipeline
 from gainrag.wiring import build_components
 
@@ -75,23 +75,6 @@ def apply_preset(settings: Settings, preset: Preset) -> Settings:
             update={"kind": "cross-encoder", "checkpoint": selector.rerank_checkpoint}
         )
     return settings.model_copy(update={"pipeline": pipeline, "selector": selector})
-
-
-def load_questions(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """Rows with ``question`` and ``answers`` (and optional ``id``, ``gold_ids``)."""
-    rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if not isinstance(row.get("question"), str) or not isinstance(row.get("answers"), list):
-                raise ConfigurationError(f"{path}:{lineno}: needs 'question' and 'answers' (list)")
-            row.setdefault("id", str(lineno))
-            rows.append(row)
-            if limit is not None and len(rows) >= limit:
-                break
-    return rows
 
 
 async def _run_one(

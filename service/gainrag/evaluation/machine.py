@@ -40,7 +40,7 @@ def cpu_flags(wanted: tuple[str, ...] = INFERENCE_FLAGS) -> list[str]:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU, core count, memory, OS, Python and torch versions."""
+    """CPU, its inference flags, core count, memory, OS, Python and torch versions."""
     import torch
 
     mem_gb = None
@@ -51,6 +51,7 @@ def machine_info() -> dict[str, Any]:
         pass
     return {
         "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpus": os.cpu_count(),
         "memory_gb": mem_gb,
         "platform": platform.platform(),
@@ -59,3 +60,12 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
     }
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    """One line for a report header from :func:`machine_info` (older records lack the flags)."""
+    gpu = "CUDA" if m.get("cuda") else "no GPU"
+    line = f"{m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB, torch {m['torch']}, {gpu}"
+    if "cpu_flags" in m:
+        line += f"; CPU flags: {', '.join(m['cpu_flags']) or 'none of the listed'}"
+    return line

