@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from gainrag.evaluation.qa_metrics import percentile
 
 from benchmarks.common import LOG_DIR, QUESTIONS, START_S, question_texts, rel, write_result
+from gainrag.evaluation.qa_metrics import percentile
 from gainrag_harness import gainrag_service
 
 STAGES = ("retrieve", "pseudo", "select", "generate", "total")

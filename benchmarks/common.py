@@ -12,9 +12,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gainrag.evaluation.qa_metrics import percentile
-
 from gainrag.config import REPO_ROOT
+from gainrag.evaluation.qa_metrics import percentile
 from gainrag_harness import load_questions, machine_info, machine_line
 
 ROOT = REPO_ROOT

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from gainrag.evaluation.qa_metrics import percentile
 
 from gainrag.config import REPO_ROOT as ROOT
+from gainrag.evaluation.qa_metrics import percentile
 from gainrag_harness import (
     gainrag_service,
     load_questions,

@@ -9,9 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gainrag.weights import package_dir
-
 from gainrag.config import REPO_ROOT
+from gainrag.weights import package_dir
 from gainrag_harness.process import Service, free_port, missing
 
 # llama-cpp-python lives in its own venv (``make llm-venv``): it is built for this CPU.
