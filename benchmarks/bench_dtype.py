@@ -29,10 +29,10 @@ import torch
 
 from benchmarks.bench_selector import DEFAULT_CHECKPOINT, FlopModel
 from benchmarks.common import ROOT, write_result
+from gainrag.evaluation.questions import passage_pool
 from gainrag.hardware import choose_dtype, cpu_features, linear_shapes
 from gainrag.retrieval.encoder import BiEncoder
 from gainrag.selector.cross_encoder import CrossEncoderScorer
-from gainrag.types import Passage
 from gainrag.weights import resolve_encoder
 
 NAME = "dtype"
@@ -72,15 +72,7 @@ def peaks(sizes: list[int], reps: int, max_s: float) -> dict[str, Any]:
 
 def candidate_sets(questions: list[dict[str, Any]], k: int, pool_others: int) -> list[list[str]]:
     """``k`` real candidates per question: the fp32 bi-encoder's nearest pool passages."""
-    gold = {g for q in questions for g in q["gold_ids"]}
-    pool: list[Passage] = []
-    others = 0
-    with (ROOT / "data/corpus.jsonl").open() as f:
-        for line in f:
-            row = json.loads(line)
-            if row["id"] in gold or others < pool_others:
-                others += row["id"] not in gold
-                pool.append(Passage(row["id"], row["title"], row["text"]))
+    pool = passage_pool(ROOT / "data/corpus.jsonl", questions, pool_others)
     enc = BiEncoder(resolve_encoder("all-MiniLM-L6-v2"), dtype="float32")
     pv = enc.encode([p.as_candidate_text() for p in pool])
     qv = enc.encode([q["question"] for q in questions])

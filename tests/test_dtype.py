@@ -26,6 +26,7 @@ import torch
 
 from gainrag.config import REPO_ROOT, Settings
 from gainrag.errors import ConfigurationError
+from gainrag.evaluation.questions import passage_pool
 from gainrag.hardware import (
     MIN_SPEEDUP,
     CpuFeatures,
@@ -175,16 +176,7 @@ def questions() -> list[dict]:
 @pytest.fixture(scope="module")
 def pool(questions: list[dict]) -> list[Passage]:
     """The questions' gold passages and ``N_POOL_OTHERS`` other corpus passages."""
-    gold = {g for q in questions for g in q["gold_ids"]}
-    out: list[Passage] = []
-    others = 0
-    with (DATA / "corpus.jsonl").open() as f:
-        for line in f:
-            row = json.loads(line)
-            if row["id"] in gold or others < N_POOL_OTHERS:
-                others += row["id"] not in gold
-                out.append(Passage(row["id"], row["title"], row["text"]))
-    return out
+    return passage_pool(DATA / "corpus.jsonl", questions, N_POOL_OTHERS)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gainrag.errors import ConfigurationError
+from gainrag.types import Passage
 
 
 def load_questions(
@@ -33,3 +34,18 @@ def load_questions(
             if limit is not None and len(rows) >= limit:
                 break
     return rows
+
+
+def passage_pool(corpus: Path, questions: list[dict[str, Any]], others: int) -> list[Passage]:
+    """The questions' gold passages plus the first ``others`` other passages of ``corpus``, in
+    corpus order: a small candidate pool where every question's answer is present."""
+    gold = {g for q in questions for g in q["gold_ids"]}
+    pool: list[Passage] = []
+    taken = 0
+    with corpus.open(encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["id"] in gold or taken < others:
+                taken += row["id"] not in gold
+                pool.append(Passage(row["id"], row["title"], row["text"]))
+    return pool
