@@ -325,9 +325,9 @@ def _dev_questions(n_per_file: int) -> dict[str, str]:
 
 
 async def _equal_to_scoring_all_together(
-    settings: Settings, retriever: object, selector: Selector
+    settings: Settings, retriever: object, selector: Selector, n_per_file: int
 ) -> None:
-    questions = _dev_questions(8)
+    questions = _dev_questions(n_per_file)
     generator = _GatedGenerator(pseudo=questions)
     results = {}
     for pipelined in (True, False):
@@ -360,7 +360,7 @@ async def test_pipelined_scores_equal_all_together_with_the_shipped_cross_encode
 ) -> None:
     assert components.selector is not None
     assert components.selector.name == "cross-encoder:gainrag-minilm-l6"
-    await _equal_to_scoring_all_together(settings, components.retriever, components.selector)
+    await _equal_to_scoring_all_together(settings, components.retriever, components.selector, 3)
 
 
 async def test_pipelined_scores_equal_all_together_with_the_cosine_selector(
@@ -368,6 +368,6 @@ async def test_pipelined_scores_equal_all_together_with_the_cosine_selector(
 ) -> None:
     selector = CosineSelector(encoder, DenseIndex.load(index_dir))
     try:
-        await _equal_to_scoring_all_together(settings, components.retriever, selector)
+        await _equal_to_scoring_all_together(settings, components.retriever, selector, 8)
     finally:
         await selector.close()
