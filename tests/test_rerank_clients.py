@@ -123,7 +123,8 @@ def test_errors_reach_the_sdk_in_the_error_shape(worker: Service, documents: lis
     with pytest.raises(ApiError) as info:
         v1.rerank(query=QUERY, documents=[{"title": "no text"}])
     assert info.value.status_code == 422
-    assert info.value.body["error"]["code"] == "invalid_document"
+    assert info.value.body["error"]["code"] == "missing_field"
+    assert "text" in info.value.body["error"]["message"]
 
     wrong = cohere.ClientV2(api_key="not-the-token", base_url=worker.url)
     with pytest.raises(ApiError) as info:
@@ -136,3 +137,20 @@ def test_cohere_routes_are_in_the_worker_openapi(worker: Service) -> None:
     spec = httpx.get(f"{worker.url}/openapi.json", timeout=10)
     assert spec.status_code == 200
     assert {"/rerank", "/v1/rerank", "/v2/rerank"} <= set(spec.json()["paths"])
+
+
+@pytest.mark.parametrize(
+    "document",
+    [{"text": "a", "\ud800": "x"}, {"text": "a", "note": "\ud800"}, {"text": "a", "n": 3}],
+    ids=["surrogate-name", "surrogate-value", "non-string-field"],
+)
+def test_document_fields_that_cannot_be_returned_are_422(worker: Service, document: dict) -> None:
+    # Returned as given with return_documents: a field that could not be encoded is refused.
+    r = httpx.post(
+        f"{worker.url}/v1/rerank",
+        content=json.dumps({"query": QUERY, "documents": [document], "return_documents": True}),
+        headers={"authorization": f"Bearer {TOKEN}", "content-type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 422, r.text
+    assert set(r.json()["error"]) == {"message", "type", "code"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
-from gainrag.wire import JsonInt, PositiveJsonInt, Text
+from gainrag.wire import TEXT_OR_EMPTY_PATTERN, JsonInt, PositiveJsonInt, Text
 
 
 class RerankRequest(BaseModel):
@@ -70,13 +70,25 @@ class RerankScores(BaseModel):
 # (``cohere.Client.rerank``, ``cohere.ClientV2.rerank``) and vLLM's routes of the same names speak.
 
 
+class CohereDocument(BaseModel):
+    """A document object (v1): its ``text`` is scored; its other string fields are returned
+    with it when ``return_documents`` is set."""
+
+    model_config = ConfigDict(
+        extra="allow", json_schema_extra={"propertyNames": {"pattern": TEXT_OR_EMPTY_PATTERN}}
+    )
+    __pydantic_extra__: dict[str, Text]  # the other fields: strings, as Cohere's are
+
+    text: StrictStr
+
+
 class CohereRerankRequest(BaseModel):
     """Body of ``POST /v1/rerank`` and ``/v2/rerank``."""
 
     model_config = ConfigDict(extra="forbid")
 
     query: StrictStr
-    documents: list[StrictStr | dict[str, StrictStr]] = Field(
+    documents: list[StrictStr | CohereDocument] = Field(
         ...,
         min_length=1,
         description="Texts, or objects with a 'text' field (v1; their other fields are returned "

@@ -42,6 +42,7 @@ from gainrag.selector.wire import (
     RerankResult,
     Usage,
 )
+from gainrag.textcheck import check_text
 from gainrag.wire import TEXT_OR_EMPTY_PATTERN, ErrorResponse, query_schema
 from gainrag.wiring import build_cross_encoder
 
@@ -126,15 +127,12 @@ def create_selector_app(
     async def cohere_rerank(
         version: str, body: CohereRerankRequest, request: Request
     ) -> CohereRerankResponse:
-        texts = []
-        for i, d in enumerate(body.documents):
-            text = d if isinstance(d, str) else d.get("text")
-            if text is None:
-                raise ValidationFailedError(
-                    f"documents[{i}] is an object without a 'text' field", code="invalid_document"
-                )
-            texts.append(text)
+        texts = [d if isinstance(d, str) else d.text for d in body.documents]
         sel, query, documents = checked(request, body.query, texts)
+        for i, d in enumerate(body.documents):  # fields returned as given must encode as UTF-8
+            if not isinstance(d, str):
+                for k in d.model_extra or {}:
+                    check_text(f"documents[{i}] field name", k, code="invalid_document")
         if body.max_tokens_per_doc is not None:
             documents = [_truncate_tokens(sel, d, body.max_tokens_per_doc) for d in documents]
         scores, tokens = await score(request, sel, query, documents)
@@ -144,7 +142,7 @@ def create_selector_app(
             if not body.return_documents:
                 return None
             d = body.documents[i]
-            return {"text": d} if isinstance(d, str) else d  # objects keep their other fields
+            return {"text": d} if isinstance(d, str) else d.model_dump()  # with other fields
 
         return CohereRerankResponse(
             id=f"rerank-{request.state.request_id}",
@@ -229,6 +227,14 @@ def create_selector_app(
             },
             "CohereRerankRequest.query": query_schema(w.max_text_chars),
             "CohereRerankRequest.documents": {"maxItems": w.max_documents},
+            "CohereRerankRequest.documents[]": {
+                "maxLength": w.max_text_chars,
+                "pattern": TEXT_OR_EMPTY_PATTERN,
+            },
+            "CohereDocument.text": {
+                "maxLength": w.max_text_chars,
+                "pattern": TEXT_OR_EMPTY_PATTERN,
+            },
         },
     )
     return app
