@@ -1,5 +1,5 @@
 """Pipeline fan-out semantics: both stages overlap; a failure cancels the sibling; pipelined
-selection scores the retrieved passages while the pseudo-passage is written, with the same scores."""
+selection scores the retrieved passages while the pseudo-passage is written, with equal scores."""
 
 from __future__ import annotations
 
@@ -130,9 +130,7 @@ async def test_retrieval_and_pseudo_passage_overlap_on_real_models(
 # pseudo-passage is scored alone when it arrives. Overlap is proved by ordering (events), and the
 # merged scores must equal one call over all k+1 candidates.
 
-_HITS = [
-    Retrieved(Passage(f"p{i}", f"Title {i}", f"text {i}"), i, 0.9 - i / 10) for i in range(4)
-]
+_HITS = [Retrieved(Passage(f"p{i}", f"Title {i}", f"text {i}"), i, 0.9 - i / 10) for i in range(4)]
 _PSEUDO = "Wilhelm Conrad Röntgen won the first Nobel Prize in Physics in 1901."
 
 
@@ -333,9 +331,7 @@ async def _equal_to_scoring_all_together(
     for pipelined in (True, False):
         s = settings.model_copy(
             update={
-                "pipeline": settings.pipeline.model_copy(
-                    update={"pipelined_selection": pipelined}
-                )
+                "pipeline": settings.pipeline.model_copy(update={"pipelined_selection": pipelined})
             },
             deep=True,
         )
