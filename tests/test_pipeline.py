@@ -269,6 +269,25 @@ async def test_a_failing_selector_part_degrades_to_retrieval_order(
     assert [c.score for c in result.candidates[:4]] == [h.score for h in _HITS]
 
 
+async def test_pipelined_selection_does_not_call_a_selector_found_down_again(
+    settings: Settings,
+) -> None:
+    # The retrieved passages' scoring fails before the pseudo-passage arrives: the pseudo-passage
+    # is not sent to the selector that was just found down (it would wait for the same timeout).
+    class DownForRetrieved(_LoggingSelector):
+        async def score(self, question: str, candidates: list[Passage]) -> list[float]:
+            self.calls.append([c.id for c in candidates])
+            self.scored_retrieved.set()  # lets the pseudo-passage arrive only after the failure
+            raise UpstreamError("selector worker down", code="selector_down")
+
+    selector = DownForRetrieved(_TABLE)
+    pipe = _pipe(settings, selector, _GatedGenerator(selector.scored_retrieved))
+    result = await asyncio.wait_for(pipe.answer("who got the first nobel prize"), 10)
+    assert selector.calls == [["p0", "p1", "p2", "p3"]]
+    assert [d.kind for d in result.degraded] == ["selector_down"]
+    assert [c.passage.id for c in result.candidates] == ["p0", "p1", "p2", "p3", PSEUDO_ID]
+
+
 async def test_pipelined_selection_failure_without_fallback_cancels_the_pseudo_passage(
     settings: Settings,
 ) -> None:

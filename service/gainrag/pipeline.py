@@ -344,9 +344,13 @@ class Pipeline:
         # When each input arrived (perf_counter), for the critical-path selection time.
         arrived: dict[str, float] = {}
 
+        failures: list[GainRAGError] = []
+
         async def score(stage: str, passages: list[Passage]) -> list[float] | GainRAGError:
             """Score ``passages``; a failing selector is returned (fallback) or raised."""
             assert selector is not None
+            if failures:  # the other part already found the selector down: do not wait on it
+                return failures[0]
             try:
                 scores = await self._timed(
                     stage, timings, selector.score(question, passages), failure="select"
@@ -359,6 +363,7 @@ class Pipeline:
             except _DEPENDENCY_FAILURES as exc:
                 if not o.fallback:
                     raise  # gather_or_cancel then cancels the sibling branch
+                failures.append(exc)
                 return exc
             return scores
 
