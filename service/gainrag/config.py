@@ -151,7 +151,7 @@ class LLMSettings(BaseModel):
 
 
 class PipelineSettings(BaseModel):
-    """The answer path: retrieve || pseudo -> select -> generate."""
+    """The answer path: (retrieve -> select_k) || (pseudo -> select_1) -> generate."""
 
     top_n: int = Field(
         1, ge=1, description="Passages given to the generator (request may override)."
@@ -161,6 +161,12 @@ class PipelineSettings(BaseModel):
     pseudo_passage: bool = Field(True, description="Write a pseudo-passage and let it compete.")
     select: bool = Field(
         True, description="Rescore candidates with the selector (else retrieval order)."
+    )
+    pipelined_selection: bool = Field(
+        True,
+        description="Score the retrieved passages as soon as retrieval returns, while the "
+        "pseudo-passage is still being written, and the pseudo-passage alone when it arrives "
+        "(False = score all k+1 together after both). Same scores and answers either way.",
     )
     timeout_s: float = Field(120.0, gt=0, description="Deadline for one /answer request.")
     fallback: bool = Field(

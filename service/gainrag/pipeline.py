@@ -1,8 +1,15 @@
-"""The answer path: cache -> (retrieve || pseudo-passage) -> select -> generate.
+"""The answer path: cache -> ((retrieve -> select k) || (pseudo-passage -> select 1)) -> generate.
 
 Plain async code over the component interfaces, so it runs the same with in-process models or
 remote workers. Retrieval and the pseudo-passage run concurrently: they are independent, and the
-pseudo-passage (an LLM generation) is usually the slowest stage.
+pseudo-passage (an LLM generation) is usually the slowest stage. With pipelined selection (the
+default, ``pipeline.pipelined_selection``) the selector scores the k retrieved passages as soon as
+retrieval returns, while the pseudo-passage is still being written, and the pseudo-passage alone
+when it arrives; the two score lists are merged. A selector scores each candidate independently of
+the others (a cross-encoder reads one (question, passage) pair; cosine compares two vectors), so
+the scores equal scoring all k+1 together, and the critical path shrinks from
+``max(retrieve, pseudo) + select(k+1) + generate`` to
+``max(retrieve + select(k), pseudo + select(1)) + generate``.
 
 Every check that needs no model runs first, in :meth:`Pipeline.check` (the gateway calls it before
 a request takes an in-flight slot): text, length in characters and in generator tokens, top_n and
@@ -45,7 +52,13 @@ from gainrag.types import PSEUDO_ID, AnswerResult, Degradation, Passage, Retriev
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-STAGES = ("retrieve", "pseudo", "select", "generate")
+# ``select`` is the selection time on the critical path: from the moment both retrieval and the
+# pseudo-passage were in until the ranking was ready (with pipelined selection, what the k
+# retrieved passages' scoring did not hide behind the pseudo-passage, plus the pseudo-passage's
+# own scoring; without it, the one k+1 call). ``select_retrieved`` and ``select_pseudo`` are the
+# wall times of the two pipelined calls (0 when not pipelined or when that part had nothing to
+# score), so ``total ~= max(retrieve, pseudo) + select + generate`` holds in both modes.
+STAGES = ("retrieve", "pseudo", "select", "select_retrieved", "select_pseudo", "generate")
 # A dependency that is down, failing or too slow: these degrade; bad input and 429 do not.
 _DEPENDENCY_FAILURES = (UnavailableError, UpstreamError, UpstreamTimeoutError)
 
@@ -86,6 +99,11 @@ class Components:
         for c in (self.retriever, self.selector, self.generator, self.cache):
             if c is not None:
                 await c.close()
+
+
+def _pseudo_passage(text: str) -> Passage:
+    """The pseudo-passage as a candidate (the same text whether scored alone or with others)."""
+    return Passage(PSEUDO_ID, "", text.strip(), pseudo=True)
 
 
 class Pipeline:
@@ -129,9 +147,17 @@ class Pipeline:
             max_new_tokens=[llm.max_new_tokens_pseudo, llm.max_new_tokens_answer],
             max_passage_words=llm.max_passage_words,
         )
+        # pipeline.pipelined_selection is deliberately not in the key: it changes when the
+        # selector runs, not what it computes (each candidate's score is independent of the
+        # others; tests/test_pipeline.py checks equality at 1e-4 with the real selectors), so
+        # both modes produce the same ranking and answer and may share cached answers.
         return cache_key("answer", question, versions)
 
-    async def _timed(self, stage: str, timings: dict[str, float], aw: Awaitable[T]) -> T:
+    async def _timed(
+        self, stage: str, timings: dict[str, float], aw: Awaitable[T], *, failure: str = ""
+    ) -> T:
+        """Await ``aw``, recording its wall time as ``stage``; ``failure`` names the stage in
+        the error of an unexpected exception (default ``stage``)."""
         start = time.perf_counter()
         try:
             return await aw
@@ -140,7 +166,8 @@ class Pipeline:
         except Exception as exc:
             # Unexpected backend failures become a 502 with a safe message; details go to the log.
             log.exception("stage %s failed", stage)
-            raise UpstreamError(f"the {stage} stage failed", code=f"{stage}_failed") from exc
+            name = failure or stage
+            raise UpstreamError(f"the {name} stage failed", code=f"{name}_failed") from exc
         finally:
             elapsed = time.perf_counter() - start
             timings[stage] = elapsed * 1000.0
@@ -312,23 +339,21 @@ class Pipeline:
             if o.pseudo_passage
             else no_pseudo()
         )
-        retrieved, pseudo_text = await gather_or_cancel(retrieve_aw, pseudo_aw)
+        selector = self.c.selector if o.select else None
+        pipelined = o.pipelined_selection and selector is not None
+        # When each input arrived (perf_counter), for the critical-path selection time.
+        arrived: dict[str, float] = {}
 
-        candidates: list[Scored] = [
-            Scored(r.passage, r.score, retrieval_rank=r.rank, retrieval_score=r.score)
-            for r in retrieved
-        ]
-        pseudo_kept = o.pseudo_passage and not prompts.is_not_available(pseudo_text)
-        if pseudo_kept:  # its score comes from the selector (settings require one)
-            candidates.append(Scored(Passage(PSEUDO_ID, "", pseudo_text.strip(), pseudo=True), 0.0))
+        failures: list[GainRAGError] = []
 
-        ranked = candidates  # retrieval order, the pseudo-passage last
-        if o.select and candidates and self.c.selector is not None:
+        async def score(stage: str, passages: list[Passage]) -> list[float] | GainRAGError:
+            """Score ``passages``; a failing selector is returned (fallback) or raised."""
+            assert selector is not None
+            if failures:  # the other part already found the selector down: do not wait on it
+                return failures[0]
             try:
                 scores = await self._timed(
-                    "select",
-                    timings,
-                    self.c.selector.score(question, [s.passage for s in candidates]),
+                    stage, timings, selector.score(question, passages), failure="select"
                 )
                 if not all(math.isfinite(x) for x in scores):
                     # e.g. fp16 overflow in a cross-encoder: ranking on NaN would be silently wrong
@@ -337,20 +362,64 @@ class Pipeline:
                     )
             except _DEPENDENCY_FAILURES as exc:
                 if not o.fallback:
-                    raise
-                self._degrade(
-                    degraded,
-                    "selector_down",
-                    f"{exc.message}; candidates kept in retrieval order (scores are "
-                    "retrieval scores; the pseudo-passage ranks last)",
-                )
-                if pseudo_kept:
-                    candidates[-1].score = -1.0  # below any cosine of a retrieved passage
-            else:
-                for s, score in zip(candidates, scores, strict=True):
-                    s.score = float(score)
-                # Stable sort: ties keep retrieval order.
-                ranked = sorted(candidates, key=lambda s: -s.score)
+                    raise  # gather_or_cancel then cancels the sibling branch
+                failures.append(exc)
+                return exc
+            return scores
+
+        async def retrieved_branch() -> tuple[list[Retrieved], list[float] | GainRAGError | None]:
+            retrieved = await retrieve_aw
+            arrived["retrieve"] = time.perf_counter()
+            if not pipelined or not retrieved:
+                return retrieved, None
+            return retrieved, await score("select_retrieved", [r.passage for r in retrieved])
+
+        async def pseudo_branch() -> tuple[str, list[float] | GainRAGError | None]:
+            text = await pseudo_aw
+            arrived["pseudo"] = time.perf_counter()
+            if not pipelined or not o.pseudo_passage or prompts.is_not_available(text):
+                return text, None
+            return text, await score("select_pseudo", [_pseudo_passage(text)])
+
+        (retrieved, scored_r), (pseudo_text, scored_p) = await gather_or_cancel(
+            retrieved_branch(), pseudo_branch()
+        )
+
+        candidates: list[Scored] = [
+            Scored(r.passage, r.score, retrieval_rank=r.rank, retrieval_score=r.score)
+            for r in retrieved
+        ]
+        pseudo_kept = o.pseudo_passage and not prompts.is_not_available(pseudo_text)
+        if pseudo_kept:  # its score comes from the selector (settings require one)
+            candidates.append(Scored(_pseudo_passage(pseudo_text), 0.0))
+
+        outcome: list[float] | GainRAGError | None = None
+        if pipelined and (scored_r is not None or scored_p is not None):
+            parts = [p for p in (scored_r, scored_p) if p is not None]
+            failed = next((p for p in parts if isinstance(p, GainRAGError)), None)
+            # retrieved passages' scores first, the pseudo-passage's last: the candidates' order
+            outcome = failed or [x for p in parts if isinstance(p, list) for x in p]
+            elapsed = time.perf_counter() - max(arrived.values())
+            timings["select"] = elapsed * 1000.0
+            telemetry.STAGE_SECONDS.labels("select").observe(elapsed)
+        elif not pipelined and selector is not None and candidates:
+            outcome = await score("select", [s.passage for s in candidates])
+
+        ranked = candidates  # retrieval order, the pseudo-passage last
+        if isinstance(outcome, GainRAGError):
+            self._degrade(
+                degraded,
+                "selector_down",
+                f"{outcome.message}; candidates kept in retrieval order (scores are "
+                "retrieval scores; the pseudo-passage ranks last)",
+            )
+            if pseudo_kept:
+                candidates[-1].score = -1.0  # below any cosine of a retrieved passage
+        elif outcome is not None:
+            for s, x in zip(candidates, outcome, strict=True):
+                s.score = float(x)
+            # Stable sort: ties keep retrieval order, the pseudo-passage last.
+            ranked = sorted(candidates, key=lambda s: -s.score)
         selected = ranked[:top_n]
 
         answer = await self._timed(

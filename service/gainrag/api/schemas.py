@@ -43,7 +43,21 @@ class Timings(BaseModel):
 
     retrieve: float
     pseudo: float
-    select: float
+    select: float = Field(
+        ...,
+        description="Selection time on the critical path: from when both retrieval and the "
+        "pseudo-passage were in until the ranking was ready.",
+    )
+    select_retrieved: float = Field(
+        0.0,
+        description="Pipelined selection: scoring the retrieved passages, started as soon as "
+        "retrieval returned (0 when selection is not pipelined).",
+    )
+    select_pseudo: float = Field(
+        0.0,
+        description="Pipelined selection: scoring the pseudo-passage alone when it arrived "
+        "(0 when selection is not pipelined or the pseudo-passage was dropped).",
+    )
     generate: float
     total: float
 

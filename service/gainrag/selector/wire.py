@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
-from gainrag.wire import PositiveJsonInt, Text
+from gainrag.wire import TEXT_OR_EMPTY_PATTERN, JsonInt, PositiveJsonInt, Text
 
 
 class RerankRequest(BaseModel):
@@ -63,3 +63,91 @@ class RerankScores(BaseModel):
 
     results: list[RerankResult]
     model_version: str | None = None
+
+
+# --- Cohere-compatible rerank (POST /v1/rerank and /v2/rerank) ----------------------------------
+# The request and response shapes of Cohere's rerank API (v1 and v2), which its official SDKs
+# (``cohere.Client.rerank``, ``cohere.ClientV2.rerank``) and vLLM's routes of the same names speak.
+
+
+class CohereDocument(BaseModel):
+    """A document object (v1): its ``text`` is scored; its other string fields are returned
+    with it when ``return_documents`` is set."""
+
+    model_config = ConfigDict(
+        extra="allow", json_schema_extra={"propertyNames": {"pattern": TEXT_OR_EMPTY_PATTERN}}
+    )
+    __pydantic_extra__: dict[str, Text]  # the other fields: strings, as Cohere's are
+
+    text: StrictStr
+
+
+class CohereRerankRequest(BaseModel):
+    """Body of ``POST /v1/rerank`` and ``/v2/rerank``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: StrictStr
+    documents: list[StrictStr | CohereDocument] = Field(
+        ...,
+        min_length=1,
+        description="Texts, or objects with a 'text' field (v1; their other fields are returned "
+        "with the document).",
+    )
+    model: Text | None = Field(
+        None, description="Required by the v2 SDK; accepted whatever it names (one model)."
+    )
+    top_n: PositiveJsonInt | None = Field(None, description="Return only the best n results.")
+    return_documents: StrictBool = Field(
+        False, description="Return each result's document (v1; v2 never returns documents)."
+    )
+    max_tokens_per_doc: PositiveJsonInt | None = Field(
+        None,
+        description="Truncate each document to this many model tokens before scoring (the pair "
+        "is also truncated to the model's max length).",
+    )
+    priority: JsonInt | None = Field(None, description="Accepted for compatibility; one queue.")
+
+
+class CohereApiVersion(BaseModel):
+    """Which API shape answered."""
+
+    version: str
+
+
+class CohereBilledUnits(BaseModel):
+    """Cohere's billing unit: one search unit per query with up to 100 documents."""
+
+    search_units: int
+
+
+class CohereTokens(BaseModel):
+    """Tokens scored (query + document pairs, after truncation)."""
+
+    input_tokens: int
+
+
+class CohereMeta(BaseModel):
+    """Cohere's ``meta`` object."""
+
+    api_version: CohereApiVersion
+    billed_units: CohereBilledUnits
+    tokens: CohereTokens
+
+
+class CohereRerankResult(BaseModel):
+    """One document; ``index`` points into the request's ``documents``."""
+
+    index: int
+    relevance_score: float = Field(
+        ..., description="sigmoid of the cross-encoder's logit, in [0, 1] as Cohere's are."
+    )
+    document: dict[str, str] | None = None
+
+
+class CohereRerankResponse(BaseModel):
+    """Results sorted best first."""
+
+    id: str
+    results: list[CohereRerankResult]
+    meta: CohereMeta
