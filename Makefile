@@ -121,6 +121,7 @@ bench: prepare $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.bench_gateway
 	$(BIN)/python -m benchmarks.bench_cache
 	$(BIN)/python -m benchmarks.bench_llm
+	$(BIN)/python -m benchmarks.bench_engine
 	$(BIN)/python -m benchmarks.bench_selector
 	$(BIN)/python -m benchmarks.bench_dtype
 	$(BIN)/python -m benchmarks.bench_retrieval $(BENCH_RETRIEVAL_ARGS)
@@ -128,7 +129,7 @@ bench: prepare $(BENCH_STAMP)
 
 bench-quick: prepare $(BENCH_STAMP)
 	scripts/system-deps.sh bench
-	for b in gateway llm selector dtype retrieval; do $(BIN)/python -m benchmarks.bench_$$b --quick || exit 1; done
+	for b in gateway llm engine selector dtype retrieval; do $(BIN)/python -m benchmarks.bench_$$b --quick || exit 1; done
 
 # The quality tables of docs/evaluation.md: 5 presets x 2 dev sets, 300 questions each, k = 20
 # (selecting among 101 candidates with a cross-encoder costs ~4 s a question on 2 CPU cores). The

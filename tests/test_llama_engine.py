@@ -115,7 +115,8 @@ async def test_the_engine_answers_through_the_pipeline(
     result = await pipeline.answer(dev_questions[0]["question"], use_cache=False)
     assert result.answer.strip()
     assert result.pseudo_passage is not None and result.pseudo_passage.strip()
-    assert pipeline.models["generator"].startswith("llamacpp:smollm2-135m@")
+    assert pipeline.models["generator"] == "llamacpp:smollm2-135m"
+    assert pipeline.models["generator_version"] == gen.version
 
 
 async def test_concurrent_prompts_share_the_parallel_slots(

@@ -115,7 +115,8 @@ class LlamaServer:
 
     def command(self) -> list[str]:
         """The command line (``--jinja``: the GGUF's own chat template, as the tokenizer that
-        counts prompt tokens locally applies it)."""
+        counts prompt tokens locally applies it; an explicit ``--parallel``: each slot gets
+        ``slot_ctx`` tokens of its own KV cache)."""
         return [
             str(self.binary),
             "--model", str(self.gguf), "--alias", self.alias,
@@ -123,6 +124,8 @@ class LlamaServer:
             "--parallel", str(self.parallel), "--ctx-size", str(self.parallel * self.slot_ctx),
             "--threads", str(self.threads), "--threads-batch", str(self.threads),
             "--jinja", "--metrics", "--slots", "--no-webui",
+            # No host-RAM prompt cache (8 GiB by default): each slot still reuses its own prefix.
+            "--cache-ram", "0",
         ]  # fmt: skip
 
     def start(self, deadline_s: float) -> None:
@@ -278,10 +281,10 @@ class LlamaCppGenerator:
         try:
             return await self.client.chat(message, max_new_tokens=max_new_tokens)
         except GainRAGError as exc:
-            # Killed mid-request: the client sees a dropped connection (502); the cause is a dead
-            # engine, which is a 503 like any unreachable backend.
+            # Killed mid-request: the client sees a dropped connection (502) or a refused one;
+            # the cause is a dead engine: 503 with that reason, like any unreachable backend.
             reason = self.failure()
-            if reason is not None and not isinstance(exc, UnavailableError):
+            if reason is not None:
                 raise UnavailableError(reason, code="llm_down") from exc
             raise
 
