@@ -23,9 +23,10 @@ export TOKENIZERS_PARALLELISM := false
 LLAMA_VENV := .venv-llama
 LLM_PORT ?= 8080
 # llama.cpp's C++ llama-server, the managed LLM engine of the embedded default (parallel slots,
-# continuous batching): scripts/llama-server.sh compiles it from the same llama.cpp sources with the
-# same CPU flags, ~10 min on 2 busy cores the first time, then copied from a cache keyed by version
-# and flags into var/llama-server/. Like llm-venv it runs every time (a no-op when the key matches).
+# continuous batching): scripts/llama-server.sh compiles it from the same llama.cpp sources with
+# the same CPU flags, ~10 CPU-minutes the first time (~5 min on 2 idle cores), then copies it from
+# a cache keyed by version and flags into var/llama-server/. Like llm-venv it runs every time (a
+# no-op when the key matches).
 
 .PHONY: run test install prepare serve lint bench eval eval-qwen train models-qwen models-qwen15 clean distclean help \
         llm-venv llm-engine llm-server loadtest bench-venv bench-quick

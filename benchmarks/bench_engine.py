@@ -244,9 +244,10 @@ def to_markdown(res: dict[str, Any]) -> str:
         f"GB/s, triad {bw['triad_gb_s']:.1f} GB/s; llama-server threads: {res['threads']}.",
         "",
     ]
+    slots = "/".join(str(p) for p in res["parallel"])
     head = [
         "model", "weight MB/token", "prompt tok/s", "decode tok/s (b=1)", "bound tok/s",
-        "% of bound", "agg tok/s P=1/4/8 (decode)", "agg tok/s (wall)",
+        "% of bound", f"tok/s with {slots} slots (decode)", f"tok/s with {slots} slots (wall)",
     ]  # fmt: skip
     rows = []
     for m in res["models"]:
@@ -293,6 +294,7 @@ def main() -> None:
         "target": "decode at batch 1 >= 70% of the memory-bandwidth bound (default reader)",
         "bandwidth": bw,
         "threads": threads,
+        "parallel": args.parallel,
         "models": models,
         "quick": args.quick,
         "elapsed_s": time.perf_counter() - started,

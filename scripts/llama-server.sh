@@ -8,7 +8,7 @@
 # The build is cached per key (version + CPU flags) in ~/.cache/gainrag/llama-server/<key>/ and
 # installed into var/llama-server/ (binary + KEY) with the key as the stamp: a no-op when it
 # matches, a rebuild (or a cache hit) when the machine's flags differ from the ones it was built for.
-# First build: ~10 min of 2 busy cores (see docs/hardware.md); later runs: seconds.
+# First build: ~10 CPU-minutes, ~5 min on 2 idle cores (docs/hardware.md); later runs: a copy.
 #   scripts/llama-server.sh            build if needed, install into var/llama-server/
 #   scripts/llama-server.sh --key      print the build key and exit
 set -euo pipefail
@@ -36,7 +36,7 @@ if [ ! -x "$dir/llama-server" ]; then
     "$PYTHON" -m pip download -q --no-deps --no-binary :all: -d "$sdist_dir" \
       "llama-cpp-python==$VERSION"
   fi
-  echo "llama-server: building llama.cpp's llama-server ($key); ~10 min on 2 cores, cached in $dir" >&2
+  echo "llama-server: building llama.cpp's llama-server ($key); ~10 CPU-minutes, cached in $dir" >&2
   work=$(mktemp -d "${TMPDIR:-/tmp}/llama-server-build.XXXXXX")
   trap 'rm -rf "$work"' EXIT
   tar -xzf "$sdist" -C "$work"

@@ -35,6 +35,7 @@ from tests.conftest import make_settings
 # 1 thread: tests share 2 cores; 1024-token prompts keep the 4 slots' KV cache small.
 ENGINE = {
     "backend": "llamacpp",
+    "model": "smollm2-135m",  # the fast one, whatever the default reader is
     "engine_parallel": 4,
     "engine_threads": 1,
     "max_input_tokens": 1024,
