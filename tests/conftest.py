@@ -98,6 +98,7 @@ def make_settings(index_dir: Path, small_corpus: Path, **overrides: object) -> S
         "selector": {"dtype": "float32"},
         "llm": {
             "backend": "transformers",
+            "model": "smollm2-135m",  # the llm_dir fixture's model, whatever the default reader
             "max_new_tokens_pseudo": 24,
             "max_new_tokens_answer": 12,
             "dtype": "float32",
