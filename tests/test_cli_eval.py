@@ -16,6 +16,8 @@ from gainrag.evaluation.harness import PRESETS, apply_preset, summarize
 def env(
     monkeypatch: pytest.MonkeyPatch, index_dir: Path, small_corpus: Path, llm_dir: Path
 ) -> None:
+    # The in-process SmolLM2 of the llm_dir fixture (tests/test_llama_engine.py covers llamacpp).
+    monkeypatch.setenv("GAINRAG_LLM__BACKEND", "transformers")
     monkeypatch.setenv("GAINRAG_RETRIEVAL__INDEX_DIR", str(index_dir))
     monkeypatch.setenv("GAINRAG_RETRIEVAL__CORPUS", str(small_corpus))
     monkeypatch.setenv("GAINRAG_RETRIEVAL__K", "5")

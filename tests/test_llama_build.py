@@ -1,16 +1,19 @@
-"""The llama.cpp that `make llm-venv` installs runs on this CPU: it was compiled for no instruction
-this CPU lacks, and never with AMX, whose matmul crashes on Sapphire Rapids-class Xeons
-(llama.cpp #20824; a native build there used to kill the server on its first completion)."""
+"""The llama.cpp builds (`make llm-venv`'s wheel, `make llm-engine`'s llama-server) run on this
+CPU: each was compiled for no instruction this CPU lacks, and never with AMX, whose matmul crashes
+on Sapphire Rapids-class Xeons (llama.cpp #20824; a native build there used to kill the server on
+its first completion)."""
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from gainrag.config import REPO_ROOT
+from gainrag.config import REPO_ROOT, Settings
 from gainrag.evaluation.machine import cpu_flags
 from gainrag_harness import LLAMA_PYTHON, missing
 
@@ -63,3 +66,61 @@ def test_llama_cpp_build_fits_this_cpu_and_has_no_amx() -> None:
     ).stdout.strip()
     stamp = (LLAMA_PYTHON.parent.parent / ".installed").read_text().strip()
     assert stamp == key, "the installed build is not the one for this CPU: run `make llm-venv`"
+
+
+def server_features(tmp_path: Path) -> set[str]:
+    """The CPU features llama-server (`make llm-engine`) was compiled with, from the system info
+    it prints before loading a model (a missing model: it prints, then exits)."""
+    binary = Settings().llm.engine_bin
+    if not os.access(binary, os.X_OK):
+        missing("llama.cpp's llama-server", "`make llm-engine` builds it into var/llama-server")
+    out = subprocess.run(
+        [str(binary), "-v", "--model", str(tmp_path / "absent.gguf"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    info = [line for line in (out.stdout + out.stderr).splitlines() if "system_info" in line]
+    assert info, out.stdout[-2000:] + out.stderr[-2000:]
+    return set(re.findall(r"([A-Z0-9_]+) = 1", info[0]))
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 instruction sets only")
+def test_llama_server_build_fits_this_cpu_and_has_no_amx(tmp_path: Path) -> None:
+    features = server_features(tmp_path)
+    assert "AVX2" in features, features
+    assert not {f for f in features if f.startswith("AMX")}, features
+    flags = set(cpu_flags(tuple(CPUINFO_FLAG.values())))
+    lacking = {f for f in features & CPUINFO_FLAG.keys() if CPUINFO_FLAG[f] not in flags}
+    assert not lacking, f"llama-server uses instructions this CPU lacks: {sorted(lacking)}"
+    # Both llama.cpp builds come from one flag computation (scripts/llama-flags.sh).
+    if LLAMA_PYTHON.exists():
+        cpu = set(CPUINFO_FLAG)
+        assert features & cpu == compiled_features() & cpu
+    key = subprocess.run(
+        [str(REPO_ROOT / "scripts" / "llama-server.sh"), "--key"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    installed = (Settings().llm.engine_bin.parent / "KEY").read_text().strip()
+    assert installed == key, "the installed llama-server is not the one for this CPU"
+
+
+def test_both_builds_share_one_flag_computation() -> None:
+    """An AVX2-only CPU (e.g. AMD Zen 2) gets AVX2 and no AVX-512; AMX is off even when listed."""
+    script = REPO_ROOT / "scripts" / "llama-flags.sh"
+    flags = "fpu avx avx2 fma f16c bmi2 amx_tile amx_int8 amx_bf16 avx512f"  # no avx512bw etc.
+    out = subprocess.run(
+        ["bash", "-c", f'. "{script}"; echo "$LLAMA_CPU_KEY"; echo "${{LLAMA_CMAKE_FLAGS[*]}}"'],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "LLAMA_CPUINFO_FLAGS": flags},
+    ).stdout.splitlines()
+    if platform.machine() == "x86_64":
+        assert out[0] == "x86_64-AVX+AVX2+FMA+F16C+BMI2"
+        assert "-DGGML_AVX512=OFF" in out[1] and "-DGGML_AVX2=ON" in out[1]
+    for amx in ("TILE", "INT8", "BF16"):
+        assert f"-DGGML_AMX_{amx}=OFF" in out[1]
+        assert f"-DGGML_AMX_{amx}=ON" not in out[1]

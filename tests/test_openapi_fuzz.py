@@ -49,6 +49,7 @@ def processes(
         logs,
         {
             "GAINRAG_LOG_LEVEL": "WARNING",
+            "GAINRAG_LLM__BACKEND": "transformers",
             "GAINRAG_RETRIEVAL__URL": retriever.url,
             "GAINRAG_RETRIEVAL__K": "5",
             "GAINRAG_SELECTOR__URL": selector.url,

@@ -49,11 +49,19 @@ def _index_build(settings: Settings, corpus: Path | None, out: Path | None, forc
 
 
 def _prepare(settings: Settings) -> None:
-    from gainrag.weights import prepare_llm
+    from gainrag.weights import gguf_path, gguf_tokenizer, prepare_llm
+    from gainrag.wiring import llm_backend
 
     t = time.perf_counter()
-    path = prepare_llm(settings.llm.model, settings.llm.models_dir)
-    print(f"LLM {settings.llm.model} ready at {path} ({time.perf_counter() - t:.1f} s)")
+    llm = settings.llm
+    backend = llm_backend(settings)
+    if backend == "llamacpp":  # the GGUF itself (assembled, verified) and its tokenizer
+        path = gguf_path(llm.model, llm.models_dir)
+        gguf_tokenizer(llm.model, llm.models_dir)
+    elif backend == "transformers":  # de-quantised once into a safetensors checkpoint
+        path = prepare_llm(llm.model, llm.models_dir)
+    if backend != "openai":
+        print(f"LLM {llm.model} ({backend}) ready at {path} ({time.perf_counter() - t:.1f} s)")
     _index_build(settings, None, None, force=False)
 
 

@@ -101,15 +101,18 @@ class SelectorSettings(BaseModel):
 class LLMSettings(BaseModel):
     """The LLM that writes the pseudo-passage and the answer."""
 
-    backend: Literal["auto", "transformers", "openai"] = Field(
+    backend: Literal["auto", "transformers", "openai", "llamacpp"] = Field(
         "auto",
         description="'openai': an OpenAI-compatible server (vLLM, llama.cpp) at `base_url`; "
-        "'transformers': in-process; 'auto': openai when `base_url` is set.",
+        "'llamacpp': a managed local llama.cpp server on the model's GGUF (`make llm-engine`); "
+        "'transformers': in-process torch; 'auto': openai when `base_url` is set, else llamacpp "
+        "when the engine is built and the model is a GGUF, else transformers.",
     )
     model: str = Field(
         "smollm2-135m",
-        description="In-process: 'smollm2-135m', 'qwen2.5-coder-0.5b' (bundled GGUFs) or a local "
-        "HF directory. OpenAI backend: the served model name.",
+        description="Bundled: 'smollm2-135m', 'qwen2.5-coder-0.5b', 'qwen2.5-coder-1.5b' (GGUFs); "
+        "or a local HF directory (transformers) or .gguf file (llamacpp). OpenAI backend: the "
+        "served model name.",
     )
     base_url: str | None = Field(
         None, description="OpenAI-compatible API root, e.g. http://llm:8080/v1 (vLLM, llama.cpp)."
@@ -135,6 +138,29 @@ class LLMSettings(BaseModel):
         "where it measures faster at batch 1 and max_batch_size (docs/hardware.md), else fp32.",
     )
     threads: int = Field(0, ge=0, description="Torch CPU threads (0 = torch default).")
+    engine_bin: Path = Field(
+        Path("var/llama-server/llama-server"),
+        description="llamacpp backend: the llama-server binary (`make llm-engine` builds it).",
+    )
+    engine_parallel: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="llamacpp backend: server slots, i.e. prompts decoded together (continuous "
+        "batching); the context is this many times `engine_slot_ctx`.",
+    )
+    engine_slot_ctx: int = Field(
+        0,
+        ge=0,
+        description="llamacpp backend: tokens of context per slot; 0 = max_input_tokens + the "
+        "larger new-token budget (every admitted prompt fits).",
+    )
+    engine_threads: int = Field(
+        0, ge=0, description="llamacpp backend: CPU threads (0 = the cores this process may use)."
+    )
+    engine_startup_s: float = Field(
+        180.0, gt=0, description="llamacpp backend: deadline for the server to load the model."
+    )
     max_new_tokens_pseudo: int = Field(
         160, ge=1, le=1024, description="Budget for the ~100-word pseudo-passage."
     )
@@ -353,6 +379,7 @@ class Settings(BaseSettings):
         self.retrieval.index_dir = fix(self.retrieval.index_dir)
         self.retrieval.corpus = fix(self.retrieval.corpus)
         self.llm.models_dir = fix(self.llm.models_dir)
+        self.llm.engine_bin = fix(self.llm.engine_bin)
         if self.selector.checkpoint is not None:
             self.selector.checkpoint = fix(self.selector.checkpoint)
         self.selector.rerank_checkpoint = fix(self.selector.rerank_checkpoint)

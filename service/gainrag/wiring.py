@@ -9,6 +9,7 @@ its model here does not load the pipeline or the cache.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from gainrag.errors import ConfigurationError
 from gainrag.llm.interface import Generator
 from gainrag.retrieval.interface import Retriever
 from gainrag.selector.interface import Selector
+from gainrag.weights import BUNDLED_LLMS
 
 if TYPE_CHECKING:
     from gainrag.cache_interface import CacheStore
@@ -32,13 +34,15 @@ def build_components(settings: Settings) -> Components:
     api_token = settings.worker.api_token
     worker_token = api_token.get_secret_value() if api_token is not None else None
 
-    use_openai = llm.backend == "openai" or (llm.backend == "auto" and llm.base_url is not None)
-    if use_openai:
+    backend = llm_backend(settings)
+    if backend == "openai":
         from gainrag.llm.openai_backend import OpenAIGenerator
 
         if not llm.base_url:
             raise ConfigurationError("GAINRAG_LLM__BACKEND=openai needs GAINRAG_LLM__BASE_URL")
         generator: Generator = OpenAIGenerator(llm)
+    elif backend == "llamacpp":
+        generator = build_llamacpp(settings)
     else:
         import torch
 
@@ -86,6 +90,38 @@ def build_components(settings: Settings) -> Components:
 
     return Components(
         retriever=retriever, selector=selector, generator=generator, cache=build_cache(settings)
+    )
+
+
+def llm_backend(settings: Settings) -> str:
+    """The LLM backend ``auto`` means here: the OpenAI client when a server URL is set; else the
+    managed llama.cpp engine when its binary is built and the model is a GGUF (bundled or a
+    .gguf path); else in-process transformers (a local HF directory, or no engine built)."""
+    llm = settings.llm
+    if llm.backend != "auto":
+        return llm.backend
+    if llm.base_url is not None:
+        return "openai"
+    gguf_model = llm.model in BUNDLED_LLMS or llm.model.endswith(".gguf")
+    if gguf_model and os.access(llm.engine_bin, os.X_OK):
+        return "llamacpp"
+    return "transformers"
+
+
+def build_llamacpp(settings: Settings) -> Generator:
+    """The managed llama.cpp engine on the model's verified GGUF (started here, stopped by its
+    ``close``)."""
+    from gainrag.llm.llamacpp_engine import LlamaCppGenerator
+    from gainrag.util import file_sha256
+    from gainrag.weights import gguf_path, gguf_sha256, gguf_tokenizer
+
+    llm = settings.llm
+    gguf = gguf_path(llm.model, llm.models_dir)
+    return LlamaCppGenerator.start(
+        llm,
+        gguf=gguf,
+        tokenizer_dir=gguf_tokenizer(llm.model, llm.models_dir),
+        gguf_sha256=gguf_sha256(llm.model) or file_sha256(gguf),
     )
 
 

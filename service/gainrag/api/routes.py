@@ -17,6 +17,7 @@ from gainrag.api.schemas import (
     Timings,
 )
 from gainrag.errors import UnavailableError
+from gainrag.llm.interface import generator_failure
 from gainrag.types import Scored
 from gainrag.wire import ErrorResponse
 
@@ -102,4 +103,8 @@ async def ready(state: StateDep) -> JSONResponse:
     """Readiness: models and index are loaded, and the server is not draining."""
     if state.admission.drain.draining:
         raise UnavailableError("the server is shutting down", code="shutting_down")
-    return JSONResponse({"status": "ready", "models": state.require_pipeline().models})
+    pipeline = state.require_pipeline()
+    reason = generator_failure(pipeline.c.generator)  # a managed LLM engine that died
+    if reason is not None:
+        raise UnavailableError(reason, code="llm_down")
+    return JSONResponse({"status": "ready", "models": pipeline.models})

@@ -31,3 +31,13 @@ def prompt_tokens(generator: Generator, message: str) -> int | None:
         return None
     n = count(message)
     return None if n is None else int(n)
+
+
+def generator_failure(generator: Generator) -> str | None:
+    """Why ``generator`` cannot serve right now (e.g. the managed llama.cpp engine exited), or
+    None. An optional capability (``failure`` on the backend); readiness reports it."""
+    failure = getattr(generator, "failure", None)
+    if failure is None:
+        return None
+    reason = failure()
+    return None if reason is None else str(reason)

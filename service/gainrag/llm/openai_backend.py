@@ -22,14 +22,24 @@ from gainrag.upstream import Upstream, make_client, malformed
 class OpenAIGenerator:
     """A chat model behind an OpenAI-compatible HTTP API."""
 
-    def __init__(self, settings: LLMSettings) -> None:
-        if not settings.base_url:
+    def __init__(
+        self,
+        settings: LLMSettings,
+        *,
+        base_url: str | None = None,
+        name: str | None = None,
+        version: str | None = None,
+    ) -> None:
+        # base_url/name/version: a server the caller started (the managed llama.cpp engine)
+        # instead of the one the settings point at, with the caller's identity for its weights.
+        base_url = base_url or settings.base_url
+        if not base_url:
             raise ValueError("the OpenAI backend needs GAINRAG_LLM__BASE_URL")
         headers = {}
         if settings.api_key is not None:
             headers["authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
         client = make_client(
-            settings.base_url,
+            base_url,
             timeout_s=settings.timeout_s,
             max_connections=settings.max_connections,
             headers=headers,
@@ -38,10 +48,10 @@ class OpenAIGenerator:
             "llm", client, connect_retries=settings.connect_retries, uuid_request_ids_only=True
         )
         self.model = settings.model
-        self.name = f"openai:{settings.model}"
+        self.name = name or f"openai:{settings.model}"
         # The served name is all we know of the weights; operators pin a real version with
         # GAINRAG_LLM__MODEL_VERSION so cache keys change when the weights do.
-        self.version = (
+        self.version = version or (
             settings.model_version or hashlib.sha256(settings.model.encode()).hexdigest()[:12]
         )
 
