@@ -48,6 +48,11 @@ def test_gain_signals_then_selector_data(
     assert {r["id"] for r in rows} <= {str(q["id"]) for q in dev_questions[:3]}
     for row in rows:
         assert row["alpha"] == 0.5 and row["k"] == 3
+        # the in-process reader wrote the pseudo-passage; the scorer is its de-quantised GGUF
+        assert row["generator"].startswith("smollm2-135m-")
+        assert row["scorer"] == f"smollm2-135m-{row['scorer_dtype']}"
+        assert row["scorer_weights"]["gguf"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+        assert row["scorer_weights"]["dequantised_from_gguf"] is True
         retrieved = [c for c in row["candidates"] if not c["pseudo"]]
         assert [c["retrieval_rank"] for c in retrieved] == [0, 1, 2]
         assert all(math.isfinite(c["ppl"]) and c["ppl"] >= 1.0 for c in row["candidates"])
@@ -89,6 +94,45 @@ def test_gain_signals_then_selector_data(
         best = min(c["ppl"] for c in row["candidates"])
         assert g["pos_scores"] == [pytest.approx(-math.log(best + 1))]
         assert all(s <= g["pos_scores"][0] for s in g["neg_scores"])
+
+
+def test_gain_signals_with_the_reader_behind_a_llama_server(
+    env: None,
+    tmp_path: Path,
+    dev_questions: list[dict],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The default reader's path: pseudo-passages from an OpenAI-compatible llama.cpp server
+    # chosen by settings, PPLs from the same model's weights in torch, generations memoised.
+    from gainrag_harness import llama_service
+
+    qfile = tmp_path / "train.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in dev_questions[:2]))
+    out, memo = tmp_path / "signals.jsonl", tmp_path / "memo.jsonl"
+    args = ["train", "gain-signals", "--questions", str(qfile), "--k", "2", "--output", str(out)]
+    with llama_service(tmp_path / "llm") as llm:
+        monkeypatch.setenv("GAINRAG_LLM__BACKEND", "openai")
+        monkeypatch.setenv("GAINRAG_LLM__BASE_URL", llm.url + "/v1")
+        monkeypatch.setenv("GAINRAG_LLM__MODEL", "smollm2-135m")  # served name = bundled name
+        monkeypatch.setenv("GAINRAG_LLM__MODEL_VERSION", "smollm2-135m-q4_1-llamacpp")
+        assert main([*args, "--limit", "1", "--generation-memo", str(memo)]) == 0
+        assert "1 written in" in capsys.readouterr().out
+        # resumed with a larger limit: the first question is skipped, the second one is added
+        assert main([*args, "--limit", "2", "--generation-memo", str(memo)]) == 0
+        assert "1 written in" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and len({r["id"] for r in rows}) == 2
+    memo_rows = [json.loads(line) for line in memo.read_text().splitlines()]
+    assert len(memo_rows) == 2  # one pseudo-passage per question, none generated twice
+    for row in rows:
+        assert row["generator"] == "smollm2-135m-q4_1-llamacpp"
+        assert row["scorer"] == f"smollm2-135m-{row['scorer_dtype']}"
+        assert row["scorer_weights"]["dequantised_from_gguf"] is True
+        pseudo = [c for c in row["candidates"] if c["pseudo"]]
+        assert len(row["candidates"]) == 2 + len(pseudo) and len(pseudo) <= 1
+        assert {m["output"].strip() for m in memo_rows} >= {c["text"] for c in pseudo}
+        assert all(math.isfinite(c["ppl"]) and c["ppl"] >= 1.0 for c in row["candidates"])
 
 
 def row_with(ppls: list[float]) -> dict:
