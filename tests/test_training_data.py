@@ -135,6 +135,39 @@ def test_gain_signals_with_the_reader_behind_a_llama_server(
         assert all(math.isfinite(c["ppl"]) and c["ppl"] >= 1.0 for c in row["candidates"])
 
 
+def test_selector_data_filter_keeps_questions_the_reader_answers(
+    env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two tiny questions answered by the real in-process reader (SmolLM2). Whatever it says, a
+    # gold that normalises to "" ("The") is covered, as in the reference's regex; a nonsense
+    # gold never is: so the filter must keep the first and drop the second.
+    def cand(i: int, ppl: float) -> dict:
+        return {"id": f"p{i}", "title": f"T{i}", "text": f"Passage {i} text.", "ppl": ppl}
+
+    rows = [
+        {"id": "keep", "question": "what is it", "answers": ["The"],
+         "candidates": [cand(0, 4.0), cand(1, 2.0), cand(2, 8.0)]},
+        {"id": "drop", "question": "what is it", "answers": ["zqxv wvvk"],
+         "candidates": [cand(0, 3.0), cand(1, 5.0), cand(2, 1.5)]},
+    ]  # fmt: skip
+    src, out, memo = tmp_path / "s.jsonl", tmp_path / "g.jsonl", tmp_path / "memo.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["train", "selector-data", "--input", str(src), "--output", str(out), "--group-size", "3"]
+    assert main([*args, "--filter-with-reader", "--generation-memo", str(memo)]) == 0
+    assert "1 groups of 3 (1 of 2 questions kept by the reader filter)" in capsys.readouterr().out
+    groups = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(groups) == 1 and groups[0]["pos"] == ["T1\nPassage 1 text."]
+    log = [json.loads(line) for line in (tmp_path / "g.jsonl.filter.jsonl").read_text().splitlines()]
+    assert [(v["id"], v["best_id"], v["acc"]) for v in log] == [("keep", "p1", 1.0), ("drop", "p2", 0.0)]
+    assert all(isinstance(v["answer"], str) for v in log)
+    # a second run answers from the memo: no new generation is recorded
+    assert main([*args, "--filter-with-reader", "--generation-memo", str(memo)]) == 0
+    assert len(memo.read_text().splitlines()) == 2
+    # without the filter every question makes a group
+    assert main(args) == 0
+    assert "2 groups of 3 ->" in capsys.readouterr().out
+
+
 def row_with(ppls: list[float]) -> dict:
     return {
         "question": "q",
