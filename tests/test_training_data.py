@@ -168,6 +168,23 @@ def test_selector_data_filter_keeps_questions_the_reader_answers(
     assert "2 groups of 3 ->" in capsys.readouterr().out
 
 
+def test_merge_signals_joins_shards_once_and_checks_they_are_all_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b, out = tmp_path / "s.0.jsonl", tmp_path / "s.1.jsonl", tmp_path / "all.jsonl"
+    a.write_text('{"id": "q1", "v": 1}\n{"id": "q3", "v": 3}\n{"id": "q5", "v"')  # torn tail
+    b.write_text('{"id": "q2", "v": 2}\n{"id": "q3", "v": 99}\n')  # q3 twice (a retried pod)
+    args = ["train", "merge-signals", "--inputs", str(a), str(b), "--output", str(out)]
+    assert main([*args, "--expect", "2"]) == 0
+    assert "3 questions from 2 shards (1 torn lines, 1 duplicates dropped)" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["id"], r["v"]) for r in rows] == [("q1", 1), ("q3", 3), ("q2", 2)]
+    assert main([*args, "--expect", "3"]) == 2
+    assert "expected 3 shard files, got 2" in capsys.readouterr().err
+    assert main([*args[:-3], str(tmp_path / "s.2.jsonl"), "--output", str(out)]) == 2
+    assert "missing shard files" in capsys.readouterr().err
+
+
 def row_with(ppls: list[float]) -> dict:
     return {
         "question": "q",
