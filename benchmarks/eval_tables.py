@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gainrag.evaluation.harness import PRESETS, format_table, record_acc
+from gainrag.evaluation.harness import PRESETS, format_table
+from gainrag.evaluation.qa_metrics import record_acc
 from gainrag.evaluation.qa_metrics import paired_em
 
 RESULTS = Path(__file__).parent / "results"

@@ -22,6 +22,7 @@ from gainrag.evaluation.qa_metrics import (
     has_answer,
     percentile,
     recall_at,
+    record_acc,
 )
 from gainrag.evaluation.questions import load_questions
 from gainrag.pipeline import Pipeline
@@ -113,13 +114,6 @@ async def _run_one(
             record["gold_recall"] = {x: float(bool(gold & set(ids[:x]))) for x in ks}
             record["selected_is_gold"] = any(s.passage.id in gold for s in result.selected)
     return record
-
-
-def record_acc(record: dict[str, Any]) -> float:
-    """A record's acc (cover-EM); computed from its prediction for reports older than the metric."""
-    if "acc" in record:
-        return float(record["acc"])
-    return cover_em(record["prediction"], record["answers"])
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
