@@ -26,7 +26,10 @@ from gainrag.training.signals.gain_signals import synthesize
 from gainrag.weights import BUNDLED_LLMS, package_dir
 from gainrag_harness import llama_service
 
-TRAIN = [ROOT / "data" / "questions" / "nq_train.jsonl", ROOT / "data" / "questions" / "squad_train.jsonl"]
+TRAIN = [
+    ROOT / "data" / "questions" / "nq_train.jsonl",
+    ROOT / "data" / "questions" / "squad_train.jsonl",
+]
 
 
 def gguf_of(name: str, models_dir: Path) -> Path:

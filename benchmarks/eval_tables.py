@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gainrag.evaluation.harness import PRESETS, format_table
-from gainrag.evaluation.qa_metrics import record_acc
-from gainrag.evaluation.qa_metrics import paired_em
+from gainrag.evaluation.qa_metrics import paired_em, record_acc
 
 RESULTS = Path(__file__).parent / "results"
 ORDER = ["closed-book", "retrieval", "rerank", "gainrag-no-pseudo", "gainrag"]

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from benchmarks import bench_llm, bench_retrieval, bench_selector
+
 from gainrag.evaluation.qa_metrics import cover_em
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"

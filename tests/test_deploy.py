@@ -427,7 +427,9 @@ def training_docs() -> dict[str, dict[str, Any]]:
     """The gain-signal manifests by name: the kustomization's resources plus merge.yaml."""
     kust = yaml.safe_load((TRAINING / "kustomization.yaml").read_text())
     files = [*kust["resources"], "merge.yaml"]
-    assert sorted(files) == sorted(p.name for p in TRAINING.glob("*.yaml") if p.stem != "kustomization")
+    assert sorted(files) == sorted(
+        p.name for p in TRAINING.glob("*.yaml") if p.stem != "kustomization"
+    )
     docs = [d for f in files for d in yaml.safe_load_all((TRAINING / f).read_text()) if d]
     for d in docs:
         assert d["metadata"]["namespace"] == kust["namespace"], d["metadata"]["name"]
@@ -467,9 +469,10 @@ def test_k8s_gain_signals_is_an_indexed_job_one_shard_per_pod_merged_at_the_end(
     assert out.startswith("/app/var/train/") and claims[mounts["/app/var/train"]] == "gainrag-train"
     assert docs["gainrag-train"]["kind"] == "PersistentVolumeClaim"
     assert env["GAINRAG_LLM__BASE_URL"]["value"] == "http://vllm:8080/v1"
-    assert env["GAINRAG_LLM__MODEL"]["value"] == of_kind("ConfigMap")["gainrag-gateway"]["data"][
-        "GAINRAG_LLM__MODEL"
-    ]
+    assert (
+        env["GAINRAG_LLM__MODEL"]["value"]
+        == of_kind("ConfigMap")["gainrag-gateway"]["data"]["GAINRAG_LLM__MODEL"]
+    )
     assert claims[mounts[args[args.index("--scorer-model") + 1]]] == "gainrag-llm-model"
     # a GPU per pod, on GPU nodes
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1

@@ -152,13 +152,27 @@ def test_selector_data_filter_keeps_questions_the_reader_answers(
     ]  # fmt: skip
     src, out, memo = tmp_path / "s.jsonl", tmp_path / "g.jsonl", tmp_path / "memo.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["train", "selector-data", "--input", str(src), "--output", str(out), "--group-size", "3"]
+    args = [
+        "train",
+        "selector-data",
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--group-size",
+        "3",
+    ]
     assert main([*args, "--filter-with-reader", "--generation-memo", str(memo)]) == 0
     assert "1 groups of 3 (1 of 2 questions kept by the reader filter)" in capsys.readouterr().out
     groups = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(groups) == 1 and groups[0]["pos"] == ["T1\nPassage 1 text."]
-    log = [json.loads(line) for line in (tmp_path / "g.jsonl.filter.jsonl").read_text().splitlines()]
-    assert [(v["id"], v["best_id"], v["acc"]) for v in log] == [("keep", "p1", 1.0), ("drop", "p2", 0.0)]
+    log = [
+        json.loads(line) for line in (tmp_path / "g.jsonl.filter.jsonl").read_text().splitlines()
+    ]
+    assert [(v["id"], v["best_id"], v["acc"]) for v in log] == [
+        ("keep", "p1", 1.0),
+        ("drop", "p2", 0.0),
+    ]
     assert all(isinstance(v["answer"], str) for v in log)
     # a second run answers from the memo: no new generation is recorded
     assert main([*args, "--filter-with-reader", "--generation-memo", str(memo)]) == 0
@@ -176,7 +190,9 @@ def test_merge_signals_joins_shards_once_and_checks_they_are_all_there(
     b.write_text('{"id": "q2", "v": 2}\n{"id": "q3", "v": 99}\n')  # q3 twice (a retried pod)
     args = ["train", "merge-signals", "--inputs", str(a), str(b), "--output", str(out)]
     assert main([*args, "--expect", "2"]) == 0
-    assert "3 questions from 2 shards (1 torn lines, 1 duplicates dropped)" in capsys.readouterr().out
+    assert (
+        "3 questions from 2 shards (1 torn lines, 1 duplicates dropped)" in capsys.readouterr().out
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["id"], r["v"]) for r in rows] == [("q1", 1), ("q3", 3), ("q2", 2)]
     assert main([*args, "--expect", "3"]) == 2

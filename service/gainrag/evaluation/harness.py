@@ -243,11 +243,18 @@ def format_table(reports: list[dict[str, Any]]) -> str:
         acc = r.get("acc")
         if acc is None and r.get("records"):  # a report from before the metric existed
             acc = statistics.fmean(record_acc(x) for x in r["records"])
-        lines.append(
-            f"| {r['preset']} | {r['n']} | {len(r.get('errors', []))} | {pct(acc)} | {pct(r.get('em'))} | "
-            f"{pct(r.get('f1'))} | {pct(rec.get('@1'))} | {pct(rec.get('@5'))} | "
-            f"{pct(rec.get('@20'))} | {pct(rec.get('@100'))} | "
-            f"{pct(r.get('selected_has_answer'))} | {pct(r.get('pseudo_selected_rate'))} | "
-            f"{ms(lat.get('p50'))} | {ms(lat.get('p95'))} |"
-        )
+        cells = [
+            r["preset"],
+            r["n"],
+            len(r.get("errors", [])),
+            pct(acc),
+            pct(r.get("em")),
+            pct(r.get("f1")),
+            *(pct(rec.get(f"@{k}")) for k in RECALL_KS),
+            pct(r.get("selected_has_answer")),
+            pct(r.get("pseudo_selected_rate")),
+            ms(lat.get("p50")),
+            ms(lat.get("p95")),
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

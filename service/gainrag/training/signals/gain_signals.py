@@ -261,7 +261,12 @@ def _label(
     for c, ppl in zip(cands, ppls, strict=True):
         c["ppl"] = ppl
         c["has_answer"] = has_answer(c["text"], q["answers"])
-    return {"id": str(q["id"]), "question": q["question"], "answers": q["answers"], "candidates": cands}
+    return {
+        "id": str(q["id"]),
+        "question": q["question"],
+        "answers": q["answers"],
+        "candidates": cands,
+    }
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -334,7 +339,9 @@ class GainSignals(Job):
         )
         per_q = ""
         if stats["written"] and "seconds" in stats:
-            per_q = f" in {stats['seconds']} s ({stats['seconds'] / stats['written']:.1f} s/question)"
+            per_q = (
+                f" in {stats['seconds']} s ({stats['seconds'] / stats['written']:.1f} s/question)"
+            )
         print(
             f"gain signals: {stats['written']} written{per_q}, {stats['skipped']} already done "
             f"-> {args.output}"

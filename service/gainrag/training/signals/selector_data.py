@@ -60,9 +60,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def iter_groups(
-    rows: list[dict[str, Any]], group_size: int, seed: int
-) -> Iterator[dict[str, Any]]:
+def iter_groups(rows: list[dict[str, Any]], group_size: int, seed: int) -> Iterator[dict[str, Any]]:
     """Groups for every question of gain-signals rows."""
     rng = random.Random(seed)
     for row in rows:
