@@ -52,7 +52,12 @@ def measure(name: str, questions: list[dict[str, Any]], k: int, threads: int) ->
         settings = base.model_copy(
             update={
                 "llm": base.llm.model_copy(
-                    update={"backend": "openai", "base_url": llm.url + "/v1", "model": name}
+                    update={
+                        "backend": "openai",
+                        "base_url": llm.url + "/v1",
+                        "model": name,
+                        "model_version": f"{name}-{gguf.stem.rsplit('-', 1)[-1]}-llamacpp",
+                    }
                 )
             }
         )

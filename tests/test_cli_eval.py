@@ -10,6 +10,7 @@ import pytest
 from gainrag.cli import main
 from gainrag.config import REPO_ROOT, Settings
 from gainrag.evaluation.harness import PRESETS, apply_preset, summarize
+from gainrag.evaluation.qa_metrics import cover_em
 
 
 @pytest.fixture
@@ -90,6 +91,10 @@ def test_eval_writes_a_report(
         assert set(report["gold_recall"]) == {"@1", "@5"}
         # the gold passages of these questions are in the small index: MiniLM finds them
         assert report["gold_recall"]["@5"] > 0
+        for r in report["records"]:
+            assert r["acc"] == cover_em(r["prediction"], r["answers"])
+            assert r["retrieved_has_answer"] == (r["recall"]["5"] > 0)  # JSON keys are strings
+            assert isinstance(r["selected_is_gold"], bool) and len(r["selected_ranks"]) == 1
 
 
 def test_missing_selector_checkpoint_is_a_clear_error(
