@@ -76,6 +76,7 @@ def test_buckets_of_wins_and_losses() -> None:
     assert compare(A, B, metric="em", gold=GOLD)["wins"]["n"] == 0
     # without gold passages a passage with the answer counts as "present, not extracted"
     assert compare(A, B, metric="acc")["losses"]["wrong_side"]["answer present, not extracted"] == 1
+    assert compare(A, B, metric="acc", examples=0)["losses"]["examples"] == {}
     text = format_comparison(c)
     assert "1 wins, 4 losses" in text and "| pseudo-passage chosen | 0 | 1 |" in text
 

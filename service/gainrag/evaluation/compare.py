@@ -127,7 +127,7 @@ def compare(
             "n": len(ids),
             "wrong_side": {k: wrong[k] for k in WRONG_BUCKETS if wrong[k]},
             "right_side": dict(right),
-            "examples": dict(shown),
+            "examples": {k: v for k, v in shown.items() if v},
         }
     out["sign_test_p"] = sign_test_p(out["wins"]["n"], out["losses"]["n"])
     # the pseudo-passage's share: questions where ``a`` answered from it
