@@ -1,8 +1,8 @@
 """Print the README's quality tables from <dir>/eval_<set>_<preset>.json.
 
-Under each table, the trained selectors are compared with the baselines question by question:
-how many questions each preset gets exactly right where the baseline does not (and the reverse),
-with the exact sign test's two-sided p.
+Under each table, the trained selectors are compared with the baselines question by question, on
+acc (GainRAG's cover-EM) and on EM: how many questions each preset gets right where the baseline
+does not (and the reverse), with the exact sign test's two-sided p.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gainrag.evaluation.harness import PRESETS, format_table
-from gainrag.evaluation.qa_metrics import paired_em
+from gainrag.evaluation.qa_metrics import paired_em, record_acc
 
 RESULTS = Path(__file__).parent / "results"
 ORDER = ["closed-book", "retrieval", "rerank", "gainrag-no-pseudo", "gainrag"]
@@ -27,21 +27,30 @@ PAIRS = [
 ]
 
 
-def _em_by_id(report: dict[str, Any]) -> dict[str, float]:
-    return {r["id"]: float(r["em"]) for r in report["records"]}
+METRICS = {"acc": "acc (cover-EM)", "em": "exact match"}
 
 
-def paired_table(reports: dict[str, dict[str, Any]]) -> str:
+def scores_by_id(report: dict[str, Any], metric: str) -> dict[str, float]:
+    """Question id -> 0/1 score; acc is recomputed for reports older than the metric."""
+    if metric == "acc":
+        return {r["id"]: record_acc(r) for r in report["records"]}
+    return {r["id"]: float(r[metric]) for r in report["records"]}
+
+
+def paired_table(reports: dict[str, dict[str, Any]], metric: str = "em") -> str:
     """A markdown table with one row per available (preset, baseline) pair ("" if none)."""
     rows = []
     for a, b in PAIRS:
         if a in reports and b in reports:
-            wins, losses, p = paired_em(_em_by_id(reports[a]), _em_by_id(reports[b]))
+            wins, losses, p = paired_em(
+                scores_by_id(reports[a], metric), scores_by_id(reports[b], metric)
+            )
             rows.append(f"| `{a}` vs `{b}` | {wins} | {losses} | {p:.3f} |")
     if not rows:
         return ""
     head = [
-        "| exact match, question by question | only the preset | only the baseline | sign test p |",
+        f"| {METRICS[metric]}, question by question | only the preset | only the baseline "
+        "| sign test p |",
         "|---|---|---|---|",
     ]
     return "\n".join(head + rows)
@@ -66,10 +75,11 @@ def main() -> None:
             print(f"**{name}** (n = {', '.join(map(str, ns))}, k = {', '.join(map(str, ks))}):\n")
             print(format_table(list(reports.values())))
             print()
-            paired = paired_table(reports)
-            if paired:
-                print(paired)
-                print()
+            for metric in METRICS:
+                paired = paired_table(reports, metric)
+                if paired:
+                    print(paired)
+                    print()
 
 
 if __name__ == "__main__":

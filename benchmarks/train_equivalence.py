@@ -29,7 +29,7 @@ from typing import Any
 from benchmarks.common import ROOT, rel, write_result
 from gainrag.training.recipes.base import TrainArgs
 from gainrag.training.recipes.distill import RECIPE as DISTILL
-from gainrag.training.signals.selector_data import iter_groups
+from gainrag.training.signals.selector_data import iter_groups, read_rows
 
 OLD_REV = "6091e476dce8de6667ed6ceabc0ca7c56ff66e63"  # the last commit with selector_train.py
 OLD_PATH = "service/gainrag/training/selector_train.py"
@@ -130,7 +130,7 @@ def main() -> None:
     a = p.parse_args()
     if a.no_dropout:
         without_dropout()
-    groups = list(iter_groups(a.signals, a.group_size, seed=0))
+    groups = list(iter_groups(read_rows(a.signals), a.group_size, seed=0))
     args = TrainArgs(max_length=a.max_length)  # the distill recipe's defaults
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()

@@ -18,6 +18,8 @@ import pytest
 import torch
 from benchmarks import bench_llm, bench_retrieval, bench_selector
 
+from gainrag.evaluation.qa_metrics import cover_em
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -173,7 +175,11 @@ def test_eval_tables_reads_the_directory_it_is_given(tmp_path: Path) -> None:
     rows = [
         line for line in out.stdout.splitlines() if line.startswith("| ") and "preset" not in line
     ]
-    assert len(rows) == 1 and rows[0].startswith("| retrieval | 7 | 0 | 50.0 |"), out.stdout
+    # acc is recomputed from the predictions of a report older than the metric
+    acc = sum(cover_em(r["prediction"], r["answers"]) for r in report["records"])
+    acc_cell = f"{100 * acc / len(report['records']):.1f}"
+    assert len(rows) == 1, out.stdout
+    assert rows[0].startswith(f"| retrieval | 7 | 0 | {acc_cell} | 50.0 |"), out.stdout
     assert "**nq_dev** (n = 7, k = 20)" in out.stdout
     assert "vs" not in out.stdout  # one preset: nothing to pair
 
@@ -192,6 +198,9 @@ def test_eval_tables_pairs_presets_question_by_question(tmp_path: Path) -> None:
     out = _eval_tables(tmp_path)
     # 3 wins, 1 loss: p = 2 * (1 + 4) / 2**4 = 0.625
     assert "| `rerank` vs `retrieval` | 3 | 1 | 0.625 |" in out.stdout, out.stdout
+    # acc is paired too: the predictions did not change, so no question differs
+    assert "| acc (cover-EM), question by question |" in out.stdout
+    assert "| `rerank` vs `retrieval` | 0 | 0 | 1.000 |" in out.stdout
 
 
 def test_make_eval_qwen_runs_the_eval_loop_with_qwen_into_its_own_directory() -> None:

@@ -10,6 +10,7 @@ import pytest
 from gainrag.cli import main
 from gainrag.config import REPO_ROOT, Settings
 from gainrag.evaluation.harness import PRESETS, apply_preset, summarize
+from gainrag.evaluation.qa_metrics import cover_em
 
 
 @pytest.fixture
@@ -80,6 +81,7 @@ def test_eval_writes_a_report(
     report = json.loads(out.read_text())
     assert report["n"] == 2 and report["preset"] == preset
     assert 0.0 <= report["em"] <= report["f1"] <= 1.0  # an exact match is also a full F1
+    assert report["em"] <= report["acc"] <= 1.0  # an exact match is also covered
     assert set(report["latency_ms"]) == {"p50", "p95"}
     assert len(report["records"]) == 2
     assert "| " + preset + " |" in capsys.readouterr().out
@@ -91,6 +93,10 @@ def test_eval_writes_a_report(
         assert set(report["gold_recall"]) == {"@1", "@5"}
         # the gold passages of these questions are in the small index: MiniLM finds them
         assert report["gold_recall"]["@5"] > 0
+        for r in report["records"]:
+            assert r["acc"] == cover_em(r["prediction"], r["answers"])
+            assert r["retrieved_has_answer"] == (r["recall"]["5"] > 0)  # JSON keys are strings
+            assert isinstance(r["selected_is_gold"], bool) and len(r["selected_ranks"]) == 1
 
 
 def test_missing_selector_checkpoint_is_a_clear_error(
@@ -134,8 +140,11 @@ def test_summary_math() -> None:
             "selected_has_answer": False,
         },
     ]
+    recs[0]["acc"] = 1.0
+    # a record from before acc existed gets it from its prediction: "Lexie" is in "dr lexie grey"
+    recs[1].update(prediction="It was Dr. Lexie Grey", answers=["Lexie"])
     s = summarize(recs)
-    assert s["n"] == 2 and s["em"] == 0.5 and s["f1"] == 0.75
+    assert s["n"] == 2 and s["em"] == 0.5 and s["f1"] == 0.75 and s["acc"] == 1.0
     assert s["pseudo_selected_rate"] == 0.5
     assert s["recall"] == {"@1": 0.5, "@5": 1.0, "@20": 1.0, "@100": 1.0}
     assert s["latency_ms"] == {"p50": 200.0, "p95": 290.0}

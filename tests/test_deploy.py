@@ -418,3 +418,73 @@ def test_k8s_keys_and_worker_token_come_from_optional_secrets() -> None:
     assert vol["secret"] == {"secretName": "gainrag-api-keys", "optional": True}
     [mount] = [m for m in gw["containers"][0]["volumeMounts"] if m["name"] == "api-keys"]
     assert mount["readOnly"] and mount["mountPath"] == "/etc/gainrag/keys"
+
+
+TRAINING = K8S / "training"
+
+
+def training_docs() -> dict[str, dict[str, Any]]:
+    """The gain-signal manifests by name: the kustomization's resources plus merge.yaml."""
+    kust = yaml.safe_load((TRAINING / "kustomization.yaml").read_text())
+    files = [*kust["resources"], "merge.yaml"]
+    assert sorted(files) == sorted(
+        p.name for p in TRAINING.glob("*.yaml") if p.stem != "kustomization"
+    )
+    docs = [d for f in files for d in yaml.safe_load_all((TRAINING / f).read_text()) if d]
+    for d in docs:
+        assert d["metadata"]["namespace"] == kust["namespace"], d["metadata"]["name"]
+    return {d["metadata"]["name"]: d for d in docs}
+
+
+@pytest.mark.parametrize("version", ["1.30.0", "1.37.0"])
+def test_k8s_gain_signal_jobs_match_the_schemas(version: str) -> None:
+    import kubernetes_validate as kv
+
+    for doc in training_docs().values():
+        kv.validate(doc, version, strict=True)
+
+
+def test_k8s_gain_signals_is_an_indexed_job_one_shard_per_pod_merged_at_the_end() -> None:
+    from gainrag.cli import build_parser
+
+    docs = training_docs()
+    job, merge = docs["gainrag-gain-signals"], docs["gainrag-gain-signals-merge"]
+    spec = job["spec"]
+    n = spec["completions"]
+    assert spec["completionMode"] == "Indexed" and 1 <= spec["parallelism"] <= n
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and spec["backoffLimitPerIndex"] >= 1
+    (c,) = pod["containers"]
+    # the shard index is the pod's completion index, substituted into the arguments by Kubernetes
+    env = {e["name"]: e for e in c["env"]}
+    field = env["SHARD_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert field == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    args = c["args"]
+    assert args[args.index("--shard") + 1] == f"$(SHARD_INDEX)/{n}"
+    out = args[args.index("--output") + 1]
+    assert "$(SHARD_INDEX)" in out  # one file per shard: no file shared across nodes
+    # resumable output on the volume, and the reader through the settings (the cluster's vLLM)
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+    assert out.startswith("/app/var/train/") and claims[mounts["/app/var/train"]] == "gainrag-train"
+    assert docs["gainrag-train"]["kind"] == "PersistentVolumeClaim"
+    assert env["GAINRAG_LLM__BASE_URL"]["value"] == "http://vllm:8080/v1"
+    assert (
+        env["GAINRAG_LLM__MODEL"]["value"]
+        == of_kind("ConfigMap")["gainrag-gateway"]["data"]["GAINRAG_LLM__MODEL"]
+    )
+    assert claims[mounts[args[args.index("--scorer-model") + 1]]] == "gainrag-llm-model"
+    # a GPU per pod, on GPU nodes
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    # the merge reads exactly the N shard files the pods write
+    (m,) = merge["spec"]["template"]["spec"]["containers"]
+    margs = m["args"]
+    assert margs[margs.index("--expect") + 1] == str(n)
+    inputs = margs[margs.index("--inputs") + 1 : margs.index("--output")]
+    assert inputs == [out.replace("$(SHARD_INDEX)", str(i)) for i in range(n)]
+    # both are valid gainrag commands
+    p = build_parser()
+    assert c["command"] == m["command"] == ["gainrag"]
+    p.parse_args([a.replace("$(SHARD_INDEX)", "0") for a in args])
+    p.parse_args(margs)

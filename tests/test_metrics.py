@@ -1,4 +1,4 @@
-"""EM / F1 / has_answer / recall / percentile against hand-checked cases."""
+"""EM / F1 / acc (cover-EM) / has_answer / recall / percentile against hand-checked cases."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 import pytest
 
 from gainrag.evaluation.qa_metrics import (
+    cover_em,
     dpr_tokens,
     exact_match,
     f1_score,
@@ -38,6 +39,36 @@ def test_exact_match_takes_max_over_golds() -> None:
     assert exact_match("the Lexie", ["Dr. Lexie Grey", "Lexie"]) == 1.0
     assert exact_match("Lexie Grey", ["Dr. Lexie Grey", "Lexie"]) == 0.0
     assert exact_match("anything", []) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("prediction", "golds", "hit"),
+    [
+        # a sentence answer containing the gold: a hit, where EM is 0
+        ("The first prize went to Wilhelm Conrad Röntgen in 1901.", ["Wilhelm Conrad Röntgen"], 1),
+        ("Röntgen", ["Wilhelm Conrad Röntgen"], 0),  # the gold must be inside the prediction
+        # articles and punctuation are dropped on both sides before the containment test
+        ("It is The Eiffel Tower!", ["Eiffel Tower"], 1),
+        ("Eiffel-Tower", ["Eiffel Tower"], 0),  # "eiffeltower": the hyphen is deleted, no space
+        ("U.S.A.", ["USA"], 1),
+        ("about 1,000 people", ["1000"], 1),  # the comma in a number disappears
+        ("one thousand", ["1000"], 0),  # no number words
+        # no word boundaries, as in the reference: a gold inside a longer word counts
+        ("concatenate", ["cat"], 1),
+        ("in 1901", ["190"], 1),
+        ("theatre", ["the"], 1),  # gold "the" normalises to "", which covers everything
+        ("anything at all", ["..."], 1),  # likewise: the reference's empty pattern matches
+        ("Paris", ["London", "paris"], 1),  # max over golds, case-insensitive
+        ("Paris", [], 0),
+    ],
+)
+def test_cover_em_hand_checked(prediction: str, golds: list[str], hit: int) -> None:
+    assert cover_em(prediction, golds) == float(hit)
+
+
+def test_cover_em_is_at_least_exact_match() -> None:
+    for pred, golds in [("the Lexie", ["Dr. Lexie Grey", "Lexie"]), ("x", ["y"]), ("a", ["a"])]:
+        assert cover_em(pred, golds) >= exact_match(pred, golds)
 
 
 def test_f1_hand_computed() -> None:

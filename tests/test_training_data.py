@@ -48,6 +48,11 @@ def test_gain_signals_then_selector_data(
     assert {r["id"] for r in rows} <= {str(q["id"]) for q in dev_questions[:3]}
     for row in rows:
         assert row["alpha"] == 0.5 and row["k"] == 3
+        # the in-process reader wrote the pseudo-passage; the scorer is its de-quantised GGUF
+        assert row["generator"].startswith("smollm2-135m-")
+        assert row["scorer"] == f"smollm2-135m-{row['scorer_dtype']}"
+        assert row["scorer_weights"]["gguf"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+        assert row["scorer_weights"]["dequantised_from_gguf"] is True
         retrieved = [c for c in row["candidates"] if not c["pseudo"]]
         assert [c["retrieval_rank"] for c in retrieved] == [0, 1, 2]
         assert all(math.isfinite(c["ppl"]) and c["ppl"] >= 1.0 for c in row["candidates"])
@@ -89,6 +94,111 @@ def test_gain_signals_then_selector_data(
         best = min(c["ppl"] for c in row["candidates"])
         assert g["pos_scores"] == [pytest.approx(-math.log(best + 1))]
         assert all(s <= g["pos_scores"][0] for s in g["neg_scores"])
+
+
+def test_gain_signals_with_the_reader_behind_a_llama_server(
+    env: None,
+    tmp_path: Path,
+    dev_questions: list[dict],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The default reader's path: pseudo-passages from an OpenAI-compatible llama.cpp server
+    # chosen by settings, PPLs from the same model's weights in torch, generations memoised.
+    from gainrag_harness import llama_service
+
+    qfile = tmp_path / "train.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in dev_questions[:2]))
+    out, memo = tmp_path / "signals.jsonl", tmp_path / "memo.jsonl"
+    args = ["train", "gain-signals", "--questions", str(qfile), "--k", "2", "--output", str(out)]
+    with llama_service(tmp_path / "llm") as llm:
+        monkeypatch.setenv("GAINRAG_LLM__BACKEND", "openai")
+        monkeypatch.setenv("GAINRAG_LLM__BASE_URL", llm.url + "/v1")
+        monkeypatch.setenv("GAINRAG_LLM__MODEL", "smollm2-135m")  # served name = bundled name
+        monkeypatch.setenv("GAINRAG_LLM__MODEL_VERSION", "smollm2-135m-q4_1-llamacpp")
+        assert main([*args, "--limit", "1", "--generation-memo", str(memo)]) == 0
+        assert "1 written in" in capsys.readouterr().out
+        # resumed with a larger limit: the first question is skipped, the second one is added
+        assert main([*args, "--limit", "2", "--generation-memo", str(memo)]) == 0
+        assert "1 written in" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and len({r["id"] for r in rows}) == 2
+    memo_rows = [json.loads(line) for line in memo.read_text().splitlines()]
+    assert len(memo_rows) == 2  # one pseudo-passage per question, none generated twice
+    for row in rows:
+        assert row["generator"] == "smollm2-135m-q4_1-llamacpp"
+        assert row["scorer"] == f"smollm2-135m-{row['scorer_dtype']}"
+        assert row["scorer_weights"]["dequantised_from_gguf"] is True
+        pseudo = [c for c in row["candidates"] if c["pseudo"]]
+        assert len(row["candidates"]) == 2 + len(pseudo) and len(pseudo) <= 1
+        assert {m["output"].strip() for m in memo_rows} >= {c["text"] for c in pseudo}
+        assert all(math.isfinite(c["ppl"]) and c["ppl"] >= 1.0 for c in row["candidates"])
+
+
+def test_selector_data_filter_keeps_questions_the_reader_answers(
+    env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two tiny questions answered by the real in-process reader (SmolLM2). Whatever it says, a
+    # gold that normalises to "" ("The") is covered, as in the reference's regex; a nonsense
+    # gold never is: so the filter must keep the first and drop the second.
+    def cand(i: int, ppl: float) -> dict:
+        return {"id": f"p{i}", "title": f"T{i}", "text": f"Passage {i} text.", "ppl": ppl}
+
+    rows = [
+        {"id": "keep", "question": "what is it", "answers": ["The"],
+         "candidates": [cand(0, 4.0), cand(1, 2.0), cand(2, 8.0)]},
+        {"id": "drop", "question": "what is it", "answers": ["zqxv wvvk"],
+         "candidates": [cand(0, 3.0), cand(1, 5.0), cand(2, 1.5)]},
+    ]  # fmt: skip
+    src, out, memo = tmp_path / "s.jsonl", tmp_path / "g.jsonl", tmp_path / "memo.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [
+        "train",
+        "selector-data",
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--group-size",
+        "3",
+    ]
+    assert main([*args, "--filter-with-reader", "--generation-memo", str(memo)]) == 0
+    assert "1 groups of 3 (1 of 2 questions kept by the reader filter)" in capsys.readouterr().out
+    groups = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(groups) == 1 and groups[0]["pos"] == ["T1\nPassage 1 text."]
+    log = [
+        json.loads(line) for line in (tmp_path / "g.jsonl.filter.jsonl").read_text().splitlines()
+    ]
+    assert [(v["id"], v["best_id"], v["acc"]) for v in log] == [
+        ("keep", "p1", 1.0),
+        ("drop", "p2", 0.0),
+    ]
+    assert all(isinstance(v["answer"], str) for v in log)
+    # a second run answers from the memo: no new generation is recorded
+    assert main([*args, "--filter-with-reader", "--generation-memo", str(memo)]) == 0
+    assert len(memo.read_text().splitlines()) == 2
+    # without the filter every question makes a group
+    assert main(args) == 0
+    assert "2 groups of 3 ->" in capsys.readouterr().out
+
+
+def test_merge_signals_joins_shards_once_and_checks_they_are_all_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b, out = tmp_path / "s.0.jsonl", tmp_path / "s.1.jsonl", tmp_path / "all.jsonl"
+    a.write_text('{"id": "q1", "v": 1}\n{"id": "q3", "v": 3}\n{"id": "q5", "v"')  # torn tail
+    b.write_text('{"id": "q2", "v": 2}\n{"id": "q3", "v": 99}\n')  # q3 twice (a retried pod)
+    args = ["train", "merge-signals", "--inputs", str(a), str(b), "--output", str(out)]
+    assert main([*args, "--expect", "2"]) == 0
+    assert (
+        "3 questions from 2 shards (1 torn lines, 1 duplicates dropped)" in capsys.readouterr().out
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["id"], r["v"]) for r in rows] == [("q1", 1), ("q3", 3), ("q2", 2)]
+    assert main([*args, "--expect", "3"]) == 2
+    assert "expected 3 shard files, got 2" in capsys.readouterr().err
+    assert main([*args[:-3], str(tmp_path / "s.2.jsonl"), "--output", str(out)]) == 2
+    assert "missing shard files" in capsys.readouterr().err
 
 
 def row_with(ppls: list[float]) -> dict:

@@ -19,7 +19,7 @@ from gainrag.training.signals import jobs
 
 def test_registry_finds_every_recipe_and_job() -> None:
     assert list(recipes()) == ["contrastive", "distill"]
-    assert list(jobs()) == ["gain-signals", "selector-data"]
+    assert list(jobs()) == ["gain-signals", "merge-signals", "selector-data"]
     assert {r.loss for r in recipes().values()} == {"infonce", "kl"}
 
 

@@ -219,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSONL memo of greedy generations, shared across runs (skips repeated prompts)",
     )
 
+    from gainrag.evaluation import compare
+
+    c = sub.add_parser(
+        "compare", help="two eval reports question by question: wins and losses in buckets"
+    )
+    compare.add_arguments(c)
+
     _train_parser(sub)
 
     k = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_cmd", required=True)
@@ -262,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
             _keys(settings, args)
         elif args.cmd == "eval":
             _eval(settings, args)
+        elif args.cmd == "compare":
+            from gainrag.evaluation import compare
+
+            compare.main(args)
         elif args.cmd == "train":
             _train(settings, args)
         elif args.cmd == "settings" and args.markdown:

@@ -30,27 +30,11 @@ def build_components(settings: Settings) -> Components:
     set, in-process models otherwise."""
     from gainrag.pipeline import Components
 
-    o, r, s, llm = settings.pipeline, settings.retrieval, settings.selector, settings.llm
+    o, r, s = settings.pipeline, settings.retrieval, settings.selector
     api_token = settings.worker.api_token
     worker_token = api_token.get_secret_value() if api_token is not None else None
 
-    backend = llm_backend(settings)
-    if backend == "openai":
-        from gainrag.llm.openai_backend import OpenAIGenerator
-
-        if not llm.base_url:
-            raise ConfigurationError("GAINRAG_LLM__BACKEND=openai needs GAINRAG_LLM__BASE_URL")
-        generator: Generator = OpenAIGenerator(llm)
-    elif backend == "llamacpp":
-        generator = build_llamacpp(settings)
-    else:
-        import torch
-
-        from gainrag.weights import prepare_llm
-
-        if llm.threads > 0:
-            torch.set_num_threads(llm.threads)
-        generator = build_generator(settings, prepare_llm(llm.model, llm.models_dir))
+    generator = build_llm(settings)
 
     kind = s.kind
     if kind == "auto":
@@ -91,6 +75,29 @@ def build_components(settings: Settings) -> Components:
     return Components(
         retriever=retriever, selector=selector, generator=generator, cache=build_cache(settings)
     )
+
+
+def build_llm(settings: Settings) -> Generator:
+    """The generator of the settings (an OpenAI-compatible server, the managed llama.cpp engine
+    or in-process transformers, see :func:`llm_backend`); also the reader of offline jobs (gain
+    signals, training-data filtering)."""
+    llm = settings.llm
+    backend = llm_backend(settings)
+    if backend == "openai":
+        from gainrag.llm.openai_backend import OpenAIGenerator
+
+        if not llm.base_url:
+            raise ConfigurationError("GAINRAG_LLM__BACKEND=openai needs GAINRAG_LLM__BASE_URL")
+        return OpenAIGenerator(llm)
+    if backend == "llamacpp":
+        return build_llamacpp(settings)
+    import torch
+
+    from gainrag.weights import prepare_llm
+
+    if llm.threads > 0:
+        torch.set_num_threads(llm.threads)
+    return build_generator(settings, prepare_llm(llm.model, llm.models_dir))
 
 
 def llm_backend(settings: Settings) -> str:

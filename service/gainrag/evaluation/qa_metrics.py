@@ -2,6 +2,8 @@
 
 * EM and F1 use SQuAD v1.1's answer normalisation (lowercase, drop punctuation and the articles
   a/an/the, collapse whitespace), maximised over the gold answers.
+* ``cover_em`` ("acc" in reports) is GainRAG's answer metric: a hit when some normalised gold
+  answer is a substring of the normalised prediction (see its docstring for the edge cases).
 * ``has_answer`` is DPR's retrieval check: the passage contains a gold answer as a token
   sequence, with DPR's SimpleTokenizer (uncased, NFD-normalised).
 """
@@ -13,7 +15,8 @@ import re
 import string
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import regex
 
@@ -33,6 +36,32 @@ def exact_match(prediction: str, golds: Iterable[str]) -> float:
     """1.0 if the normalised prediction equals any normalised gold answer."""
     pred = normalize_answer(prediction)
     return float(any(pred == normalize_answer(g) for g in golds))
+
+
+def cover_em(prediction: str, golds: Iterable[str]) -> float:
+    """GainRAG's "acc" (cover-EM): 1.0 if a normalised gold is contained in the normalised
+    prediction (0.0 with no golds).
+
+    The reference (``em_max_over_ground_truths(..., regex=True)`` in GainRAG's
+    ``evaluation.py``) compiles the normalised gold as a regex and searches the normalised
+    prediction. Normalisation strips every ASCII punctuation character, so no regex
+    metacharacter survives and the search is a plain substring test, which this is. Consequences
+    kept on purpose, for comparable numbers:
+
+    * no word boundaries: gold "cat" covers "concatenate"; gold "1" covers "1901";
+    * punctuation inside numbers disappears on both sides: "1,000" covers "1000";
+    * a gold that normalises to "" (e.g. "The" or "...") covers every prediction, as the empty
+      pattern does in the reference.
+    """
+    pred = normalize_answer(prediction)
+    return float(any(normalize_answer(g) in pred for g in golds))
+
+
+def record_acc(record: Mapping[str, Any]) -> float:
+    """An eval record's acc; computed from its prediction for reports older than the metric."""
+    if "acc" in record:
+        return float(record["acc"])
+    return cover_em(record["prediction"], record["answers"])
 
 
 def _f1(prediction: str, gold: str) -> float:
@@ -108,9 +137,9 @@ def sign_test_p(wins: int, losses: int) -> float:
 
 
 def paired_em(a: dict[str, float], b: dict[str, float]) -> tuple[int, int, float]:
-    """Questions where ``a`` is an exact match and ``b`` is not, the reverse, and the sign-test p.
+    """Questions where ``a`` scores and ``b`` does not, the reverse, and the sign-test p.
 
-    ``a`` and ``b`` map question ids to EM (0 or 1); only ids in both count.
+    ``a`` and ``b`` map question ids to a 0/1 metric (EM or acc); only ids in both count.
     """
     common = a.keys() & b.keys()
     wins = sum(1 for q in common if a[q] > b[q])

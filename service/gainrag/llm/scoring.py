@@ -103,6 +103,11 @@ class TransformersTeacherForcedScorer:
         self.version = version
         self.batch_size = batch_size
 
+    @property
+    def dtype(self) -> str:
+        """The weights' torch dtype, e.g. ``bfloat16``."""
+        return str(next(self._model.parameters()).dtype).removeprefix("torch.")
+
     def _ids(self, text: str) -> list[int]:
         ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
         return list(ids)

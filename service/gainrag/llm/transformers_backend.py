@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,11 @@ class TransformersGenerator:
         max_batch_size: int = 8,
         max_wait_s: float = 0.005,
         max_queue: int = 64,
+        dtype_rows: Sequence[int] | None = None,
     ) -> None:
+        """``dtype_rows``: the matmul row counts ``dtype="auto"`` is measured at (default: one
+        decode step at batch 1 and at ``max_batch_size``; a teacher-forced scorer runs whole
+        packed sequences, thousands of rows, where bf16 pays off even when decoding does not)."""
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"  # decoder-only batching pads on the left
@@ -44,7 +49,8 @@ class TransformersGenerator:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # auto measures a decode step at batch 1 and at a full batch: bf16 must win at both (on
         # some CPUs its one-row matmul is far slower than fp32, and batch 1 is the idle case).
-        shapes = linear_shapes(AutoConfig.from_pretrained(path), [1, max_batch_size])
+        rows = list(dtype_rows) if dtype_rows else [1, max_batch_size]
+        shapes = linear_shapes(AutoConfig.from_pretrained(path), rows)
         self.dtype = resolve_dtype("llm", dtype, self.device, shapes)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype.torch_dtype)
         self.model = model.to(self.device).eval()  # type: ignore[arg-type]
@@ -150,3 +156,17 @@ class TransformersGenerator:
         return TransformersTeacherForcedScorer(
             self.model, self.tokenizer, self.render, version=self.version, batch_size=batch_size
         )
+
+
+# Rows of one scoring forward pass that ``dtype="auto"`` measures: a batch of packed sequences
+# (prompt with a ~200-word passage plus the gold answers) is a few thousand token rows.
+SCORING_ROWS = 2048
+
+
+def load_teacher_forced_scorer(
+    path: Path, *, dtype: str = "auto", batch_size: int = 8
+) -> TransformersTeacherForcedScorer:
+    """A teacher-forced scorer on the checkpoint at ``path`` with its own dtype choice (scoring
+    shapes, not decode shapes), for offline jobs whose generator runs elsewhere."""
+    gen = TransformersGenerator(path, dtype=dtype, dtype_rows=[SCORING_ROWS])
+    return gen.teacher_forced_scorer(batch_size=batch_size)

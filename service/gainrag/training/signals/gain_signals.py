@@ -1,16 +1,22 @@
 """``gainrag train gain-signals``: label retrieved passages and the pseudo-passage with their gain.
 
 For each training question: retrieve the top-k passages, write the pseudo-passage with the
-generator (GainRAG's prompt), and compute every candidate's contrastive PPL of the gold answers.
-Output is JSONL, one question per line, appended as it goes; a rerun skips finished ids, so an
-interrupted job resumes where it stopped.
+reader (the generator of the settings, so an OpenAI-compatible llama.cpp/vLLM server or the
+in-process model, GainRAG's prompt), and compute every candidate's contrastive PPL of the gold
+answers with a teacher-forced scorer on the reader's weights in torch (``--scorer-model``,
+default the settings' model; a bundled model's weights are its GGUF de-quantised once by
+``gainrag.weights.prepare_llm``). Each row records the pseudo-passage writer, the scorer, its
+dtype and where its weights came from. Output is JSONL, one question per line, appended as it
+goes; a rerun skips finished ids, so an interrupted job resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import fcntl
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +27,7 @@ from tqdm import tqdm
 from gainrag.config import Settings
 from gainrag.evaluation.qa_metrics import has_answer
 from gainrag.llm import prompts
+from gainrag.llm.interface import Generator
 from gainrag.training.questions import question_args, training_questions
 from gainrag.training.registry import Job
 from gainrag.types import PSEUDO_ID, Passage
@@ -63,6 +70,23 @@ def finished_ids(path: Path) -> set[str]:
     return ids
 
 
+def scorer_weights(path: Path) -> dict[str, Any]:
+    """Where a scorer checkpoint came from: a bundled GGUF's record (de-quantised), or its path."""
+    meta = path / "gainrag_model.json"
+    if meta.is_file():
+        return {**json.loads(meta.read_text()), "dequantised_from_gguf": True}
+    return {"path": str(path), "dequantised_from_gguf": False}
+
+
+async def _pseudo_passages(gen: Generator, questions: list[str], max_new_tokens: int) -> list[str]:
+    """One pseudo-passage per question, concurrently (the generator batches them)."""
+    return list(
+        await asyncio.gather(
+            *(gen.chat(prompts.pseudo_prompt(q), max_new_tokens=max_new_tokens) for q in questions)
+        )
+    )
+
+
 def synthesize(
     settings: Settings,
     questions: list[dict[str, Any]],
@@ -73,11 +97,16 @@ def synthesize(
     batch_questions: int = 8,
     show_progress: bool = True,
     shard: tuple[int, int] = (0, 1),
-) -> dict[str, int]:
+    pseudo_passage: bool = True,
+    scorer_model: str | None = None,
+    scorer_dtype: str | None = None,
+    generation_memo: Path | None = None,
+) -> dict[str, Any]:
     """Append gain-labelled candidates for every question not yet in ``out``.
 
     ``shard=(i, n)`` keeps every n-th question from the i-th: n processes with disjoint shards
     can append to the same output (each line is written under an exclusive file lock).
+    ``scorer_model`` / ``scorer_dtype`` default to the settings' LLM model and dtype.
     """
     i, n = shard
     if not 0 <= i < n:
@@ -85,84 +114,159 @@ def synthesize(
     questions = questions[i::n]
     done = finished_ids(out)
     todo = [q for q in questions if str(q["id"]) not in done]
+    stats: dict[str, Any] = {
+        "questions": len(questions),
+        "skipped": len(questions) - len(todo),
+        "written": 0,
+    }
+    if not todo:  # nothing to do: load no model
+        return stats
+    return asyncio.run(
+        _synthesize(
+            settings,
+            todo,
+            len(questions),
+            out,
+            stats,
+            k=k,
+            alpha=alpha,
+            batch_questions=batch_questions,
+            show_progress=show_progress,
+            pseudo_passage=pseudo_passage,
+            scorer_model=scorer_model or settings.llm.model,
+            scorer_dtype=scorer_dtype or settings.llm.dtype,
+            generation_memo=generation_memo,
+        )
+    )
+
+
+async def _synthesize(
+    settings: Settings,
+    todo: list[dict[str, Any]],
+    total: int,
+    out: Path,
+    stats: dict[str, Any],
+    *,
+    k: int,
+    alpha: float,
+    batch_questions: int,
+    show_progress: bool,
+    pseudo_passage: bool,
+    scorer_model: str,
+    scorer_dtype: str,
+    generation_memo: Path | None,
+) -> dict[str, Any]:
     # Models load here, not at import: the CLI imports every job to build its parser.
-    from gainrag.llm.transformers_backend import TransformersGenerator
+    from gainrag.evaluation.memo import MemoGenerator
+    from gainrag.llm.transformers_backend import load_teacher_forced_scorer
     from gainrag.retrieval.encoder import BiEncoder
     from gainrag.retrieval.local import LocalRetriever
     from gainrag.training.gain import GainScorer
     from gainrag.weights import prepare_llm
+    from gainrag.wiring import build_llm
 
     r, llm = settings.retrieval, settings.llm
     retriever = LocalRetriever.from_settings(r, BiEncoder.from_settings(r))
-    gen = TransformersGenerator(prepare_llm(llm.model, llm.models_dir), dtype=llm.dtype)
-    scorer = GainScorer(gen.teacher_forced_scorer(), max_passage_words=llm.max_passage_words)
+    gen: Generator | None = None
+    if pseudo_passage:
+        gen = await asyncio.to_thread(build_llm, settings)
+        if generation_memo is not None:
+            gen = MemoGenerator(gen, generation_memo)
+    path = prepare_llm(scorer_model, llm.models_dir)
+    tf = load_teacher_forced_scorer(path, dtype=scorer_dtype)
+    scorer = GainScorer(tf, max_passage_words=llm.max_passage_words)
     meta = {
         "alpha": alpha,
         "k": k,
-        "generator": gen.version,
+        "generator": None if gen is None else gen.version,  # wrote the pseudo-passage
+        "scorer": tf.version,
+        "scorer_dtype": tf.dtype,
+        "scorer_weights": scorer_weights(path),
         "index_version": retriever.version,
         "prompt_version": prompts.PROMPT_VERSION,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    written = 0
-    with (
-        out.open("a", encoding="utf-8") as f,
-        tqdm(
-            total=len(questions),
-            initial=len(questions) - len(todo),
-            desc="gain signals",
-            unit="q",
-            disable=not show_progress,
-        ) as bar,
-    ):
-        for start in range(0, len(todo), batch_questions):
-            batch = todo[start : start + batch_questions]
-            texts = [q["question"] for q in batch]
-            retrieved = retriever.search_many(texts, k)
-            pseudos = gen.generate_batch(
-                [prompts.pseudo_prompt(t) for t in texts], llm.max_new_tokens_pseudo
-            )
-            for q, hits, pseudo in zip(batch, retrieved, pseudos, strict=True):
-                cands: list[dict[str, Any]] = [
-                    {
-                        "id": h.passage.id,
-                        "title": h.passage.title,
-                        "text": h.passage.text,
-                        "pseudo": False,
-                        "retrieval_rank": h.rank,
-                        "retrieval_score": h.score,
-                    }
-                    for h in hits
-                ]
-                if not prompts.is_not_available(pseudo):
-                    cands.append(
-                        {
-                            "id": PSEUDO_ID,
-                            "title": "",
-                            "text": pseudo.strip(),
-                            "pseudo": True,
-                            "retrieval_rank": None,
-                            "retrieval_score": None,
-                        }
-                    )
-                passages = [Passage(c["id"], c["title"], c["text"], c["pseudo"]) for c in cands]
-                ppls = scorer.passage_ppls(q["question"], passages, q["answers"], alpha)
-                for c, ppl in zip(cands, ppls, strict=True):
-                    c["ppl"] = ppl
-                    c["has_answer"] = has_answer(c["text"], q["answers"])
-                row = {
-                    "id": str(q["id"]),
-                    "question": q["question"],
-                    "answers": q["answers"],
-                    "candidates": cands,
-                    **meta,
-                }
-                with _locked(f):  # shards of other processes append here too
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    f.flush()  # a crash loses at most the question being written
-                written += 1
-                bar.update(1)
-    return {"questions": len(questions), "skipped": len(questions) - len(todo), "written": written}
+    started = time.perf_counter()
+    try:
+        with (
+            out.open("a", encoding="utf-8") as f,
+            tqdm(
+                total=total,
+                initial=total - len(todo),
+                desc="gain signals",
+                unit="q",
+                disable=not show_progress,
+            ) as bar,
+        ):
+            for start in range(0, len(todo), batch_questions):
+                batch = todo[start : start + batch_questions]
+                texts = [q["question"] for q in batch]
+                retrieved = retriever.search_many(texts, k)
+                pseudos = (
+                    await _pseudo_passages(gen, texts, llm.max_new_tokens_pseudo)
+                    if gen is not None
+                    else [""] * len(batch)
+                )
+                for q, hits, pseudo in zip(batch, retrieved, pseudos, strict=True):
+                    t0 = time.perf_counter()
+                    row = _label(q, hits, pseudo, scorer, alpha, with_pseudo=gen is not None)
+                    row.update(meta, score_seconds=round(time.perf_counter() - t0, 2))
+                    with _locked(f):  # shards of other processes append here too
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        f.flush()  # a crash loses at most the question being written
+                    stats["written"] += 1
+                    bar.update(1)
+    finally:
+        if gen is not None:
+            await gen.close()
+    stats["seconds"] = round(time.perf_counter() - started, 1)
+    stats.update(meta)
+    return stats
+
+
+def _label(
+    q: dict[str, Any],
+    hits: list[Any],
+    pseudo: str,
+    scorer: Any,
+    alpha: float,
+    *,
+    with_pseudo: bool,
+) -> dict[str, Any]:
+    """One output row: the question's candidates with their contrastive PPL and has_answer."""
+    cands: list[dict[str, Any]] = [
+        {
+            "id": h.passage.id,
+            "title": h.passage.title,
+            "text": h.passage.text,
+            "pseudo": False,
+            "retrieval_rank": h.rank,
+            "retrieval_score": h.score,
+        }
+        for h in hits
+    ]
+    if with_pseudo and not prompts.is_not_available(pseudo):
+        cands.append(
+            {
+                "id": PSEUDO_ID,
+                "title": "",
+                "text": pseudo.strip(),
+                "pseudo": True,
+                "retrieval_rank": None,
+                "retrieval_score": None,
+            }
+        )
+    passages = [Passage(c["id"], c["title"], c["text"], c["pseudo"]) for c in cands]
+    ppls = scorer.passage_ppls(q["question"], passages, q["answers"], alpha)
+    for c, ppl in zip(cands, ppls, strict=True):
+        c["ppl"] = ppl
+        c["has_answer"] = has_answer(c["text"], q["answers"])
+    return {
+        "id": str(q["id"]),
+        "question": q["question"],
+        "answers": q["answers"],
+        "candidates": cands,
+    }
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -189,6 +293,28 @@ class GainSignals(Job):
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--batch-questions", type=int, default=8)
         parser.add_argument(
+            "--no-pseudo",
+            dest="pseudo_passage",
+            action="store_false",
+            help="retrieved candidates only (no pseudo-passage, no generator)",
+        )
+        parser.add_argument(
+            "--scorer-model",
+            help="weights of the PPL scorer: a bundled model or a local HF directory "
+            "(default: GAINRAG_LLM__MODEL, the reader)",
+        )
+        parser.add_argument(
+            "--scorer-dtype",
+            choices=["auto", "float32", "bfloat16", "float16"],
+            help="dtype of the PPL scorer (default: GAINRAG_LLM__DTYPE; auto measures it at "
+            "scoring shapes)",
+        )
+        parser.add_argument(
+            "--generation-memo",
+            type=Path,
+            help="JSONL memo of greedy generations (pseudo-passages), shared with eval runs",
+        )
+        parser.add_argument(
             "--shard",
             type=_shard,
             default=(0, 1),
@@ -206,9 +332,18 @@ class GainSignals(Job):
             alpha=args.alpha,
             batch_questions=args.batch_questions,
             shard=args.shard,
+            pseudo_passage=args.pseudo_passage,
+            scorer_model=args.scorer_model,
+            scorer_dtype=args.scorer_dtype,
+            generation_memo=args.generation_memo,
         )
+        per_q = ""
+        if stats["written"] and "seconds" in stats:
+            per_q = (
+                f" in {stats['seconds']} s ({stats['seconds'] / stats['written']:.1f} s/question)"
+            )
         print(
-            f"gain signals: {stats['written']} written, {stats['skipped']} already done "
+            f"gain signals: {stats['written']} written{per_q}, {stats['skipped']} already done "
             f"-> {args.output}"
         )
 

@@ -10,6 +10,7 @@ Texts are the selector's view of a candidate, ``title\\ntext``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import random
@@ -18,7 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from gainrag.config import Settings
+from gainrag.evaluation.qa_metrics import cover_em
+from gainrag.llm import prompts
+from gainrag.llm.interface import Generator
 from gainrag.training.registry import Job
+from gainrag.types import Passage
 
 
 def gain_label(ppl: float) -> float:
@@ -49,30 +54,118 @@ def make_group(row: dict[str, Any], group_size: int, rng: random.Random) -> dict
     }
 
 
-def iter_groups(path: Path, group_size: int, seed: int) -> Iterator[dict[str, Any]]:
-    """Groups for every question of a gain-signals file."""
-    rng = random.Random(seed)
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a gain-signals file."""
     with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                group = make_group(json.loads(line), group_size, rng)
-                if group is not None:
-                    yield group
+        return [json.loads(line) for line in f if line.strip()]
 
 
-def write_groups(src: Path, out: Path, *, group_size: int = 16, seed: int = 0) -> int:
-    """Write the groups of ``src`` to ``out`` (JSONL); returns how many."""
+def iter_groups(rows: list[dict[str, Any]], group_size: int, seed: int) -> Iterator[dict[str, Any]]:
+    """Groups for every question of gain-signals rows."""
+    rng = random.Random(seed)
+    for row in rows:
+        group = make_group(row, group_size, rng)
+        if group is not None:
+            yield group
+
+
+def best_candidate(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The lowest-PPL candidate (the would-be positive), None if none has a finite PPL."""
+    cands = [c for c in row["candidates"] if math.isfinite(c["ppl"])]
+    return min(cands, key=lambda c: c["ppl"]) if cands else None
+
+
+async def reader_verdicts(
+    gen: Generator,
+    rows: list[dict[str, Any]],
+    *,
+    max_passage_words: int,
+    max_new_tokens: int,
+    concurrency: int = 8,
+) -> list[dict[str, Any]]:
+    """For each row: the reader's answer from its best candidate and whether acc counts it."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(row: dict[str, Any]) -> dict[str, Any]:
+        best = best_candidate(row)
+        if best is None:
+            return {"id": row["id"], "best_id": None, "answer": None, "acc": 0.0}
+        passage = Passage(best["id"], best["title"], best["text"], best.get("pseudo", False))
+        message = prompts.answer_prompt(row["question"], [passage], max_passage_words)
+        async with sem:
+            raw = await gen.chat(message, max_new_tokens=max_new_tokens)
+        answer = prompts.clean_answer(raw)
+        return {
+            "id": row["id"],
+            "best_id": best["id"],
+            "best_pseudo": bool(best.get("pseudo", False)),
+            "answer": answer,
+            "acc": cover_em(answer, row["answers"]),
+        }
+
+    return list(await asyncio.gather(*(one(r) for r in rows)))
+
+
+async def _filter_rows(
+    settings: Settings, rows: list[dict[str, Any]], memo: Path | None
+) -> list[dict[str, Any]]:
+    from gainrag.evaluation.memo import MemoGenerator
+    from gainrag.wiring import build_llm
+
+    gen: Generator = await asyncio.to_thread(build_llm, settings)
+    if memo is not None:
+        gen = MemoGenerator(gen, memo)
+    try:
+        return await reader_verdicts(
+            gen,
+            rows,
+            max_passage_words=settings.llm.max_passage_words,
+            max_new_tokens=settings.llm.max_new_tokens_answer,
+        )
+    finally:
+        await gen.close()
+
+
+def filter_log_path(out: Path) -> Path:
+    """Where the filter's per-question decisions go."""
+    return out.with_suffix(out.suffix + ".filter.jsonl")
+
+
+def write_groups(
+    src: Path,
+    out: Path,
+    *,
+    group_size: int = 16,
+    seed: int = 0,
+    settings: Settings | None = None,
+    filter_with_reader: bool = False,
+    generation_memo: Path | None = None,
+) -> dict[str, int]:
+    """Write the groups of ``src`` to ``out`` (JSONL); returns counts (questions, kept, groups).
+
+    With ``filter_with_reader`` (needs ``settings``), only questions whose lowest-PPL candidate
+    lets the reader answer correctly are kept; the decisions go to ``filter_log_path(out)``.
+    """
     if group_size < 2:
         raise ValueError("group_size must be at least 2 (one positive, one negative)")
+    rows = read_rows(src)
+    kept = rows
     out.parent.mkdir(parents=True, exist_ok=True)
+    if filter_with_reader:
+        if settings is None:
+            raise ValueError("filtering needs the settings of the reader")
+        verdicts = asyncio.run(_filter_rows(settings, rows, generation_memo))
+        log = filter_log_path(out)
+        log.write_text("".join(json.dumps(v, ensure_ascii=False) + "\n" for v in verdicts))
+        kept = [r for r, v in zip(rows, verdicts, strict=True) if v["acc"] > 0]
     n = 0
     tmp = out.with_suffix(out.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        for group in iter_groups(src, group_size, seed):
+        for group in iter_groups(kept, group_size, seed):
             f.write(json.dumps(group, ensure_ascii=False) + "\n")
             n += 1
     tmp.replace(out)
-    return n
+    return {"questions": len(rows), "kept": len(kept), "groups": n}
 
 
 class SelectorData(Job):
@@ -86,10 +179,32 @@ class SelectorData(Job):
         parser.add_argument("--output", type=Path, required=True, help="groups JSONL")
         parser.add_argument("--group-size", type=int, default=16)
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument(
+            "--filter-with-reader",
+            action="store_true",
+            help="GainRAG's filter: keep a question only if the reader (GAINRAG_LLM__*), given "
+            "its lowest-PPL candidate, answers it correctly (acc)",
+        )
+        parser.add_argument(
+            "--generation-memo",
+            type=Path,
+            help="JSONL memo of the reader's greedy answers (shared with eval runs)",
+        )
 
     def run(self, settings: Settings, args: argparse.Namespace) -> None:
-        n = write_groups(args.input, args.output, group_size=args.group_size, seed=args.seed)
-        print(f"selector data: {n} groups of {args.group_size} -> {args.output}")
+        c = write_groups(
+            args.input,
+            args.output,
+            group_size=args.group_size,
+            seed=args.seed,
+            settings=settings,
+            filter_with_reader=args.filter_with_reader,
+            generation_memo=args.generation_memo,
+        )
+        kept = ""
+        if args.filter_with_reader:
+            kept = f" ({c['kept']} of {c['questions']} questions kept by the reader filter)"
+        print(f"selector data: {c['groups']} groups of {args.group_size}{kept} -> {args.output}")
 
 
 JOB = SelectorData()

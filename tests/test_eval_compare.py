@@ -1,0 +1,106 @@
+"""``gainrag compare``: wins and losses of two eval reports, bucketed, on hand-made records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gainrag.cli import main
+from gainrag.evaluation.compare import compare, format_comparison, wrong_bucket
+
+
+def rec(qid: str, prediction: str, **kw: Any) -> dict[str, Any]:
+    base = {
+        "id": qid,
+        "question": f"question {qid}",
+        "answers": ["Paris"],
+        "prediction": prediction,
+        "em": float(prediction == "Paris"),
+        "selected_ids": ["p1"],
+        "pseudo_selected": False,
+        "selected_has_answer": True,
+        "recall": {1: 1.0, 5: 1.0},
+    }
+    return {**base, **kw}
+
+
+def report(preset: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"preset": preset, "records": records}
+
+
+A = report(
+    "gainrag",
+    [
+        rec("q1", "It is Paris."),  # right by acc (not EM)
+        rec("q2", "Lyon", pseudo_selected=True, selected_ids=["pseudo"]),
+        rec("q3", "Paris"),
+        rec("q4", "Nice", selected_has_answer=False, recall={1: 0.0, 5: 1.0}),
+        rec("q5", "Nice", selected_has_answer=False, recall={1: 0.0, 5: 0.0}),
+        rec("q6", "Lille", selected_ids=["p9"]),  # answer string in a non-gold passage
+        rec("q7", "Paris"),
+    ],
+)
+B = report(
+    "rerank",
+    [
+        rec("q1", "Lyon"),  # has the answer in its passage, not extracted
+        rec("q2", "Paris"),
+        rec("q3", "Paris"),
+        rec("q4", "Paris"),
+        rec("q5", "Paris"),
+        rec("q6", "Paris"),
+        rec("only-b", "Paris"),
+    ],
+)
+GOLD = {q: {"p1"} for q in ("q1", "q2", "q3", "q4", "q5", "q6", "q7")}
+
+
+def test_buckets_of_wins_and_losses() -> None:
+    c = compare(A, B, metric="acc", gold=GOLD)
+    assert c["n"] == 6  # q7 and only-b are in one report only
+    assert c["wins"]["n"] == 1 and c["wins"]["wrong_side"] == {"answer present, not extracted": 1}
+    assert c["losses"]["n"] == 4
+    assert c["losses"]["wrong_side"] == {
+        "pseudo-passage chosen": 1,
+        "distractor with the answer string": 1,
+        "selector missed the answer": 1,
+        "no retrieved passage has the answer": 1,
+    }
+    assert c["losses"]["right_side"] == {"answered from a passage with the answer": 4}
+    assert c["sign_test_p"] == pytest.approx(2 * (1 + 5) / 2**5)  # 1 vs 4
+    assert c["a_pseudo_selected"] == {"n": 1, "a_right": 0.0, "b_right": 1.0}
+    # on EM, q1 is wrong on both sides: no win
+    assert compare(A, B, metric="em", gold=GOLD)["wins"]["n"] == 0
+    # without gold passages a passage with the answer counts as "present, not extracted"
+    assert compare(A, B, metric="acc")["losses"]["wrong_side"]["answer present, not extracted"] == 1
+    assert compare(A, B, metric="acc", examples=0)["losses"]["examples"] == {}
+    text = format_comparison(c)
+    assert "1 wins, 4 losses" in text and "| pseudo-passage chosen | 0 | 1 |" in text
+
+
+def test_closed_book_and_recorded_fields_take_precedence() -> None:
+    assert wrong_bucket({"id": "x", "prediction": "", "answers": ["a"]}, {}) == "closed-book"
+    r = rec("q", "x", selected_ids=["p9"], selected_is_gold=True)
+    assert wrong_bucket(r, {"q": {"p1"}}) == "answer present, not extracted"
+    r = rec("q", "x", selected_has_answer=False, retrieved_has_answer=True, recall={1: 0.0})
+    assert wrong_bucket(r, {}) == "selector missed the answer"
+
+
+def test_compare_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b, q, out = (tmp_path / n for n in ("a.json", "b.json", "q.jsonl", "c.json"))
+    a.write_text(json.dumps(A))
+    b.write_text(json.dumps(B))
+    q.write_text(
+        "".join(
+            json.dumps({"id": k, "question": "?", "answers": ["Paris"], "gold_ids": sorted(v)})
+            + "\n"
+            for k, v in GOLD.items()
+        )
+    )
+    assert main(["compare", str(a), str(b), "--questions", str(q), "--output", str(out)]) == 0
+    assert "**`gainrag` vs `rerank`** on acc, 6 shared questions" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["losses"]["wrong_side"]["distractor with the answer string"] == 1
