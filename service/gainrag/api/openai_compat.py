@@ -122,7 +122,7 @@ def _question(body: ChatCompletionRequest) -> str:
 
 
 def _citations(selected: list[Scored]) -> list[dict[str, Any]]:
-    return [passage_out(s).model_dump() for s in selected]
+    return [passage_out(s).model_dump(exclude_none=True) for s in selected]
 
 
 def _usage(pipeline: Pipeline, question: str, result: AnswerResult) -> dict[str, int] | None:

@@ -136,8 +136,8 @@ async def _answer_events(
     yield sse(
         {
             "request_id": request.state.request_id,
-            "selected": [passage_out(s).model_dump() for s in ctx.selected],
-            "candidates": [passage_out(s).model_dump() for s in ctx.candidates],
+            "selected": [passage_out(s).model_dump(exclude_none=True) for s in ctx.selected],
+            "candidates": [passage_out(s).model_dump(exclude_none=True) for s in ctx.candidates],
             "pseudo_passage": ctx.pseudo_passage,
             "timings_ms": {k: v for k, v in ctx.timings_ms.items() if k != "generate"},
             "degraded": [{"kind": d.kind, "message": d.message} for d in ctx.degraded],
