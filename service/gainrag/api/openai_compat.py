@@ -6,7 +6,8 @@ follows OpenAI's ``chat.completion.chunk`` format and ends with ``data: [DONE]``
 passages travel in the extension field ``citations`` (the ``/answer`` passage objects) on the
 completion and on the first chunk. Errors use the project's shape, which is OpenAI's
 (``{"error": {"message", "type", "code"}}``); one after the first byte is a ``data:`` line with
-that object and no ``[DONE]``. Keys and admission apply as for ``/answer``.
+that object and no ``[DONE]``. Keys and admission apply as for ``/answer``. Any ``model`` name
+is accepted (front ends often send their own default); responses name ``gainrag``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from gainrag.api.cancel import until_disconnect
 from gainrag.api.deps import PipelineDep, PrincipalDep, StateDep
 from gainrag.api.routes import passage_out
 from gainrag.api.streaming import SSE_HEADERS, AnswerStream, error_body, guarded, sse
-from gainrag.errors import GainRAGError, ValidationFailedError
+from gainrag.errors import ValidationFailedError
 from gainrag.llm import prompts
 from gainrag.llm.interface import prompt_tokens
 from gainrag.pipeline import Pipeline
@@ -37,14 +38,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse}
     for code in (400, 401, 403, 404, 413, 415, 422, 429, 502, 503, 504)
 }
-
-
-class ModelNotFoundError(GainRAGError):
-    """The request names a model this endpoint does not serve."""
-
-    status_code = 404
-    type = "invalid_request_error"
-    code = "model_not_found"
 
 
 class TextPart(BaseModel):
@@ -83,7 +76,12 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: StrictStr = Field(..., description=f"'{MODEL_ID}' (see GET /v1/models).")
+    # Any name is accepted (chat front ends send their own defaults); responses say 'gainrag'.
+    model: StrictStr = Field(
+        ...,
+        description=f"'{MODEL_ID}' (see GET /v1/models); any name is "
+        "accepted and answered by the one pipeline.",
+    )
     messages: list[ChatMessage] = Field(..., description="The last user message is the question.")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -113,8 +111,6 @@ async def models(principal: PrincipalDep) -> ModelList:
 
 
 def _question(body: ChatCompletionRequest) -> str:
-    if body.model != MODEL_ID:
-        raise ModelNotFoundError(f"the model '{body.model}' does not exist; use '{MODEL_ID}'")
     for message in reversed(body.messages):
         if message.role == "user":
             return message.text()
