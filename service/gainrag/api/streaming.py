@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
+import anyio
 from starlette.requests import Request
 
 from gainrag import telemetry
@@ -59,10 +60,15 @@ async def _step(
     step = asyncio.ensure_future(anext(events))
     try:
         await asyncio.wait((step, left), return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also when the handler itself is cancelled
+    finally:  # also when the response itself is cancelled
         if not step.done():
             step.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+            # Shielded: anyio re-delivers a cancellation at every await of a cancelled scope,
+            # and the step must be over before the pipeline's iterator can be closed.
+            with (
+                anyio.CancelScope(shield=True),
+                contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception),
+            ):
                 await step
     if step.cancelled():
         raise ClientClosedError("client disconnected; the request was cancelled")
@@ -125,13 +131,14 @@ class AnswerStream:
             outcome = "complete"
         except ClientClosedError:
             outcome = "disconnected"
+        except asyncio.CancelledError:
+            # Starlette cancels the response when it sees the disconnect first (ASGI < 2.4).
+            outcome = "disconnected"
+            raise
         finally:
             telemetry.STREAMS.labels(outcome).inc()
-            await self._stack.aclose()
-
-    async def close(self) -> None:
-        """Release everything without streaming (a response that never started)."""
-        await self._stack.aclose()
+            with anyio.CancelScope(shield=True):  # the slot and the decoding, whatever happens
+                await self._stack.aclose()
 
 
 async def guarded(
