@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,18 +16,16 @@ import pytest
 from asgi_lifespan import LifespanManager
 from prometheus_client import REGISTRY
 
-from gainrag import telemetry
 from gainrag.api import create_app
-from gainrag.config import LLMSettings, Settings
+from gainrag.config import LLMSettings
 from gainrag.errors import UpstreamError
-from gainrag.llm import prompts
 from gainrag.llm.openai_backend import OpenAIGenerator
 from gainrag.llm.transformers_backend import TransformersGenerator
 from gainrag.pipeline import Components
 from gainrag_harness import Service, llama_service
+from tests.conftest import make_settings
 from tests.fake_gateway import MemoryCache
 from tests.test_api import assert_error
-from tests.conftest import make_settings
 
 # Multi-byte characters in the reply (é) exercise the held-back partial characters.
 UNICODE_PROMPT = "Write a poem with emoji 🎉 about café in French"
