@@ -19,6 +19,9 @@ from prometheus_client import REGISTRY
 from gainrag.api import create_app
 from gainrag.config import LLMSettings
 from gainrag.errors import UpstreamError
+from gainrag.evaluation.memo import MemoGenerator
+from gainrag.llm import prompts
+from gainrag.llm.interface import stream_reply
 from gainrag.llm.openai_backend import OpenAIGenerator
 from gainrag.llm.transformers_backend import TransformersGenerator
 from gainrag.pipeline import Components
@@ -45,6 +48,60 @@ def parse_sse(text: str) -> list[tuple[str, Any]]:
 
 def tokens_generated() -> float:
     return REGISTRY.get_sample_value("gainrag_llm_generated_tokens_total") or 0.0
+
+
+# --- cleaning as the answer arrives ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "  Wilhelm  Röntgen\nMore text",
+        "\n \n\tParis \r\nFrance",
+        "one line, no break  ",
+        "   \n  ",
+        "a\u2028b",  # splitlines' other line boundaries count too
+        "",
+    ],
+)
+def test_answer_cleaner_pieces_concatenate_to_clean_answer(reply: str) -> None:
+    for size in (1, 2, 3, len(reply) or 1):
+        cleaner = prompts.AnswerCleaner()
+        pieces = [cleaner.feed(reply[i : i + size]) for i in range(0, len(reply), size)]
+        pieces.append(cleaner.finish())
+        assert "".join(pieces) == prompts.clean_answer(reply)
+    done = prompts.AnswerCleaner()
+    done.feed("Paris\nand more")
+    assert done.complete and done.feed(" ignored") == "" and done.finish() == ""
+
+
+class _KeepOpen:
+    """The session's generator (streaming or not), shielded from close()."""
+
+    def __init__(self, inner: Any, streams: bool) -> None:
+        self.inner, self.name, self.version = inner, inner.name, inner.version
+        if streams:
+            self.stream = inner.stream
+
+    async def chat(self, message: str, *, max_new_tokens: int) -> str:
+        return str(await self.inner.chat(message, max_new_tokens=max_new_tokens))
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_memo_and_plain_wrappers_stream(components: Components, tmp_path: Path) -> None:
+    msg = prompts.answer_prompt("who got the first nobel prize in physics", [], None)
+    memo = MemoGenerator(_KeepOpen(components.generator, streams=True), tmp_path / "m.jsonl")
+    streamed = "".join([d async for d in memo.stream(msg, max_new_tokens=6)])  # a miss
+    assert memo.misses == 1 and streamed
+    assert await memo.chat(msg, max_new_tokens=6) == streamed  # recorded
+    assert [d async for d in memo.stream(msg, max_new_tokens=6)] == [streamed]  # one delta
+    assert memo.hits == 2
+    await memo.close()
+    # A wrapper without stream(): its whole chat reply is one delta.
+    plain = _KeepOpen(components.generator, streams=False)
+    assert [d async for d in stream_reply(plain, msg, max_new_tokens=6)] == [streamed]
 
 
 # --- the in-process engine ---------------------------------------------------------------------
