@@ -139,7 +139,8 @@ async def _answer_events(
             "selected": [passage_out(s).model_dump(exclude_none=True) for s in ctx.selected],
             "candidates": [passage_out(s).model_dump(exclude_none=True) for s in ctx.candidates],
             "pseudo_passage": ctx.pseudo_passage,
-            "timings_ms": {k: v for k, v in ctx.timings_ms.items() if k != "generate"},
+            # The stages so far (zeros for a cached answer); done has generate and total.
+            "timings_ms": {k: ctx.timings_ms.get(k, 0.0) for k in ("retrieve", "pseudo", "select")},
             "degraded": [{"kind": d.kind, "message": d.message} for d in ctx.degraded],
             "models": pipeline.models,
             "cached": ctx.cached,
