@@ -47,7 +47,15 @@ _SSE_200: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {
             "text/event-stream": {
-                "schema": {"type": "string"},
+                # One server-sent event (schemathesis validates each event against it).
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "event": {"enum": ["passages", "token", "done", "error"]},
+                        "data": {"type": "string", "description": "JSON"},
+                    },
+                    "required": ["event", "data"],
+                },
                 "description": "With stream=true or Accept: text/event-stream: events passages, "
                 "token*, then done (an AnswerResponse) or error (see docs/api.md).",
             }
