@@ -28,25 +28,11 @@ def build_components(settings: Settings) -> Components:
     set, in-process models otherwise."""
     from gainrag.pipeline import Components
 
-    o, r, s, llm = settings.pipeline, settings.retrieval, settings.selector, settings.llm
+    o, r, s = settings.pipeline, settings.retrieval, settings.selector
     api_token = settings.worker.api_token
     worker_token = api_token.get_secret_value() if api_token is not None else None
 
-    use_openai = llm.backend == "openai" or (llm.backend == "auto" and llm.base_url is not None)
-    if use_openai:
-        from gainrag.llm.openai_backend import OpenAIGenerator
-
-        if not llm.base_url:
-            raise ConfigurationError("GAINRAG_LLM__BACKEND=openai needs GAINRAG_LLM__BASE_URL")
-        generator: Generator = OpenAIGenerator(llm)
-    else:
-        import torch
-
-        from gainrag.weights import prepare_llm
-
-        if llm.threads > 0:
-            torch.set_num_threads(llm.threads)
-        generator = build_generator(settings, prepare_llm(llm.model, llm.models_dir))
+    generator = build_llm(settings)
 
     kind = s.kind
     if kind == "auto":
@@ -87,6 +73,26 @@ def build_components(settings: Settings) -> Components:
     return Components(
         retriever=retriever, selector=selector, generator=generator, cache=build_cache(settings)
     )
+
+
+def build_llm(settings: Settings) -> Generator:
+    """The configured generator: an OpenAI-compatible client when a base URL is set (or the
+    backend says so), else the in-process transformers model (also used by training jobs)."""
+    llm = settings.llm
+    use_openai = llm.backend == "openai" or (llm.backend == "auto" and llm.base_url is not None)
+    if use_openai:
+        from gainrag.llm.openai_backend import OpenAIGenerator
+
+        if not llm.base_url:
+            raise ConfigurationError("GAINRAG_LLM__BACKEND=openai needs GAINRAG_LLM__BASE_URL")
+        return OpenAIGenerator(llm)
+    import torch
+
+    from gainrag.weights import prepare_llm
+
+    if llm.threads > 0:
+        torch.set_num_threads(llm.threads)
+    return build_generator(settings, prepare_llm(llm.model, llm.models_dir))
 
 
 def build_cache(settings: Settings) -> CacheStore | None:
