@@ -25,7 +25,9 @@ from collections.abc import Sequence
 import torch
 
 
-def pl_log_prob(scores: torch.Tensor, prefix: Sequence[int], temperature: float = 1.0) -> torch.Tensor:
+def pl_log_prob(
+    scores: torch.Tensor, prefix: Sequence[int], temperature: float = 1.0
+) -> torch.Tensor:
     """log PL(prefix) under ``scores`` (k,) at ``temperature``; differentiable in ``scores``."""
     if len(set(prefix)) != len(prefix):
         raise ValueError(f"a selection has no repeated candidate: {list(prefix)}")

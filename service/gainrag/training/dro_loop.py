@@ -264,8 +264,14 @@ def train_dro(
         t0 = time.perf_counter()
         with autocast:
             estep = e_step(
-                model, tok, questions, reader, cfg, seed=args.seed + 1000 * r,
-                desc=f"round {r + 1}/{cfg.rounds} E-step", **common,  # type: ignore[arg-type]
+                model,
+                tok,
+                questions,
+                reader,
+                cfg,
+                seed=args.seed + 1000 * r,
+                desc=f"round {r + 1}/{cfg.rounds} E-step",
+                **common,  # type: ignore[arg-type]
             )
         stats = round_stats(estep, ms)
         model.train()
@@ -295,7 +301,7 @@ def train_dro(
                         ]
                     ).mean()
                 (batch_loss / args.grad_accum).backward()
-                losses.append(float(batch_loss))
+                losses.append(batch_loss.item())
                 batch_no += 1
                 if batch_no % args.grad_accum == 0 or batch_no == batches_per_round:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -325,8 +331,14 @@ def train_dro(
                 old.unlink()
     with autocast:
         final = e_step(
-            model, tok, questions, reader, cfg, seed=args.seed + 1000 * cfg.rounds,
-            desc="final E-step", **common,  # type: ignore[arg-type]
+            model,
+            tok,
+            questions,
+            reader,
+            cfg,
+            seed=args.seed + 1000 * cfg.rounds,
+            desc="final E-step",
+            **common,  # type: ignore[arg-type]
         )
     final_stats = round_stats(final, ms)
     print(_describe({"round": "final", **final_stats}, cfg.samples))
@@ -356,4 +368,3 @@ def _describe(record: dict[str, Any], m: int) -> str:
     var = ", ".join(f"m={k}: {v:.4g}" for k, v in record["weight_variance"].items())
     loss = f", M-step loss {record['mstep_loss']:.4f}" if "mstep_loss" in record else ""
     return f"dro round {record['round']}: log p(a|q) ~ {ev}; weight variance {var}{loss}"
-

@@ -78,9 +78,7 @@ def radio_group(
     cands = row["candidates"]
     if len(cands) < 2:
         return None
-    mixed = mix(
-        [c["rationale_score"] for c in cands], [c["retrieval_score"] for c in cands], alpha
-    )
+    mixed = mix([c["rationale_score"] for c in cands], [c["retrieval_score"] for c in cands], alpha)
     picked = group_indices(rerank(mixed), ranks)
     if picked is None:
         return None

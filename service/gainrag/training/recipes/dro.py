@@ -66,7 +66,7 @@ class Dro(Recipe):
     def load_groups(
         self, settings: Settings, inputs: DroInputs, args: TrainArgs
     ) -> tuple[list[dict[str, Any]], str]:
-        """Each question with its top-k retrieved passages (``query``, ``answers``, ``passages``)."""
+        """Each question with its top-k retrieved passages: ``query``, ``answers``, ``passages``."""
         from gainrag.retrieval.encoder import BiEncoder
         from gainrag.retrieval.local import LocalRetriever
         from gainrag.training.questions import training_questions
@@ -106,8 +106,8 @@ class Dro(Recipe):
     def run(self, settings: Settings, args: argparse.Namespace) -> None:
         """Retrieve, load the reader, and run the DRO rounds (``training/dro_loop.py``)."""
         from gainrag.llm.transformers_backend import TransformersGenerator
-        from gainrag.training.registry import from_args
         from gainrag.training.dro_loop import DroQuestion, DroSettings, ReaderLikelihood, train_dro
+        from gainrag.training.registry import from_args
         from gainrag.weights import prepare_llm
 
         if args.stop_after_steps is not None:

@@ -44,7 +44,12 @@ async def _write(
     encoder = BiEncoder.from_settings(r)
     retriever = LocalRetriever.from_settings(r, encoder)
     gen = build_llm(settings)
-    meta = {"k": k, "generator": gen.version, "encoder": encoder.version, "index": retriever.version}
+    meta = {
+        "k": k,
+        "generator": gen.version,
+        "encoder": encoder.version,
+        "index": retriever.version,
+    }
     written = 0
     try:
         with out.open("a", encoding="utf-8") as f:
