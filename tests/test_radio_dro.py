@@ -12,6 +12,7 @@ import torch
 
 from gainrag.cli import main
 from gainrag.config import REPO_ROOT
+from gainrag.retrieval.encoder import BiEncoder
 from gainrag.training.dro import (
     log_evidence,
     mstep_loss,
@@ -177,7 +178,11 @@ def env(
 
 
 def test_radio_end_to_end(
-    env: None, tmp_path: Path, dev_questions: list[dict], capsys: pytest.CaptureFixture[str]
+    env: None,
+    encoder: BiEncoder,
+    tmp_path: Path,
+    dev_questions: list[dict],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     qfile = tmp_path / "train.jsonl"
     qfile.write_text("".join(json.dumps(q) + "\n" for q in dev_questions[:2]))
@@ -191,7 +196,11 @@ def test_radio_end_to_end(
     for row in rows:
         assert row["rationale"] and row["answer"] == row["answers"][0].strip()
         assert [c["retrieval_rank"] for c in row["candidates"]] == list(range(6))
-        assert all(-1.0 <= c["rationale_score"] <= 1.0 for c in row["candidates"])
+        # the dot product of "question answer rationale" with each passage, both embedded
+        q = encoder.encode([f"{row['question']} {row['answer']} {row['rationale']}"])[0]
+        p = encoder.encode([f"{c['title']}\n{c['text']}" for c in row["candidates"]])
+        got = [c["rationale_score"] for c in row["candidates"]]
+        assert got == pytest.approx((p @ q).tolist(), abs=1e-4)
     capsys.readouterr()
     assert main(job) == 0  # resumable: nothing left to do
     assert "0 written, 2 already done" in capsys.readouterr().out

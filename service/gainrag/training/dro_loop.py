@@ -193,7 +193,8 @@ def round_stats(draws: Sequence[EStep], ms: Sequence[int]) -> dict[str, dict[str
 
 def _optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
     # as the Trainer runner: no weight decay on biases and LayerNorm weights
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
@@ -236,7 +237,8 @@ def train_dro(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(init)
-    model = init_cross_encoder(init).to(device)
+    model: torch.nn.Module = init_cross_encoder(init)
+    model.to(device)
     optimizer = _optimizer(model, args)
     batches_per_round = args.epochs * math.ceil(len(questions) / args.groups_per_step)
     total_steps = cfg.rounds * math.ceil(batches_per_round / args.grad_accum)
@@ -257,22 +259,26 @@ def train_dro(
     ms = sorted({*log_ms, cfg.samples})
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     started = time.perf_counter()
-    common = dict(
-        draws=draws, max_length=args.max_length, device=device, show_progress=show_progress
-    )
-    for r in range(first, cfg.rounds):
-        t0 = time.perf_counter()
+
+    def sample(seed: int, desc: str) -> list[EStep]:
         with autocast:
-            estep = e_step(
+            return e_step(
                 model,
                 tok,
                 questions,
                 reader,
                 cfg,
-                seed=args.seed + 1000 * r,
-                desc=f"round {r + 1}/{cfg.rounds} E-step",
-                **common,  # type: ignore[arg-type]
+                draws=draws,
+                seed=seed,
+                max_length=args.max_length,
+                device=device,
+                show_progress=show_progress,
+                desc=desc,
             )
+
+    for r in range(first, cfg.rounds):
+        t0 = time.perf_counter()
+        estep = sample(args.seed + 1000 * r, f"round {r + 1}/{cfg.rounds} E-step")
         stats = round_stats(estep, ms)
         model.train()
         losses: list[float] = []
@@ -329,17 +335,7 @@ def train_dro(
         for old in work.glob("round-*.pt"):  # resume needs only the latest
             if old.name != f"round-{r}.pt":
                 old.unlink()
-    with autocast:
-        final = e_step(
-            model,
-            tok,
-            questions,
-            reader,
-            cfg,
-            seed=args.seed + 1000 * cfg.rounds,
-            desc="final E-step",
-            **common,  # type: ignore[arg-type]
-        )
+    final = sample(args.seed + 1000 * cfg.rounds, "final E-step")
     final_stats = round_stats(final, ms)
     print(_describe({"round": "final", **final_stats}, cfg.samples))
     meta = {

@@ -14,8 +14,9 @@ import argparse
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from tqdm import tqdm
 
 from gainrag.config import Settings
@@ -23,6 +24,20 @@ from gainrag.training.questions import question_args, training_questions
 from gainrag.training.radio import rationale_prompt, rationale_query
 from gainrag.training.registry import Job
 from gainrag.training.signals.gain_signals import finished_ids, locked, shard_arg
+from gainrag.types import Retrieved
+
+if TYPE_CHECKING:
+    from gainrag.retrieval.local import LocalRetriever
+
+
+def _passage_vectors(retriever: LocalRetriever, hits: list[Retrieved]) -> np.ndarray:
+    """The passages' embeddings: the index's own vectors (a flat index keeps them), else encoded
+    again with the retriever's encoder (the same vectors, at a cost)."""
+    index = retriever.index
+    rows = [index.position(h.passage.id) for h in hits]
+    if index.vectors is not None and all(r is not None for r in rows):
+        return np.asarray(index.vectors[rows], dtype=np.float32)
+    return retriever.encoder.encode([h.passage.as_candidate_text() for h in hits])
 
 
 async def _write(
@@ -41,7 +56,8 @@ async def _write(
     from gainrag.wiring import build_llm
 
     r = settings.retrieval
-    encoder = BiEncoder.from_settings(r)
+    # fp32 query vectors: the stored scores must not depend on the machine's dtype choice
+    encoder = BiEncoder.from_settings(r, dtype="float32")
     retriever = LocalRetriever.from_settings(r, encoder)
     gen = build_llm(settings)
     meta = {
@@ -73,8 +89,7 @@ async def _write(
                 for q, a, text, qv, hs in zip(
                     batch, answers, rationales, queries, hits, strict=True
                 ):
-                    pv = encoder.encode([h.passage.as_candidate_text() for h in hs])
-                    sims = pv @ qv  # unit vectors: the dot product is the cosine
+                    sims = _passage_vectors(retriever, hs) @ qv  # unit vectors: the cosine
                     row = {
                         "id": str(q["id"]),
                         "question": q["question"],
