@@ -225,7 +225,8 @@ def test_dro_end_to_end(
     qfile.write_text("".join(json.dumps(q) + "\n" for q in dev_questions[:2]))
     ckpt = tmp_path / "dro"
     monkeypatch.setenv("GAINRAG_LLM__MAX_PASSAGE_WORDS", "30")  # short prompts: a fast test
-    args = ["train", "dro", "--questions", str(qfile), "--k", "3", "--top-n", "2"]
+    # k = 2, top-2: the two orders of both passages (2 reader passes per question and E-step)
+    args = ["train", "dro", "--questions", str(qfile), "--k", "2", "--top-n", "2"]
     args += ["--samples", "4", "--rounds", "2", "--init", str(WARM), "--max-length", "64"]
     assert main([*args, "--out", str(ckpt)]) == 0
     out = capsys.readouterr().out
