@@ -35,8 +35,9 @@ def _passage_vectors(retriever: LocalRetriever, hits: list[Retrieved]) -> np.nda
     again with the retriever's encoder (the same vectors, at a cost)."""
     index = retriever.index
     rows = [index.position(h.passage.id) for h in hits]
-    if index.vectors is not None and all(r is not None for r in rows):
-        return np.asarray(index.vectors[rows], dtype=np.float32)
+    found = [r for r in rows if r is not None]
+    if index.vectors is not None and len(found) == len(rows):
+        return np.asarray(index.vectors[found], dtype=np.float32)
     return retriever.encoder.encode([h.passage.as_candidate_text() for h in hits])
 
 
