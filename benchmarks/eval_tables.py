@@ -16,7 +16,17 @@ from gainrag.evaluation.harness import PRESETS, format_table
 from gainrag.evaluation.qa_metrics import paired_em, record_acc
 
 RESULTS = Path(__file__).parent / "results"
-ORDER = ["closed-book", "retrieval", "rerank", "gainrag-no-pseudo", "gainrag"]
+ORDER = [
+    "closed-book",
+    "retrieval",
+    "rerank",
+    "gainrag-no-pseudo",
+    "gainrag",
+    "radio",
+    "radio-pseudo",
+    "dro",
+    "dro-pseudo",
+]
 # (preset, baseline) pairs worth a paired comparison: each selector against what it replaces.
 PAIRS = [
     ("rerank", "retrieval"),
@@ -24,6 +34,13 @@ PAIRS = [
     ("gainrag-no-pseudo", "rerank"),
     ("gainrag", "retrieval"),
     ("gainrag", "rerank"),
+    ("radio", "rerank"),
+    ("dro", "rerank"),
+    ("radio", "gainrag-no-pseudo"),
+    ("dro", "gainrag-no-pseudo"),
+    ("dro", "radio"),
+    ("radio-pseudo", "gainrag"),
+    ("dro-pseudo", "gainrag"),
 ]
 
 

@@ -49,6 +49,16 @@ def test_presets_switch_the_pipeline() -> None:
     assert gain.selector.checkpoint == REPO_ROOT / "models/selector/gainrag-minilm-l6"
     assert s.pipeline.pseudo_passage  # the original is untouched
     assert s.selector.checkpoint == gain.selector.checkpoint
+    # the RADIO and DRO presets pick their checkpoint by setting, with and without the pseudo
+    for name, ckpt in [("radio", "radio-minilm-l6"), ("dro", "dro-minilm-l6")]:
+        for preset, pseudo in [(name, False), (f"{name}-pseudo", True)]:
+            t = apply_preset(s, PRESETS[preset])
+            assert t.selector.kind == "cross-encoder" and t.pipeline.pseudo_passage is pseudo
+            assert t.selector.checkpoint == REPO_ROOT / "models/selector" / ckpt
+    moved = Settings(selector={"radio_checkpoint": "var/selectors/radio"})
+    assert apply_preset(moved, PRESETS["radio"]).selector.checkpoint == (
+        REPO_ROOT / "var/selectors/radio"
+    )
 
 
 @pytest.mark.parametrize("preset", ["closed-book", "gainrag"])

@@ -18,9 +18,9 @@ from gainrag.training.signals import jobs
 
 
 def test_registry_finds_every_recipe_and_job() -> None:
-    assert list(recipes()) == ["contrastive", "distill"]
-    assert list(jobs()) == ["gain-signals", "merge-signals", "selector-data"]
-    assert {r.loss for r in recipes().values()} == {"infonce", "kl"}
+    assert list(recipes()) == ["contrastive", "distill", "dro", "radio"]
+    assert list(jobs()) == ["gain-signals", "merge-signals", "rationales", "selector-data"]
+    assert {r.loss for r in recipes().values()} == {"infonce", "kl", "weighted-plackett-luce"}
 
 
 @pytest.mark.parametrize("argv", [["train"], ["train", "recipes"]])
@@ -29,7 +29,7 @@ def test_train_lists_the_recipes_one_line_each(
 ) -> None:
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines[1:]] == ["contrastive", "distill"]
+    assert [line.split()[0] for line in lines[1:]] == ["contrastive", "distill", "dro", "radio"]
 
 
 def test_defaults_come_from_the_recipe_dataclasses() -> None:

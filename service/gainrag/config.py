@@ -61,6 +61,16 @@ class SelectorSettings(BaseModel):
         description="The relevance warm-start cross-encoder: the 'rerank' eval baseline and the "
         "starting point of gain distillation.",
     )
+    radio_checkpoint: Path = Field(
+        Path("models/selector/radio-minilm-l6"),
+        description="The RADIO-trained cross-encoder (`gainrag train radio`): the 'radio' and "
+        "'radio-pseudo' eval presets.",
+    )
+    dro_checkpoint: Path = Field(
+        Path("models/selector/dro-minilm-l6"),
+        description="The DRO-trained cross-encoder (`gainrag train dro`): the 'dro' and "
+        "'dro-pseudo' eval presets.",
+    )
     max_length: int = Field(512, ge=16, le=2048, description="Max tokens of question + candidate.")
     batch_size: int = Field(
         0,
@@ -383,6 +393,8 @@ class Settings(BaseSettings):
         if self.selector.checkpoint is not None:
             self.selector.checkpoint = fix(self.selector.checkpoint)
         self.selector.rerank_checkpoint = fix(self.selector.rerank_checkpoint)
+        self.selector.radio_checkpoint = fix(self.selector.radio_checkpoint)
+        self.selector.dro_checkpoint = fix(self.selector.dro_checkpoint)
         if self.api.keys_file is not None:
             self.api.keys_file = fix(self.api.keys_file)
         return self

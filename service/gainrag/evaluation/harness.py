@@ -40,7 +40,9 @@ class Preset:
     retrieve: bool
     pseudo_passage: bool
     select: bool
-    rerank_selector: bool = False  # the relevance warm start instead of the configured selector
+    # a selector setting naming the checkpoint to use instead of the configured selector
+    # (``rerank_checkpoint``: the relevance warm start; ``radio_checkpoint``, ``dro_checkpoint``)
+    checkpoint_setting: str | None = None
 
 
 PRESETS = {
@@ -54,10 +56,42 @@ PRESETS = {
             True,
             False,
             True,
-            rerank_selector=True,
+            checkpoint_setting="rerank_checkpoint",
         ),
         Preset("gainrag", "configured selector over retrieved + pseudo-passage", True, True, True),
         Preset("gainrag-no-pseudo", "configured selector, no pseudo-passage", True, False, True),
+        Preset(
+            "radio",
+            "RADIO-trained cross-encoder over retrieved passages",
+            True,
+            False,
+            True,
+            checkpoint_setting="radio_checkpoint",
+        ),
+        Preset(
+            "radio-pseudo",
+            "RADIO-trained cross-encoder over retrieved + pseudo-passage",
+            True,
+            True,
+            True,
+            checkpoint_setting="radio_checkpoint",
+        ),
+        Preset(
+            "dro",
+            "DRO-trained cross-encoder over retrieved passages",
+            True,
+            False,
+            True,
+            checkpoint_setting="dro_checkpoint",
+        ),
+        Preset(
+            "dro-pseudo",
+            "DRO-trained cross-encoder over retrieved + pseudo-passage",
+            True,
+            True,
+            True,
+            checkpoint_setting="dro_checkpoint",
+        ),
     )
 }
 
@@ -72,10 +106,9 @@ def apply_preset(settings: Settings, preset: Preset) -> Settings:
         }
     )
     selector = settings.selector
-    if preset.rerank_selector:
-        selector = selector.model_copy(
-            update={"kind": "cross-encoder", "checkpoint": selector.rerank_checkpoint}
-        )
+    if preset.checkpoint_setting is not None:
+        checkpoint = getattr(selector, preset.checkpoint_setting)
+        selector = selector.model_copy(update={"kind": "cross-encoder", "checkpoint": checkpoint})
     return settings.model_copy(update={"pipeline": pipeline, "selector": selector})
 
 

@@ -283,12 +283,13 @@ def train_selector(
     show_progress: bool = True,
     stop_after_steps: int | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    extra_meta: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Fine-tune a cross-encoder on ``groups`` with ``recipe``'s loss; writes ``out``; resumable.
 
     ``stop_after_steps`` ends this run early (checkpoint saved) for time-boxed runs; returns None
     then, else the metadata written to ``out/gainrag_training.json``. ``callbacks`` are extra
-    ``TrainerCallback``s (e.g. to watch the loss).
+    ``TrainerCallback``s (e.g. to watch the loss); ``extra_meta`` is added to the metadata.
     """
     work = work_dir or out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
@@ -325,20 +326,22 @@ def train_selector(
         "groups": len(groups),
         "steps": trainer.state.global_step,
         "config": recipe.config(args),
+        **(extra_meta or {}),
         "seconds_this_run": round(time.perf_counter() - started, 1),
         "loss_first_50": sum(losses[:50]) / max(1, len(losses[:50])),
         "loss_last_50": sum(losses[-50:]) / max(1, len(losses[-50:])),
     }
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
-        _save_final(model, tok, out, meta, args.fp16_output)
+        save_final(model, tok, out, meta, args.fp16_output)
         shutil.rmtree(work, ignore_errors=True)
     return meta
 
 
-def _save_final(
+def save_final(
     model: torch.nn.Module, tok: Any, out: Path, meta: dict[str, Any], fp16: bool
 ) -> None:
+    """Write ``out`` atomically: the model (fp16 if asked), tokenizer, gainrag_training.json."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.eval()

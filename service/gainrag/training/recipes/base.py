@@ -102,7 +102,13 @@ class Recipe(Job):
         groups, note = self.load_groups(settings, inputs, targs)
         print(note)
         meta = train_selector(
-            self, init, groups, args.out, targs, stop_after_steps=args.stop_after_steps
+            self,
+            init,
+            groups,
+            args.out,
+            targs,
+            stop_after_steps=args.stop_after_steps,
+            extra_meta={"inputs": self.describe_inputs(inputs)},
         )
         if meta is None:
             print(f"stopped after {args.stop_after_steps} steps; rerun the same command to resume")
@@ -112,7 +118,19 @@ class Recipe(Job):
             f"{meta['loss_first_50']:.4f} -> {meta['loss_last_50']:.4f})"
         )
 
+    def describe_inputs(self, inputs: Any) -> dict[str, Any]:
+        """The recipe's inputs as recorded in ``gainrag_training.json`` (``inputs``)."""
+        return {k: _jsonable(v) for k, v in asdict(inputs).items()}
+
     def config(self, args: TrainArgs) -> dict[str, Any]:
         """The training settings as recorded in ``gainrag_training.json``."""
         values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()}
         return {"loss": self.loss, **values}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value

@@ -34,7 +34,7 @@ from gainrag.types import PSEUDO_ID, Passage
 
 
 @contextmanager
-def _locked(f: IO[str]) -> Iterator[None]:
+def locked(f: IO[str]) -> Iterator[None]:
     """An exclusive lock on an open output file, taken by every shard's reads and writes."""
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
@@ -52,7 +52,7 @@ def finished_ids(path: Path) -> set[str]:
     if not path.exists():
         return set()
     ids: set[str] = set()
-    with path.open("r+", encoding="utf-8") as f, _locked(f):
+    with path.open("r+", encoding="utf-8") as f, locked(f):
         good: list[str] = []
         torn = False
         for line in f.read().splitlines():
@@ -211,7 +211,7 @@ async def _synthesize(
                     t0 = time.perf_counter()
                     row = _label(q, hits, pseudo, scorer, alpha, with_pseudo=gen is not None)
                     row.update(meta, score_seconds=round(time.perf_counter() - t0, 2))
-                    with _locked(f):  # shards of other processes append here too
+                    with locked(f):  # shards of other processes append here too
                         f.write(json.dumps(row, ensure_ascii=False) + "\n")
                         f.flush()  # a crash loses at most the question being written
                     stats["written"] += 1
@@ -269,7 +269,7 @@ def _label(
     }
 
 
-def _shard(text: str) -> tuple[int, int]:
+def shard_arg(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
@@ -316,7 +316,7 @@ class GainSignals(Job):
         )
         parser.add_argument(
             "--shard",
-            type=_shard,
+            type=shard_arg,
             default=(0, 1),
             metavar="I/N",
             help="process every N-th question from the I-th (0-based), to spread over processes",

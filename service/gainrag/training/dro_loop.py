@@ -1,0 +1,366 @@
+"""The DRO loop: E-step (sample selections, weight them by the reader) and M-step, in rounds.
+
+DRO does not fit the group loop of ``trainer.py``: its targets (the samples and their weights)
+come from the selector being trained, so each round re-samples with the updated selector. This is
+the minimal extra loop; it shares the model loading (``init_cross_encoder``) and the final save
+(``save_final``, fp16 + ``gainrag_training.json``) with the Trainer runner. The math is in
+``training/dro.py``.
+
+Per round: E-step over all questions (selector in eval mode, no gradient), then one pass
+(``epochs``) of AdamW over the questions with the M-step loss, linear warmup and decay over all
+rounds, gradient clipping at 1.0. A round's end is a checkpoint (``<out>.work/round-N.pt``:
+weights, optimizer, schedule, log); a rerun resumes after the last finished round. After the last
+round one more E-step measures the final estimate of log p(answer | question).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+from gainrag.llm import prompts
+from gainrag.llm.scoring import PackedReplies, TeacherForcedScorer
+from gainrag.training.dro import (
+    log_evidence,
+    mstep_loss,
+    normalized_weights,
+    sample_prefixes,
+    weight_variance,
+)
+from gainrag.training.recipes.base import TrainArgs
+from gainrag.training.trainer import init_cross_encoder, save_final
+from gainrag.types import Passage
+
+log = logging.getLogger(__name__)
+
+LOG_MS = (1, 4, 8)  # sample counts whose estimate and weight variance every round logs
+
+
+@dataclass(frozen=True)
+class DroQuestion:
+    """A training question with its gold answers and its retrieved candidates (best first)."""
+
+    question: str
+    answers: list[str]
+    passages: list[Passage]
+
+
+@dataclass(frozen=True)
+class DroSettings:
+    """The E-step's settings."""
+
+    top_n: int = 1  # passages per selection (the serving top_n)
+    samples: int = 8  # m: selections per question that train the selector
+    temperature: float = 1.0  # of the Plackett-Luce policy over the selector's scores
+    rounds: int = 3  # E-step + M-step rounds
+
+
+class ReaderLikelihood:
+    """log p(answer | question, passages) from a teacher-forced reader, with the answer prompt.
+
+    The likelihood of a question's gold answers is the best over its answers (as the gain signal
+    takes the minimum perplexity over answers); all answers are packed after one prompt.
+    """
+
+    def __init__(self, scorer: TeacherForcedScorer, *, max_passage_words: int | None = 200) -> None:
+        self.scorer = scorer
+        self.max_passage_words = max_passage_words
+        self._golds: dict[tuple[str, ...], list[list[int]]] = {}
+
+    def _gold_ids(self, answers: Sequence[str]) -> list[list[int]]:
+        key = tuple(answers)
+        if key not in self._golds:
+            ids = [self.scorer.reply_ids(a.strip()) for a in dict.fromkeys(answers) if a.strip()]
+            if not any(ids):
+                raise ValueError(f"no non-empty gold answer in {list(answers)}")
+            self._golds[key] = [x for x in ids if x]
+        return self._golds[key]
+
+    def log_likelihoods(self, items: Sequence[tuple[DroQuestion, Sequence[int]]]) -> list[float]:
+        """One log-likelihood per (question, selection), the passages in selection order."""
+        seqs = []
+        for q, z in items:
+            message = prompts.answer_prompt(
+                q.question, [q.passages[i] for i in z], self.max_passage_words
+            )
+            seqs.append(PackedReplies(self.scorer.prompt_ids(message), self._gold_ids(q.answers)))
+        out = []
+        for seq, logits in zip(seqs, self.scorer.reply_logits(seqs), strict=True):
+            per_answer = [
+                float(
+                    torch.log_softmax(x.double(), dim=-1)
+                    .gather(1, torch.as_tensor(ids)[:, None])
+                    .sum()
+                )
+                for x, ids in zip(logits, seq.replies, strict=True)
+            ]
+            out.append(max(per_answer))
+        return out
+
+
+def selector_scores(
+    model: torch.nn.Module, tok: Any, q: DroQuestion, max_length: int, device: torch.device
+) -> torch.Tensor:
+    """The cross-encoder's (k,) scores of a question's candidates (gradient if enabled)."""
+    texts = [p.as_candidate_text() for p in q.passages]
+    enc = tok(
+        [q.question] * len(texts),
+        texts,
+        padding=True,
+        truncation="only_second",
+        max_length=max_length,
+        return_tensors="pt",
+    ).to(device)
+    return model(**enc).logits.view(-1)
+
+
+@dataclass
+class EStep:
+    """One question's draws: selections, their log-likelihoods."""
+
+    samples: list[list[int]]
+    log_likelihoods: list[float]
+
+
+def e_step(
+    model: torch.nn.Module,
+    tok: Any,
+    questions: Sequence[DroQuestion],
+    reader: ReaderLikelihood,
+    cfg: DroSettings,
+    *,
+    draws: int,
+    seed: int,
+    max_length: int,
+    device: torch.device,
+    chunk: int = 8,
+    show_progress: bool = True,
+    desc: str = "E-step",
+) -> list[EStep]:
+    """``draws`` selections per question from the current selector, scored by the reader.
+
+    Repeated selections of one question are scored once (with n = 1 and a peaked policy most
+    draws repeat). The draws of question i use generator seed (seed, i): reproducible on resume.
+    """
+    model.eval()
+    out: list[EStep] = []
+    with tqdm(total=len(questions), desc=desc, unit="q", disable=not show_progress) as bar:
+        for start in range(0, len(questions), chunk):
+            batch = questions[start : start + chunk]
+            drawn = []
+            for j, q in enumerate(batch):
+                with torch.no_grad():
+                    s = selector_scores(model, tok, q, max_length, device)
+                g = torch.Generator().manual_seed(seed * 1_000_003 + start + j)
+                drawn.append(sample_prefixes(s, cfg.top_n, draws, cfg.temperature, g))
+            unique = sorted({(j, tuple(z)) for j, zs in enumerate(drawn) for z in zs})
+            lls = reader.log_likelihoods([(batch[j], z) for j, z in unique])
+            by_key = dict(zip(unique, lls, strict=True))
+            for j, zs in enumerate(drawn):
+                out.append(EStep(zs, [by_key[(j, tuple(z))] for z in zs]))
+            bar.update(len(batch))
+    return out
+
+
+def round_stats(draws: Sequence[EStep], ms: Sequence[int]) -> dict[str, dict[str, float]]:
+    """Mean over questions, for each m: the estimate of log p(a|q) from the first m draws, the
+    variance of their normalised weights, and their effective sample size 1 / sum w^2."""
+    stats: dict[str, dict[str, float]] = {"log_evidence": {}, "weight_variance": {}, "ess": {}}
+    for m in ms:
+        ev, var, ess = [], [], []
+        for d in draws:
+            ll = d.log_likelihoods[:m]
+            w = normalized_weights(ll)
+            ev.append(log_evidence(ll))
+            var.append(weight_variance(w))
+            ess.append(float(1.0 / (w**2).sum()))
+        stats["log_evidence"][str(m)] = sum(ev) / len(ev)
+        stats["weight_variance"][str(m)] = sum(var) / len(var)
+        stats["ess"][str(m)] = sum(ess) / len(ess)
+    return stats
+
+
+def _optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
+    # as the Trainer runner: no weight decay on biases and LayerNorm weights
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+    )
+
+
+def _latest_round(work: Path) -> tuple[int, Path] | None:
+    found = [(int(p.stem.split("-")[1]), p) for p in work.glob("round-*.pt")]
+    return max(found) if found else None
+
+
+def train_dro(
+    init: Path,
+    questions: Sequence[DroQuestion],
+    reader: ReaderLikelihood,
+    out: Path,
+    args: TrainArgs,
+    cfg: DroSettings,
+    *,
+    work_dir: Path | None = None,
+    show_progress: bool = True,
+    log_ms: Sequence[int] = LOG_MS,
+    extra_meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run ``cfg.rounds`` DRO rounds from ``init``; writes ``out``; returns its metadata."""
+    if args.precision == "fp16" or args.deepspeed is not None:
+        raise ValueError("the DRO loop runs fp32 or bf16 autocast, without DeepSpeed")
+    if not questions:
+        raise ValueError("no training questions")
+    if cfg.temperature <= 0 or cfg.samples < 1 or cfg.top_n < 1 or cfg.rounds < 1:
+        raise ValueError(f"DRO needs temperature > 0 and samples, top_n, rounds >= 1: {cfg}")
+    work = work_dir or out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)
+    tok = AutoTokenizer.from_pretrained(init)
+    model: torch.nn.Module = init_cross_encoder(init)
+    model.to(device)
+    optimizer = _optimizer(model, args)
+    batches_per_round = args.epochs * math.ceil(len(questions) / args.groups_per_step)
+    total_steps = cfg.rounds * math.ceil(batches_per_round / args.grad_accum)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(args.warmup_ratio * total_steps), total_steps
+    )
+    history: list[dict[str, Any]] = []
+    first = 0
+    resume = _latest_round(work)
+    if resume is not None:
+        state = torch.load(resume[1], map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, first = state["history"], resume[0] + 1
+        log.info("resuming DRO after round %d from %s", resume[0], resume[1])
+    draws = max(cfg.samples, *log_ms)
+    ms = sorted({*log_ms, cfg.samples})
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    started = time.perf_counter()
+
+    def sample(seed: int, desc: str) -> list[EStep]:
+        with autocast:
+            return e_step(
+                model,
+                tok,
+                questions,
+                reader,
+                cfg,
+                draws=draws,
+                seed=seed,
+                max_length=args.max_length,
+                device=device,
+                show_progress=show_progress,
+                desc=desc,
+            )
+
+    for r in range(first, cfg.rounds):
+        t0 = time.perf_counter()
+        estep = sample(args.seed + 1000 * r, f"round {r + 1}/{cfg.rounds} E-step")
+        stats = round_stats(estep, ms)
+        model.train()
+        losses: list[float] = []
+        batch_no = 0
+        for epoch in range(args.epochs):
+            order = list(range(len(questions)))
+            random.Random(args.seed + 1000 * r + epoch).shuffle(order)
+            bar = tqdm(
+                range(0, len(order), args.groups_per_step),
+                desc=f"round {r + 1}/{cfg.rounds} M-step",
+                unit="step",
+                disable=not show_progress,
+            )
+            for start in bar:
+                idx = order[start : start + args.groups_per_step]
+                with autocast:
+                    batch_loss = torch.stack(
+                        [
+                            mstep_loss(
+                                selector_scores(model, tok, questions[i], args.max_length, device),
+                                estep[i].samples[: cfg.samples],
+                                normalized_weights(estep[i].log_likelihoods[: cfg.samples]),
+                                cfg.temperature,
+                            )
+                            for i in idx
+                        ]
+                    ).mean()
+                (batch_loss / args.grad_accum).backward()
+                losses.append(batch_loss.item())
+                batch_no += 1
+                if batch_no % args.grad_accum == 0 or batch_no == batches_per_round:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        record = {
+            "round": r + 1,
+            **stats,
+            "mstep_loss": sum(losses) / len(losses),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        history.append(record)
+        print(_describe(record, cfg.samples))
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "history": history,
+        }
+        tmp = work / f"round-{r}.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(work / f"round-{r}.pt")
+        for old in work.glob("round-*.pt"):  # resume needs only the latest
+            if old.name != f"round-{r}.pt":
+                old.unlink()
+    final = sample(args.seed + 1000 * cfg.rounds, "final E-step")
+    final_stats = round_stats(final, ms)
+    print(_describe({"round": "final", **final_stats}, cfg.samples))
+    meta = {
+        "init": str(init),
+        "recipe": "dro",
+        "questions": len(questions),
+        "steps": scheduler.state_dict().get("last_epoch", 0),
+        "dro": {
+            "top_n": cfg.top_n,
+            "samples": cfg.samples,
+            "temperature": cfg.temperature,
+            "rounds": cfg.rounds,
+        },
+        "rounds": history,
+        "final": final_stats,
+        **(extra_meta or {}),
+        "seconds_this_run": round(time.perf_counter() - started, 1),
+    }
+    save_final(model, tok, out, meta, args.fp16_output)
+    shutil.rmtree(work, ignore_errors=True)
+    return meta
+
+
+def _describe(record: dict[str, Any], m: int) -> str:
+    ev = ", ".join(f"m={k}: {v:.4f}" for k, v in record["log_evidence"].items())
+    var = ", ".join(f"m={k}: {v:.4g}" for k, v in record["weight_variance"].items())
+    loss = f", M-step loss {record['mstep_loss']:.4f}" if "mstep_loss" in record else ""
+    return f"dro round {record['round']}: log p(a|q) ~ {ev}; weight variance {var}{loss}"

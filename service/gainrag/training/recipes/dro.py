@@ -1,0 +1,155 @@
+"""``dro``: DRO's selector training, selections as a latent variable (E-step / M-step rounds).
+
+The cross-encoder's scores over a question's top-k retrieved passages define a Plackett-Luce
+policy; the E-step samples ``--samples`` top-``--top-n`` selections and weights them by the
+reader's likelihood of the gold answer (self-normalised importance weights); the M-step maximises
+the weighted log-probability of the samples. Math in ``training/dro.py``, loop in
+``training/dro_loop.py`` (DRO re-samples with the updated selector each round, which the group
+loop of ``trainer.py`` cannot do). The generator is not updated (no LoRA step).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gainrag.config import Settings
+from gainrag.errors import ConfigurationError
+from gainrag.training.recipes.base import Recipe, TrainArgs
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(kw_only=True)
+class DroInputs:
+    """Training questions, the policy and its sampling, and the warm start."""
+
+    questions: list[Path] = field(metadata={"help": "JSONL files with question and answers"})
+    limit: int | None = field(
+        default=None, metadata={"help": "questions per file (seeded random sample)"}
+    )
+    k: int = field(default=20, metadata={"help": "retrieved candidates per question"})
+    top_n: int = field(default=1, metadata={"help": "passages per sampled selection (top-n)"})
+    samples: int = field(default=8, metadata={"help": "m: selections sampled per question"})
+    temperature: float = field(
+        default=1.0, metadata={"help": "temperature of the Plackett-Luce policy"}
+    )
+    rounds: int = field(default=3, metadata={"help": "E-step + M-step rounds"})
+    init: Path | None = field(
+        default=None,
+        metadata={
+            "help": "relevance warm-start checkpoint (default: GAINRAG_SELECTOR__RERANK_CHECKPOINT)"
+        },
+    )
+
+
+@dataclass(kw_only=True)
+class DroArgs(TrainArgs):
+    """One M-step pass per round, a smaller step than distillation's (the targets move)."""
+
+    lr: float = 2e-5
+    epochs: int = 1
+
+
+class Dro(Recipe):
+    """Importance-weighted Plackett-Luce likelihood, re-sampled every round."""
+
+    name = "dro"
+    summary = "DRO: E-step samples selections weighted by the reader, M-step weighted PL, rounds"
+    loss = "weighted-plackett-luce"
+    train_args = DroArgs
+    inputs = DroInputs
+
+    def load_groups(
+        self, settings: Settings, inputs: DroInputs, args: TrainArgs
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Each question with its top-k retrieved passages: ``query``, ``answers``, ``passages``."""
+        from gainrag.retrieval.encoder import BiEncoder
+        from gainrag.retrieval.local import LocalRetriever
+        from gainrag.training.questions import training_questions
+
+        r = settings.retrieval
+        retriever = LocalRetriever.from_settings(r, BiEncoder.from_settings(r))
+        questions = training_questions(inputs.questions, inputs.limit, args.seed)
+        groups = []
+        for start in range(0, len(questions), 64):
+            chunk = questions[start : start + 64]
+            hits = retriever.search_many([q["question"] for q in chunk], inputs.k)
+            for q, hs in zip(chunk, hits, strict=True):
+                if len(hs) >= max(2, inputs.top_n):
+                    groups.append(
+                        {
+                            "query": q["question"],
+                            "answers": q["answers"],
+                            "passages": [h.passage for h in hs],
+                        }
+                    )
+        return groups, f"dro: {len(groups)} questions, top-{inputs.k} candidates each"
+
+    def resolve_init(self, settings: Settings, inputs: DroInputs) -> Path:
+        """``--init``, else the settings' relevance checkpoint; it must exist."""
+        init = inputs.init or settings.selector.rerank_checkpoint
+        if not (init / "config.json").is_file():
+            raise ConfigurationError(f"no warm-start checkpoint at {init} (--init)")
+        return init
+
+    def group_loss(self, scores: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
+        """The M-step loss for n = 1 selections: ``teacher`` holds each candidate's summed
+        importance weight, and -sum_s w_s log PL(z_s) = -sum_i teacher_i log softmax(scores)_i."""
+        if teacher is None:
+            raise ValueError("the DRO loss needs the importance weights (teacher)")
+        return -(teacher.float() * scores.float().log_softmax(dim=-1)).sum()
+
+    def run(self, settings: Settings, args: argparse.Namespace) -> None:
+        """Retrieve, load the reader, and run the DRO rounds (``training/dro_loop.py``)."""
+        from gainrag.llm.transformers_backend import TransformersGenerator
+        from gainrag.training.dro_loop import DroQuestion, DroSettings, ReaderLikelihood, train_dro
+        from gainrag.training.registry import from_args
+        from gainrag.weights import prepare_llm
+
+        if args.stop_after_steps is not None:
+            raise ConfigurationError("dro checkpoints after every round; no --stop-after-steps")
+        inputs: DroInputs = from_args(self.inputs, args)
+        targs = from_args(self.train_args, args)
+        init = self.resolve_init(settings, inputs)
+        groups, note = self.load_groups(settings, inputs, targs)
+        print(note)
+        llm = settings.llm
+        # The likelihoods need the reader's token-level scores: the in-process model of the
+        # settings (as gain-signals), whatever backend serves answers.
+        gen = TransformersGenerator(prepare_llm(llm.model, llm.models_dir), dtype=llm.dtype)
+        reader = ReaderLikelihood(
+            gen.teacher_forced_scorer(), max_passage_words=llm.max_passage_words
+        )
+        cfg = DroSettings(
+            top_n=inputs.top_n,
+            samples=inputs.samples,
+            temperature=inputs.temperature,
+            rounds=inputs.rounds,
+        )
+        questions = [DroQuestion(g["query"], g["answers"], g["passages"]) for g in groups]
+        meta = train_dro(
+            init,
+            questions,
+            reader,
+            args.out,
+            targs,
+            cfg,
+            extra_meta={
+                "config": self.config(targs),
+                "inputs": self.describe_inputs(inputs),
+                "reader": gen.version,
+            },
+        )
+        first, last = meta["rounds"][0], meta["final"]
+        m = str(inputs.samples)
+        print(
+            f"selector checkpoint -> {args.out} ({len(meta['rounds'])} rounds, log p(a|q) "
+            f"m={m}: {first['log_evidence'][m]:.4f} -> {last['log_evidence'][m]:.4f})"
+        )
+
+
+RECIPE = Dro()

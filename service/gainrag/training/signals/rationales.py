@@ -1,0 +1,204 @@
+"""``gainrag train rationales``: RADIO's signal, an LLM-written rationale for the gold answer.
+
+For each training question: retrieve the top-k passages, ask the configured generator (any
+``Generator``: in-process or an OpenAI-compatible server) why the gold answer is correct (RADIO's
+prompt, ``training/radio.py``), embed "question answer rationale" with the project's bi-encoder
+and store each passage's dot product with it (``rationale_score``) beside its retrieval score.
+The ``radio`` recipe mixes the two with its ``--alpha`` (so the ablation needs no new job).
+Output is JSONL appended as it goes; resumable and shardable like ``gain-signals``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm import tqdm
+
+from gainrag.config import Settings
+from gainrag.training.questions import question_args, training_questions
+from gainrag.training.radio import rationale_prompt, rationale_query
+from gainrag.training.registry import Job
+from gainrag.training.signals.gain_signals import finished_ids, locked, shard_arg
+from gainrag.types import Retrieved
+
+if TYPE_CHECKING:
+    from gainrag.retrieval.local import LocalRetriever
+
+
+def _passage_vectors(retriever: LocalRetriever, hits: list[Retrieved]) -> np.ndarray:
+    """The passages' embeddings: the index's own vectors (a flat index keeps them), else encoded
+    again with the retriever's encoder (the same vectors, at a cost)."""
+    index = retriever.index
+    rows = [index.position(h.passage.id) for h in hits]
+    found = [r for r in rows if r is not None]
+    if index.vectors is not None and len(found) == len(rows):
+        return np.asarray(index.vectors[found], dtype=np.float32)
+    return retriever.encoder.encode([h.passage.as_candidate_text() for h in hits])
+
+
+async def _write(
+    settings: Settings,
+    todo: list[dict[str, Any]],
+    out: Path,
+    *,
+    k: int,
+    max_new_tokens: int,
+    batch_questions: int,
+    bar: tqdm[Any],
+) -> int:
+    # Models load here, not at import: the CLI imports every job to build its parser.
+    from gainrag.retrieval.encoder import BiEncoder
+    from gainrag.retrieval.local import LocalRetriever
+    from gainrag.wiring import build_llm
+
+    r = settings.retrieval
+    # fp32 query vectors: the stored scores must not depend on the machine's dtype choice
+    encoder = BiEncoder.from_settings(r, dtype="float32")
+    retriever = LocalRetriever.from_settings(r, encoder)
+    gen = build_llm(settings)
+    meta = {
+        "k": k,
+        "generator": gen.version,
+        "encoder": encoder.version,
+        "index": retriever.version,
+    }
+    written = 0
+    try:
+        with out.open("a", encoding="utf-8") as f:
+            for start in range(0, len(todo), batch_questions):
+                batch = todo[start : start + batch_questions]
+                hits = retriever.search_many([q["question"] for q in batch], k)
+                answers = [q["answers"][0].strip() for q in batch]
+                # concurrent calls: the in-process backend batches them, a server serves them
+                rationales = await asyncio.gather(
+                    *(
+                        gen.chat(rationale_prompt(q["question"], a), max_new_tokens=max_new_tokens)
+                        for q, a in zip(batch, answers, strict=True)
+                    )
+                )
+                queries = encoder.encode(
+                    [
+                        rationale_query(q["question"], a, text.strip())
+                        for q, a, text in zip(batch, answers, rationales, strict=True)
+                    ]
+                )
+                for q, a, text, qv, hs in zip(
+                    batch, answers, rationales, queries, hits, strict=True
+                ):
+                    sims = _passage_vectors(retriever, hs) @ qv  # unit vectors: the cosine
+                    row = {
+                        "id": str(q["id"]),
+                        "question": q["question"],
+                        "answers": q["answers"],
+                        "answer": a,
+                        "rationale": text.strip(),
+                        "candidates": [
+                            {
+                                "id": h.passage.id,
+                                "title": h.passage.title,
+                                "text": h.passage.text,
+                                "retrieval_rank": h.rank,
+                                "retrieval_score": h.score,
+                                "rationale_score": float(s),
+                            }
+                            for h, s in zip(hs, sims, strict=True)
+                        ],
+                        **meta,
+                    }
+                    with locked(f):  # shards of other processes append here too
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        f.flush()
+                    written += 1
+                    bar.update(1)
+    finally:
+        await gen.close()
+        await retriever.close()
+    return written
+
+
+def synthesize(
+    settings: Settings,
+    questions: list[dict[str, Any]],
+    out: Path,
+    *,
+    k: int = 20,
+    max_new_tokens: int = 128,
+    batch_questions: int = 8,
+    show_progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+) -> dict[str, int]:
+    """Append a rationale row for every question of shard ``shard`` not yet in ``out``."""
+    i, n = shard
+    if not 0 <= i < n:
+        raise ValueError(f"shard index {i} is outside 0..{n - 1}")
+    questions = questions[i::n]
+    done = finished_ids(out)
+    todo = [q for q in questions if str(q["id"]) not in done]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tqdm(
+        total=len(questions),
+        initial=len(questions) - len(todo),
+        desc="rationales",
+        unit="q",
+        disable=not show_progress,
+    ) as bar:
+        written = asyncio.run(
+            _write(
+                settings,
+                todo,
+                out,
+                k=k,
+                max_new_tokens=max_new_tokens,
+                batch_questions=batch_questions,
+                bar=bar,
+            )
+        )
+    return {"questions": len(questions), "skipped": len(questions) - len(todo), "written": written}
+
+
+class Rationales(Job):
+    """``gainrag train rationales``."""
+
+    name = "rationales"
+    summary = "RADIO: rationales of the gold answers, rationale + retrieval scores (resumable)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        question_args(parser, "JSONL files with question and answers")
+        parser.add_argument("--output", type=Path, required=True, help="JSONL to append to")
+        parser.add_argument("--k", type=int, default=20, help="retrieved passages per question")
+        parser.add_argument(
+            "--max-new-tokens", type=int, default=128, help="rationale length budget"
+        )
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--batch-questions", type=int, default=8)
+        parser.add_argument(
+            "--shard",
+            type=shard_arg,
+            default=(0, 1),
+            metavar="I/N",
+            help="process every N-th question from the I-th (0-based), to spread over processes",
+        )
+
+    def run(self, settings: Settings, args: argparse.Namespace) -> None:
+        questions = training_questions(args.questions, args.limit, args.seed)
+        stats = synthesize(
+            settings,
+            questions,
+            args.output,
+            k=args.k,
+            max_new_tokens=args.max_new_tokens,
+            batch_questions=args.batch_questions,
+            shard=args.shard,
+        )
+        print(
+            f"rationales: {stats['written']} written, {stats['skipped']} already done "
+            f"-> {args.output}"
+        )
+
+
+JOB = Rationales()
