@@ -110,6 +110,7 @@ BENCH_RETRIEVAL_ARGS ?=
 bench: prepare $(BENCH_STAMP)
 	scripts/system-deps.sh bench
 	$(BIN)/python -m benchmarks.bench_answer
+	$(BIN)/python -m benchmarks.bench_stream
 	$(BIN)/python -m benchmarks.bench_gateway
 	$(BIN)/python -m benchmarks.bench_cache
 	$(BIN)/python -m benchmarks.bench_llm

@@ -26,7 +26,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -43,7 +43,7 @@ from gainrag.errors import (
     ValidationFailedError,
 )
 from gainrag.llm import prompts
-from gainrag.llm.interface import Generator, prompt_tokens
+from gainrag.llm.interface import Generator, prompt_tokens, stream_reply
 from gainrag.retrieval.interface import Retriever
 from gainrag.selector.interface import Selector
 from gainrag.textcheck import check_text, is_blank
@@ -69,6 +69,39 @@ class CheckedQuery:
 
     question: str  # NFC, stripped
     top_n: int
+
+
+@dataclass
+class Context:
+    """What the answer will be based on: the pipeline up to selection (timings so far)."""
+
+    question: str
+    selected: list[Scored]
+    candidates: list[Scored]  # ranked, best first
+    retrieved: list[Retrieved]
+    pseudo_passage: str | None
+    timings_ms: dict[str, float]
+    degraded: list[Degradation]
+    start: float  # perf_counter at the start of the request
+    cached: bool = False
+
+    def result(self, answer: str) -> AnswerResult:
+        """The complete result with ``answer``; stamps the total time."""
+        self.timings_ms["total"] = (time.perf_counter() - self.start) * 1000.0
+        return AnswerResult(
+            answer=answer,
+            selected=self.selected,
+            candidates=self.candidates,
+            retrieved=self.retrieved,
+            pseudo_passage=self.pseudo_passage,
+            timings_ms=self.timings_ms,
+            degraded=self.degraded,
+            cached=self.cached,
+        )
+
+
+StreamEvent = Context | str | AnswerResult
+"""What :meth:`Pipeline.answer_stream` yields: the context, answer deltas, the result."""
 
 
 @dataclass
@@ -270,35 +303,126 @@ class Pipeline:
         """
         o = self.options
         q = question if isinstance(question, CheckedQuery) else self.check(question, top_n)
-        question, top_n = q.question, q.top_n
-        start = time.perf_counter()
-        cache = self.c.cache
-        key = self._answer_key(question, top_n) if cache is not None else None
-        if cache is not None and key is not None and use_cache:
-            hit = await cache.get("answer", key)
-            if hit is not None:
-                try:
-                    result = AnswerResult.from_cache(hit)
-                except (KeyError, TypeError):
-                    log.warning("ignoring a cached answer of an unexpected shape")
-                else:
-                    result.timings_ms = dict.fromkeys(STAGES, 0.0)
-                    result.timings_ms["total"] = (time.perf_counter() - start) * 1000.0
-                    telemetry.ANSWERS.labels("cache").inc()
-                    return result
+        key, hit = await self._cached(q, use_cache)
+        if hit is not None:
+            return hit
         try:
             async with asyncio.timeout(o.timeout_s):
-                result = await self._answer(question, top_n, read_cache=use_cache)
+                result = await self._answer(q.question, q.top_n, read_cache=use_cache)
         except TimeoutError as exc:
-            raise UpstreamTimeoutError(
-                f"no answer within {o.timeout_s:g} s (GAINRAG_PIPELINE__TIMEOUT_S)"
-            ) from exc
+            raise self._timeout() from exc
+        await self._finish(result, key)
+        return result
+
+    async def answer_stream(
+        self, q: CheckedQuery, *, use_cache: bool = True
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """:meth:`answer` as events: the :class:`Context` (the citation, before any token), then
+        the answer's text deltas, then the :class:`AnswerResult` (the same as :meth:`answer`'s).
+
+        The deltas are the cleaned answer (:class:`prompts.AnswerCleaner`): they concatenate to
+        ``result.answer`` exactly, and generation stops once the answer's line is complete.
+        A cached answer is its context, the whole answer as one delta, and the result. Closing
+        the iterator (the client left) closes the generator's stream, which stops decoding.
+        The pipeline deadline covers each step, not the consumer's time between them.
+        """
+        o = self.options
+        start = time.perf_counter()
+        key, hit = await self._cached(q, use_cache, start)
+        if hit is not None:
+            yield Context(
+                question=q.question,
+                selected=hit.selected,
+                candidates=hit.candidates,
+                retrieved=hit.retrieved,
+                pseudo_passage=hit.pseudo_passage,
+                timings_ms=dict(hit.timings_ms),
+                degraded=hit.degraded,
+                start=start,
+                cached=True,
+            )
+            if hit.answer:
+                yield hit.answer
+            yield hit
+            return
+        deadline = asyncio.get_running_loop().time() + o.timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                ctx = await self._context(q.question, q.top_n, read_cache=use_cache)
+        except TimeoutError as exc:
+            raise self._timeout() from exc
+        yield ctx
+        cleaner = prompts.AnswerCleaner()
+        gen_start = time.perf_counter()
+        deltas = stream_reply(
+            self.c.generator,
+            self._answer_prompt(ctx),
+            max_new_tokens=self.settings.llm.max_new_tokens_answer,
+        )
+        try:
+            while not cleaner.complete:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        raw = await anext(deltas)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError as exc:
+                    raise self._timeout() from exc
+                except GainRAGError:
+                    raise
+                except Exception as exc:  # as _timed does for the non-streaming path
+                    log.exception("stage generate failed")
+                    raise UpstreamError(
+                        "the generate stage failed", code="generate_failed"
+                    ) from exc
+                if text := cleaner.feed(raw):
+                    yield text
+        finally:
+            await deltas.aclose()  # also when our consumer left: stops the decoding
+            elapsed = time.perf_counter() - gen_start
+            ctx.timings_ms["generate"] = elapsed * 1000.0
+            telemetry.STAGE_SECONDS.labels("generate").observe(elapsed)
+        if rest := cleaner.finish():
+            yield rest
+        result = ctx.result(cleaner.sent)
+        await self._finish(result, key)
+        yield result
+
+    def _timeout(self) -> UpstreamTimeoutError:
+        o = self.options
+        return UpstreamTimeoutError(
+            f"no answer within {o.timeout_s:g} s (GAINRAG_PIPELINE__TIMEOUT_S)"
+        )
+
+    async def _cached(
+        self, q: CheckedQuery, use_cache: bool, start: float | None = None
+    ) -> tuple[str | None, AnswerResult | None]:
+        """The answer's cache key and its cached result, if any (``cached`` set, zero timings)."""
+        start = time.perf_counter() if start is None else start
+        cache = self.c.cache
+        key = self._answer_key(q.question, q.top_n) if cache is not None else None
+        if cache is None or key is None or not use_cache:
+            return key, None
+        hit = await cache.get("answer", key)
+        if hit is None:
+            return key, None
+        try:
+            result = AnswerResult.from_cache(hit)
+        except (KeyError, TypeError):
+            log.warning("ignoring a cached answer of an unexpected shape")
+            return key, None
+        result.timings_ms = dict.fromkeys(STAGES, 0.0)
+        result.timings_ms["total"] = (time.perf_counter() - start) * 1000.0
+        telemetry.ANSWERS.labels("cache").inc()
+        return key, result
+
+    async def _finish(self, result: AnswerResult, key: str | None) -> None:
+        """Count a computed answer and cache it (never a degraded one)."""
         telemetry.ANSWERS.labels("pipeline").inc()
         if any(s.passage.pseudo for s in result.selected):
             telemetry.PSEUDO_SELECTED.inc()
-        if cache is not None and key is not None and not result.degraded:
-            await cache.set("answer", key, result.to_cache())
-        return result
+        if self.c.cache is not None and key is not None and not result.degraded:
+            await self.c.cache.set("answer", key, result.to_cache())
 
     def _degrade(self, degraded: list[Degradation], kind: str, message: str) -> None:
         log.warning("degraded answer (%s): %s", kind, message)
@@ -306,6 +430,23 @@ class Pipeline:
         degraded.append(Degradation(kind, message))
 
     async def _answer(self, question: str, top_n: int, *, read_cache: bool) -> AnswerResult:
+        ctx = await self._context(question, top_n, read_cache=read_cache)
+        answer = await self._timed(
+            "generate",
+            ctx.timings_ms,
+            self.c.generator.chat(
+                self._answer_prompt(ctx), max_new_tokens=self.settings.llm.max_new_tokens_answer
+            ),
+        )
+        return ctx.result(prompts.clean_answer(answer))
+
+    def _answer_prompt(self, ctx: Context) -> str:
+        return prompts.answer_prompt(
+            ctx.question, [s.passage for s in ctx.selected], self.settings.llm.max_passage_words
+        )
+
+    async def _context(self, question: str, top_n: int, *, read_cache: bool) -> Context:
+        """Everything before generation: (retrieve || pseudo-passage) -> select -> ``selected``."""
         o = self.options
         timings = dict.fromkeys(STAGES, 0.0)
         degraded: list[Degradation] = []
@@ -421,24 +562,13 @@ class Pipeline:
             # Stable sort: ties keep retrieval order, the pseudo-passage last.
             ranked = sorted(candidates, key=lambda s: -s.score)
         selected = ranked[:top_n]
-
-        answer = await self._timed(
-            "generate",
-            timings,
-            self.c.generator.chat(
-                prompts.answer_prompt(
-                    question, [s.passage for s in selected], self.settings.llm.max_passage_words
-                ),
-                max_new_tokens=self.settings.llm.max_new_tokens_answer,
-            ),
-        )
-        timings["total"] = (time.perf_counter() - start) * 1000.0
-        return AnswerResult(
-            answer=prompts.clean_answer(answer),
+        return Context(
+            question=question,
             selected=selected,
             candidates=ranked,
             retrieved=retrieved,
             pseudo_passage=pseudo_text.strip() if o.pseudo_passage else None,
             timings_ms=timings,
             degraded=degraded,
+            start=start,
         )

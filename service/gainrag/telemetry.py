@@ -68,6 +68,17 @@ UPSTREAM = Counter(
     "Calls to remote workers and the LLM server by upstream and outcome.",
     ["upstream", "outcome"],
 )
+LLM_TOKENS = Counter(
+    "gainrag_llm_generated_tokens_total",
+    "Tokens decoded by the in-process generator (one per live row per decoding step); it stops "
+    "moving when every caller of a batch went away.",
+)
+STREAMS = Counter(
+    "gainrag_streams_total",
+    "Streamed responses (/answer with SSE, /v1/chat/completions with stream) by outcome "
+    "(complete, error, disconnected).",
+    ["outcome"],
+)
 IN_FLIGHT = Gauge(
     "gainrag_in_flight", "Requests admitted and not yet answered, by route template.", ["route"]
 )

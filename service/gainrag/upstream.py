@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -78,19 +79,23 @@ class Upstream:
         """Where it is."""
         return str(self.client.base_url)
 
-    async def request(
-        self, method: str, path: str, payload: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        """Send one JSON request; return the JSON object of a 2xx response."""
+    def _headers(self) -> dict[str, str]:
         headers = {}
         rid = request_id_var.get()
         if rid and (not self.uuid_request_ids_only or _is_uuid(rid)):
             headers["x-request-id"] = rid  # one id across gateway and worker logs
+        return headers
+
+    async def _send(
+        self, method: str, path: str, payload: dict[str, Any] | None, *, stream: bool = False
+    ) -> httpx.Response:
+        """Send one request with the retry policy; map transport failures to domain errors."""
+        headers = self._headers()
         attempt, dropped = 0, False
         while True:
             try:
-                resp = await self.client.request(method, path, json=payload, headers=headers)
-                break
+                request = self.client.build_request(method, path, json=payload, headers=headers)
+                return await self.client.send(request, stream=stream)
             except httpx.ConnectError as exc:  # nothing reached the server: safe to retry
                 if attempt < self.connect_retries:
                     attempt += 1
@@ -110,23 +115,26 @@ class Upstream:
                     dropped = True
                     telemetry.UPSTREAM.labels(self.name, "dropped").inc()
                     continue
-                telemetry.UPSTREAM.labels(self.name, "error").inc()
-                raise UpstreamError(
-                    f"the {self.name} at {self.base_url} failed: {type(exc).__name__}",
-                    code=f"{self.name}_error",
-                ) from exc
-            except httpx.TimeoutException as exc:
-                telemetry.UPSTREAM.labels(self.name, "timeout").inc()
-                raise UpstreamTimeoutError(
-                    f"the {self.name} at {self.base_url} did not answer in time",
-                    code=f"{self.name}_timeout",
-                ) from exc
-            except httpx.HTTPError as exc:  # connection dropped mid-request, protocol errors
-                telemetry.UPSTREAM.labels(self.name, "error").inc()
-                raise UpstreamError(
-                    f"the {self.name} at {self.base_url} failed: {type(exc).__name__}",
-                    code=f"{self.name}_error",
-                ) from exc
+                raise self.transport_error(exc) from exc
+            except httpx.HTTPError as exc:  # timeouts, protocol errors
+                raise self.transport_error(exc) from exc
+
+    def transport_error(self, exc: httpx.HTTPError) -> UpstreamError | UpstreamTimeoutError:
+        """The domain error for a transport failure once the request was sent (also mid-body)."""
+        if isinstance(exc, httpx.TimeoutException):
+            telemetry.UPSTREAM.labels(self.name, "timeout").inc()
+            return UpstreamTimeoutError(
+                f"the {self.name} at {self.base_url} did not answer in time",
+                code=f"{self.name}_timeout",
+            )
+        telemetry.UPSTREAM.labels(self.name, "error").inc()
+        return UpstreamError(
+            f"the {self.name} at {self.base_url} failed: {type(exc).__name__}",
+            code=f"{self.name}_error",
+        )
+
+    def _check_status(self, resp: httpx.Response) -> None:
+        """Raise the domain error of a non-2xx response (its body must have been read)."""
         if resp.status_code == 429:
             telemetry.UPSTREAM.labels(self.name, "overloaded").inc()
             raise OverloadedError(f"the {self.name} is overloaded; retry shortly")
@@ -146,6 +154,13 @@ class Upstream:
                 f"the {self.name} answered HTTP {resp.status_code}: {detail}",
                 code=f"{self.name}_error",
             )
+
+    async def request(
+        self, method: str, path: str, payload: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Send one JSON request; return the JSON object of a 2xx response."""
+        resp = await self._send(method, path, payload)
+        self._check_status(resp)
         try:
             body = resp.json()
         except ValueError as exc:
@@ -160,6 +175,32 @@ class Upstream:
             )
         telemetry.UPSTREAM.labels(self.name, "ok").inc()
         return body
+
+    async def stream_lines(
+        self, method: str, path: str, payload: dict[str, Any] | None = None
+    ) -> AsyncGenerator[str, None]:
+        """Send one JSON request and yield the lines of a 2xx streamed body as they arrive.
+
+        Errors before the body are those of :meth:`request`; a transport failure mid-body is
+        :meth:`transport_error`'s. Closing the iterator closes the response, so the server
+        sees the client leave (llama.cpp and vLLM then stop decoding that request).
+        """
+        resp = await self._send(method, path, payload, stream=True)
+        try:
+            if resp.status_code >= 400:
+                try:
+                    await resp.aread()
+                except httpx.HTTPError as exc:
+                    raise self.transport_error(exc) from exc
+                self._check_status(resp)
+            try:
+                async for line in resp.aiter_lines():
+                    yield line
+            except httpx.HTTPError as exc:
+                raise self.transport_error(exc) from exc
+            telemetry.UPSTREAM.labels(self.name, "ok").inc()
+        finally:
+            await resp.aclose()
 
     async def close(self) -> None:
         """Close the connection pool."""

@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from gainrag.api.admission import Admission
 from gainrag.api.auth import Authenticator
 from gainrag.api.base_app import base_app
+from gainrag.api.openai_compat import router as openai_router
 from gainrag.api.openapi import declare_limits, hide_security
 from gainrag.api.routes import router
 from gainrag.api.state import AppState
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
     admission = Admission(settings.api.max_in_flight, app.state.drain, settings.redis)
     app.state.gainrag = AppState(settings=settings, admission=admission)
     app.include_router(router)
+    app.include_router(openai_router)
     # The configured bounds, stated in the schema (pydantic must not enforce them: the API's own
     # codes such as empty_question and top_n_out_of_range would become generic ones).
     declare_limits(

@@ -13,7 +13,8 @@ from gainrag.errors import ClientClosedError
 T = TypeVar("T")
 
 
-async def _wait_for_disconnect(request: Request) -> None:
+async def wait_for_disconnect(request: Request) -> None:
+    """Return once the client has gone away (read the body first)."""
     # After the body is read, the next ASGI message is http.disconnect: the client went away.
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -26,7 +27,7 @@ async def until_disconnect(request: Request, aw: Awaitable[T]) -> T:
     keep the models busy until their deadline.
     """
     work = asyncio.ensure_future(aw)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
     try:
         done, _ = await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
     finally:  # also when this handler itself is cancelled

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from gainrag.api.cancel import until_disconnect
 from gainrag.api.deps import CheckedQueryDep, PipelineDep, PrincipalDep, StateDep
@@ -16,8 +17,10 @@ from gainrag.api.schemas import (
     PassageOut,
     Timings,
 )
+from gainrag.api.streaming import SSE_HEADERS, AnswerStream, error_body, guarded, sse
 from gainrag.errors import UnavailableError
-from gainrag.types import Scored
+from gainrag.pipeline import Pipeline
+from gainrag.types import AnswerResult, Scored
 from gainrag.wire import ErrorResponse
 
 router = APIRouter()
@@ -27,7 +30,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _passage_out(s: Scored) -> PassageOut:
+def passage_out(s: Scored) -> PassageOut:
     p = s.passage
     return PassageOut(
         id=p.id,
@@ -40,8 +43,29 @@ def _passage_out(s: Scored) -> PassageOut:
     )
 
 
+_SSE_200: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {
+            "text/event-stream": {
+                "schema": {"type": "string"},
+                "description": "With stream=true or Accept: text/event-stream: events passages, "
+                "token*, then done (an AnswerResponse) or error (see docs/api.md).",
+            }
+        }
+    }
+}
+
+
+def wants_stream(request: Request, stream: bool) -> bool:
+    """``"stream": true`` in the body, or an ``Accept`` header that asks for events."""
+    return stream or "text/event-stream" in request.headers.get("accept", "").lower()
+
+
 @router.post(
-    "/answer", response_model=AnswerResponse, responses=_ERRORS, response_model_exclude_none=True
+    "/answer",
+    response_model=AnswerResponse,
+    responses={**_ERRORS, **_SSE_200},
+    response_model_exclude_none=True,
 )
 async def answer(
     body: AnswerRequest,
@@ -57,24 +81,27 @@ async def answer(
     ``Cache-Control: no-cache`` computes a fresh answer (and stores it) instead of reading the
     cache, for keys allowed to refresh (every caller when keys are off); ``cached`` and the
     ``X-Cache`` header say whether the answer came from it.
+
+    With ``"stream": true`` (or ``Accept: text/event-stream``) the answer streams as Server-Sent
+    Events: ``passages`` (the citation, before any token), ``token`` deltas, then ``done`` with
+    this same response object, or ``error``.
     """
     # Others' no-cache would be a cache-bypass lever on the expensive path: ignored, not refused.
     use_cache = not (_no_cache(cache_control) and principal.can_refresh)
+    if wants_stream(request, body.stream):
+        stream = await AnswerStream.open(
+            request, state, principal, "/answer", checked, use_cache=use_cache
+        )
+        return StreamingResponse(
+            guarded(_answer_events(stream, request, body, pipeline), _error_event),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, "x-cache": "HIT" if stream.context.cached else "MISS"},
+        )
     # The slot is taken here, after every dependency: FastAPI raises body-validation errors only
     # once all dependencies ran, so a slot taken in one would turn a burst of 422s into 429s.
     async with state.admission.slot(principal, "/answer"):
         result = await until_disconnect(request, pipeline.answer(checked, use_cache=use_cache))
-    out = AnswerResponse(
-        request_id=request.state.request_id,
-        answer=result.answer,
-        passages=[_passage_out(s) for s in result.selected],
-        candidates=[_passage_out(s) for s in result.candidates] if body.return_candidates else None,
-        pseudo_passage=result.pseudo_passage,
-        timings_ms=Timings(**result.timings_ms),
-        models=pipeline.models,
-        cached=result.cached,
-        degraded=[DegradationOut(kind=d.kind, message=d.message) for d in result.degraded],
-    )
+    out = answer_response(request, result, pipeline.models, body.return_candidates)
     # Serialised here, once, in pydantic's Rust core: returning the model would make FastAPI
     # validate it a second time against response_model (a measurable share of gateway CPU).
     return Response(
@@ -82,6 +109,53 @@ async def answer(
         media_type="application/json",
         headers={"x-cache": "HIT" if result.cached else "MISS"},
     )
+
+
+def answer_response(
+    request: Request, result: AnswerResult, models: dict[str, str], return_candidates: bool
+) -> AnswerResponse:
+    """The body of a successful ``/answer`` (also the data of the ``done`` event)."""
+    return AnswerResponse(
+        request_id=request.state.request_id,
+        answer=result.answer,
+        passages=[passage_out(s) for s in result.selected],
+        candidates=[passage_out(s) for s in result.candidates] if return_candidates else None,
+        pseudo_passage=result.pseudo_passage,
+        timings_ms=Timings(**result.timings_ms),
+        models=models,
+        cached=result.cached,
+        degraded=[DegradationOut(kind=d.kind, message=d.message) for d in result.degraded],
+    )
+
+
+async def _answer_events(
+    stream: AnswerStream, request: Request, body: AnswerRequest, pipeline: Pipeline
+) -> AsyncIterator[bytes]:
+    """``passages``, ``token``*, ``done`` (see docs/api.md)."""
+    ctx = stream.context
+    yield sse(
+        {
+            "request_id": request.state.request_id,
+            "selected": [passage_out(s).model_dump(exclude_none=True) for s in ctx.selected],
+            "candidates": [passage_out(s).model_dump(exclude_none=True) for s in ctx.candidates],
+            "pseudo_passage": ctx.pseudo_passage,
+            "timings_ms": {k: v for k, v in ctx.timings_ms.items() if k != "generate"},
+            "degraded": [{"kind": d.kind, "message": d.message} for d in ctx.degraded],
+            "models": pipeline.models,
+            "cached": ctx.cached,
+        },
+        "passages",
+    )
+    async for event in stream.rest():
+        if isinstance(event, str):
+            yield sse({"text": event}, "token")
+        elif isinstance(event, AnswerResult):
+            out = answer_response(request, event, pipeline.models, body.return_candidates)
+            yield sse(out.model_dump_json(exclude_none=True), "done")
+
+
+def _error_event(exc: BaseException) -> bytes:
+    return sse(error_body(exc), "error")
 
 
 def _no_cache(header: str | None) -> bool:

@@ -24,6 +24,11 @@ class AnswerRequest(BaseModel):
         "(default GAINRAG_PIPELINE__TOP_N).",
     )
     return_candidates: StrictBool = Field(False, description="Also return every scored candidate.")
+    stream: StrictBool = Field(
+        False,
+        description="Stream Server-Sent Events (passages, token, done, error; see docs/api.md) "
+        "instead of one JSON body; so does 'Accept: text/event-stream'.",
+    )
 
 
 class PassageOut(BaseModel):

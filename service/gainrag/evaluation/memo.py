@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from gainrag.llm.interface import Generator, prompt_tokens
+from gainrag.llm.interface import Generator, prompt_tokens, stream_reply
 
 
 def memo_key(version: str, message: str, max_new_tokens: int) -> str:
@@ -56,11 +57,29 @@ class MemoGenerator:
             self.hits += 1
             return self._memo[key]
         out = await self.inner.chat(message, max_new_tokens=max_new_tokens)
+        self._record(key, out)
+        return out
+
+    async def stream(self, message: str, *, max_new_tokens: int) -> AsyncIterator[str]:
+        """The memoised output as one delta, or the wrapped generator's deltas; a reply streamed
+        to its end is recorded like :meth:`chat`'s (one abandoned midway is not)."""
+        key = memo_key(self.version, message, max_new_tokens)
+        if key in self._memo:
+            self.hits += 1
+            if self._memo[key]:
+                yield self._memo[key]
+            return
+        parts = []
+        async for delta in stream_reply(self.inner, message, max_new_tokens=max_new_tokens):
+            parts.append(delta)
+            yield delta
+        self._record(key, "".join(parts))
+
+    def _record(self, key: str, out: str) -> None:
         self.misses += 1
         self._memo[key] = out
         line = json.dumps({"key": key, "generator": self.version, "output": out}) + "\n"
         os.write(self._fd, line.encode())
-        return out
 
     def prompt_tokens(self, message: str) -> int | None:
         """The wrapped generator's prompt length (the pipeline checks budgets with it)."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Protocol, runtime_checkable
 
 
 class Generator(Protocol):
@@ -18,6 +19,42 @@ class Generator(Protocol):
     async def close(self) -> None:
         """Release threads, models and connections."""
         ...
+
+
+@runtime_checkable
+class StreamingGenerator(Generator, Protocol):
+    """A generator that can also stream its reply (both shipped backends do).
+
+    ``stream`` yields text deltas whose concatenation is exactly what ``chat`` returns for the
+    same message and budget (greedy decoding, the same strip). Closing the iterator early (the
+    consumer went away) stops the decoding of that reply, not only its delivery.
+    """
+
+    def stream(self, message: str, *, max_new_tokens: int) -> AsyncIterator[str]:
+        """Reply to one user message as text deltas."""
+        ...
+
+
+async def stream_reply(
+    generator: Generator, message: str, *, max_new_tokens: int
+) -> AsyncGenerator[str, None]:
+    """The reply of any generator as deltas: its own ``stream`` when it has one, else the whole
+    ``chat`` reply as one delta (wrappers and stand-ins need not stream)."""
+    if isinstance(generator, StreamingGenerator):
+        agen = generator.stream(message, max_new_tokens=max_new_tokens)
+        try:
+            async for delta in agen:
+                yield delta
+        finally:
+            # Close the backend's iterator now (not at garbage collection): that is what stops
+            # the decoding when our consumer leaves.
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        return
+    text = await generator.chat(message, max_new_tokens=max_new_tokens)
+    if text:
+        yield text
 
 
 def prompt_tokens(generator: Generator, message: str) -> int | None:

@@ -12,9 +12,13 @@ connection set.
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
+from gainrag import telemetry
 from gainrag.config import LLMSettings
+from gainrag.errors import UpstreamError
 from gainrag.llm.prompts import neutralize_control_text
 from gainrag.upstream import Upstream, make_client, malformed
 
@@ -45,15 +49,18 @@ class OpenAIGenerator:
             settings.model_version or hashlib.sha256(settings.model.encode()).hexdigest()[:12]
         )
 
-    async def chat(self, message: str, *, max_new_tokens: int) -> str:
-        """Greedy reply to one user message."""
-        payload: dict[str, Any] = {
+    def _payload(self, message: str, max_new_tokens: int, stream: bool) -> dict[str, Any]:
+        return {
             "model": self.model,
             "messages": [{"role": "user", "content": neutralize_control_text(message)}],
             "max_tokens": max_new_tokens,
             "temperature": 0.0,
-            "stream": False,
+            "stream": stream,
         }
+
+    async def chat(self, message: str, *, max_new_tokens: int) -> str:
+        """Greedy reply to one user message."""
+        payload = self._payload(message, max_new_tokens, stream=False)
         body = await self.upstream.request("POST", "/chat/completions", payload)
         try:
             content = body["choices"][0]["message"]["content"]
@@ -65,6 +72,30 @@ class OpenAIGenerator:
             raise malformed("llm", "content is not a string")
         return content
 
+    async def stream(self, message: str, *, max_new_tokens: int) -> AsyncIterator[str]:
+        """Greedy reply as text deltas (``"stream": true``, server-sent ``data:`` lines).
+
+        The deltas are the server's, so they concatenate to what :meth:`chat` returns. Closing
+        this iterator closes the HTTP response: the server stops decoding for that request.
+        An ``error`` object in the stream (a failure after the first byte) is an UpstreamError.
+        """
+        payload = self._payload(message, max_new_tokens, stream=True)
+        lines = self.upstream.stream_lines("POST", "/chat/completions", payload)
+        try:
+            async for line in lines:
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, event names
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                delta = _delta(data)
+                if delta:
+                    yield delta
+            # The body ended without [DONE]: the server went away mid-reply.
+            raise malformed("llm", "the stream ended before [DONE]")
+        finally:
+            await lines.aclose()
+
     def prompt_tokens(self, message: str) -> int | None:
         """Unknown here (the server tokenises): None, so nothing is rejected on a guess."""
         return None
@@ -72,3 +103,30 @@ class OpenAIGenerator:
     async def close(self) -> None:
         """Close the connection pool."""
         await self.upstream.close()
+
+
+def _delta(data: str) -> str:
+    """The text of one ``chat.completion.chunk`` (empty for role-only and final chunks)."""
+    try:
+        chunk = json.loads(data)
+    except ValueError as exc:
+        raise malformed("llm", "a stream chunk is not JSON") from exc
+    if not isinstance(chunk, dict):
+        raise malformed("llm", "a stream chunk is not an object")
+    error = chunk.get("error")
+    if error is not None:
+        message = error.get("message") if isinstance(error, dict) else error
+        telemetry.UPSTREAM.labels("llm", "stream_error").inc()
+        raise UpstreamError(f"the llm failed mid-reply: {str(message)[:300]}", code="llm_error")
+    choices = chunk.get("choices")
+    if not choices:
+        return ""  # e.g. a usage-only chunk
+    try:
+        content = choices[0].get("delta", {}).get("content")
+    except (AttributeError, IndexError, TypeError) as exc:
+        raise malformed("llm", "no choices[0].delta") from exc
+    if content is None:
+        return ""
+    if not isinstance(content, str):
+        raise malformed("llm", "delta content is not a string")
+    return content

@@ -101,3 +101,45 @@ def clean_answer(text: str) -> str:
         if line.strip():
             return line.strip()
     return ""
+
+
+class AnswerCleaner:
+    """:func:`clean_answer` applied to a reply that arrives in pieces.
+
+    ``feed`` returns the new text of the cleaned answer (whitespace that may yet turn out to be
+    trailing is held back), and ``complete`` turns true once the first non-empty line has ended:
+    nothing after it can change the answer, so the caller may stop generating. The pieces
+    returned by ``feed`` and ``finish`` concatenate to exactly ``clean_answer(whole reply)``.
+    """
+
+    def __init__(self) -> None:
+        self.raw = ""
+        self.sent = ""
+        self.complete = False
+
+    def _visible(self) -> str:
+        text = self.raw.lstrip()
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
+            if line.strip():
+                # splitlines drops a final line break: a sentinel tells whether this line ended.
+                self.complete = i < len((text + "x").splitlines()) - 1
+                return line.strip()
+        return ""
+
+    def _new(self, visible: str) -> str:
+        if len(visible) <= len(self.sent) or not visible.startswith(self.sent):
+            return ""
+        delta, self.sent = visible[len(self.sent) :], visible
+        return delta
+
+    def feed(self, delta: str) -> str:
+        """Take a raw delta; return the answer's new text (possibly empty)."""
+        if self.complete:
+            return ""
+        self.raw += delta
+        return self._new(self._visible())
+
+    def finish(self) -> str:
+        """The rest of the answer once the reply ended."""
+        return self._new(clean_answer(self.raw))

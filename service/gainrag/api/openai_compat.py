@@ -1,0 +1,221 @@
+"""OpenAI-compatible routes: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+The last ``user`` message is the question (earlier turns and system messages are not used: the
+service answers one question from its corpus); the assistant message is the answer. Streaming
+follows OpenAI's ``chat.completion.chunk`` format and ends with ``data: [DONE]``. The selected
+passages travel in the extension field ``citations`` (the ``/answer`` passage objects) on the
+completion and on the first chunk. Errors use the project's shape, which is OpenAI's
+(``{"error": {"message", "type", "code"}}``); one after the first byte is a ``data:`` line with
+that object and no ``[DONE]``. Keys and admission apply as for ``/answer``. Any ``model`` name
+is accepted (front ends often send their own default); responses name ``gainrag``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+
+from gainrag.api.cancel import until_disconnect
+from gainrag.api.deps import PipelineDep, PrincipalDep, StateDep
+from gainrag.api.routes import passage_out
+from gainrag.api.streaming import SSE_HEADERS, AnswerStream, error_body, guarded, sse
+from gainrag.errors import ValidationFailedError
+from gainrag.llm import prompts
+from gainrag.llm.interface import prompt_tokens
+from gainrag.pipeline import Pipeline
+from gainrag.types import AnswerResult, Scored
+from gainrag.wire import ErrorResponse, JsonInt
+
+MODEL_ID = "gainrag"
+router = APIRouter(prefix="/v1", tags=["openai"])
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse}
+    for code in (400, 401, 403, 404, 413, 415, 422, 429, 502, 503, 504)
+}
+
+
+class TextPart(BaseModel):
+    """A text part of a message's content array."""
+
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    """One message; only ``user`` messages are read."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: StrictStr
+    content: StrictStr | list[TextPart] | None = None
+
+    def text(self) -> str:
+        """The content as one string (text parts joined)."""
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """Body of ``POST /v1/chat/completions``. Sampling parameters (``temperature``,
+    ``max_tokens``, ...) are accepted and ignored: decoding is greedy with the service's budget."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    # Any name is accepted (chat front ends send their own defaults); responses say 'gainrag'.
+    model: StrictStr = Field(
+        ...,
+        description=f"'{MODEL_ID}' (see GET /v1/models); any name is "
+        "accepted and answered by the one pipeline.",
+    )
+    messages: list[ChatMessage] = Field(..., description="The last user message is the question.")
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    top_n: JsonInt | None = Field(None, description="Extension: passages given to the generator.")
+
+
+class ModelCard(BaseModel):
+    """One entry of ``GET /v1/models``."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "gainrag"
+
+
+class ModelList(BaseModel):
+    """Body of ``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+@router.get("/models", response_model=ModelList, responses=_ERRORS)
+async def models(principal: PrincipalDep) -> ModelList:
+    """The one model served here: ``gainrag`` (the whole RAG pipeline)."""
+    return ModelList(data=[ModelCard(id=MODEL_ID)])
+
+
+def _question(body: ChatCompletionRequest) -> str:
+    for message in reversed(body.messages):
+        if message.role == "user":
+            return message.text()
+    raise ValidationFailedError("'messages' has no user message", code="no_user_message")
+
+
+def _citations(selected: list[Scored]) -> list[dict[str, Any]]:
+    return [passage_out(s).model_dump(exclude_none=True) for s in selected]
+
+
+def _usage(pipeline: Pipeline, question: str, result: AnswerResult) -> dict[str, int] | None:
+    """Token counts from the generator's tokenizer, when it has one locally (None otherwise):
+    the answer prompt, and the answer's text (the returned content, not the raw generation)."""
+    g = pipeline.c.generator
+    passages = [s.passage for s in result.selected]
+    prompt = prompt_tokens(
+        g, prompts.answer_prompt(question, passages, pipeline.settings.llm.max_passage_words)
+    )
+    with_answer, empty = prompt_tokens(g, result.answer), prompt_tokens(g, "")
+    if prompt is None or with_answer is None or empty is None:
+        return None
+    completion = with_answer - empty
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+@router.post("/chat/completions", responses=_ERRORS)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    principal: PrincipalDep,
+    state: StateDep,
+    pipeline: PipelineDep,
+) -> Response:
+    """An OpenAI chat completion whose answer comes from the GainRAG pipeline."""
+    question = _question(body)
+    checked = pipeline.check(question, body.top_n)  # 422s before the request takes a slot
+    completion_id = f"chatcmpl-{request.state.request_id}"
+    created = int(time.time())
+    head = {"id": completion_id, "created": created, "model": MODEL_ID}
+    if body.stream:
+        stream = await AnswerStream.open(
+            request, state, principal, "/v1/chat/completions", checked, use_cache=True
+        )
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        chunks = _chunks(stream, head, pipeline, checked.question, include_usage)
+        return StreamingResponse(
+            guarded(chunks, lambda exc: sse(error_body(exc))),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+    async with state.admission.slot(principal, "/v1/chat/completions"):
+        result = await until_disconnect(request, pipeline.answer(checked))
+    completion = {
+        **head,
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.answer},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": _usage(pipeline, checked.question, result),
+        "citations": _citations(result.selected),
+    }
+    return Response(
+        _json(completion), media_type="application/json", headers={"x-cache": _x(result)}
+    )
+
+
+def _x(result: AnswerResult) -> str:
+    return "HIT" if result.cached else "MISS"
+
+
+def _json(data: Any) -> bytes:
+    return json.dumps(data, ensure_ascii=False).encode()
+
+
+async def _chunks(
+    stream: AnswerStream,
+    head: dict[str, Any],
+    pipeline: Pipeline,
+    question: str,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    """The role (and ``citations``) first, content deltas, the finish reason, usage, [DONE]."""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return sse({**head, "object": "chat.completion.chunk", "choices": [choice], **extra})
+
+    yield chunk({"role": "assistant", "content": ""}, citations=_citations(stream.context.selected))
+    async for event in stream.rest():
+        if isinstance(event, str):
+            yield chunk({"content": event})
+        elif isinstance(event, AnswerResult):
+            yield chunk({}, "stop")
+            if include_usage:
+                usage = _usage(pipeline, question, event)
+                yield sse(
+                    {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+                )
+    yield sse("[DONE]")
