@@ -71,7 +71,7 @@ run: prepare
 
 # GAINRAG_REQUIRE_SERVICES=1: tests that need redis-server or the LLM server fail, never skip.
 test: install llm-venv
-	scripts/system-deps.sh
+	scripts/system-deps.sh test
 	GAINRAG_REQUIRE_SERVICES=1 $(BIN)/python -m pytest -q
 
 lint: install
