@@ -52,7 +52,7 @@ async def test_page_and_assets_are_served_with_a_strict_csp(client: httpx.AsyncC
     ]
     assert not re.search(r"\son[a-z]+\s*=", html) and " style=" not in html
     assert 'data-auth="none"' in html and "{{" not in html  # keys off: no key field
-    assert 'max="10"' in html  # pipeline.max_top_n
+    assert 'max="10"' in html and 'maxlength="1000"' in html  # from the settings
     for path, media in (
         ("/static/playground.js", "text/javascript; charset=utf-8"),
         ("/static/playground.css", "text/css; charset=utf-8"),
@@ -172,6 +172,20 @@ def _screenshot(driver: Any, path: Path) -> None:
     driver.save_screenshot(str(path))
 
 
+def _events(text: str) -> list[tuple[str, Any]]:
+    """(event, JSON data) of each server-sent event in ``text``."""
+    out = []
+    for block in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "data" in fields:
+            out.append((fields.get("event", "message"), json.loads(fields["data"])))
+    return out
+
+
+def _sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
 def test_playground_streams_an_answer_and_highlights_the_selected_passage(
     browser: Any, gateway: Service, key: tuple[Path, str], dev_questions: list[dict]
 ) -> None:
@@ -213,15 +227,18 @@ def test_playground_streams_an_answer_and_highlights_the_selected_passage(
     assert [s for s, _, _ in seen] == ["waiting", "streaming", "done"]
     assert seen[1][1] == "" and seen[1][2] > 0  # the candidates were shown, no answer yet
 
-    # The same question through the JSON API: greedy decoding, no cache in this gateway.
-    r = httpx.post(
+    # The same question, streamed to this test (greedy decoding, no cache in this gateway).
+    with httpx.stream(
+        "POST",
         gateway.url + "/answer",
-        json={"question": q["question"], "return_candidates": True},
+        json={"question": q["question"], "stream": True, "return_candidates": True},
         headers={"authorization": f"Bearer {key[1]}"},
         timeout=240,
-    )
-    assert r.status_code == 200, r.text
-    expected = r.json()
+    ) as r:
+        assert r.status_code == 200, r.read()
+        events = _events(r.read().decode())
+    assert [e for e, _ in events][0] == "passages" and events[-1][0] == "done"
+    expected = events[-1][1]
     answer = driver.find_element("id", "answer").text
     assert answer and answer == expected["answer"].strip()
 
@@ -282,3 +299,30 @@ def test_playground_streams_an_answer_and_highlights_the_selected_passage(
 
     _screenshot(driver, ARTIFACTS / "playground.png")
     assert (ARTIFACTS / "playground.png").stat().st_size > 10_000
+
+    # A degraded answer whose generation fails mid-stream, which this gateway cannot be made to
+    # do on demand: the real stream's passages event with a selector_down degradation added,
+    # one token, then an error event, replayed to the page through its fetch.
+    passages = dict(events[0][1])
+    passages["degraded"] = [{"kind": "selector_down", "message": "selector unreachable"}]
+    error = {"error": {"message": "the generate stage failed", "type": "upstream_error",
+                       "code": "generate_failed"}}  # fmt: skip
+    replay = _sse("passages", passages) + _sse("token", {"text": "Wil"}) + _sse("error", error)
+    driver.execute_script(
+        """
+        const body = arguments[0];
+        window.fetch = async () => new Response(body, {
+          status: 200, headers: {'content-type': 'text/event-stream'}});
+        """,
+        replay,
+    )
+    driver.find_element("id", "submit").click()
+    _wait(driver, lambda d: _state(d) == "error", 30)
+    assert driver.find_element("id", "error-message").text == "the generate stage failed"
+    assert "generate_failed" in driver.find_element("id", "error-code").text
+    assert driver.find_element("id", "answer").text == "Wil"
+    degraded = driver.find_element("id", "degraded")
+    assert degraded.is_displayed() and "selector_down selector unreachable" in degraded.text
+    rows = driver.find_elements("css selector", "#candidates tbody tr")
+    # Selector down: the scores are not the selector's, so that column shows none.
+    assert [row.find_elements("css selector", "td")[3].text for row in rows] == ["—"] * len(rows)

@@ -52,6 +52,7 @@ def page(settings: Settings) -> str:
     """The HTML with this server's settings filled in (whether a key is needed, top_n bounds)."""
     values = {
         "auth": "key" if settings.api.keys_file is not None else "none",
+        "max_question_chars": str(settings.api.max_question_chars),
         "top_n": str(settings.pipeline.top_n),
         "max_top_n": str(settings.pipeline.max_top_n),
     }

@@ -96,7 +96,10 @@
     return p.pseudo ? "pseudo-passage" : p.id + (p.title ? " · " + p.title : "");
   }
 
-  function renderSelected(selected) {
+  function renderSelected(selected, degraded) {
+    const scoreName = selectorDown(degraded)
+      ? "score (selector down: retrieval order) "
+      : "selector score ";
     const box = $("selected");
     if (!selected || selected.length === 0) {
       box.replaceChildren(el("p", { class: "muted", text: "No passage: answered closed-book." }));
@@ -112,7 +115,7 @@
           el("p", {
             class: "small muted",
             text:
-              "selector score " + fmt(p.score, 3) +
+              scoreName + fmt(p.score, 3) +
               (p.retrieval_rank != null ? " · retrieval rank " + (p.retrieval_rank + 1) : "") +
               (p.retrieval_score != null ? " · retrieval score " + fmt(p.retrieval_score, 3) : ""),
           }),
@@ -200,7 +203,7 @@
   }
 
   function renderContext(data) {
-    renderSelected(data.selected);
+    renderSelected(data.selected, data.degraded);
     renderCandidates(data.candidates, data.selected, data.degraded);
     renderTimings(data.timings_ms || {}, data.cached);
     renderDegraded(data.degraded);
@@ -219,7 +222,7 @@
   function renderDone(data, cacheHeader) {
     lastDone = data;
     $("answer").textContent = data.answer;
-    renderSelected(data.passages);
+    renderSelected(data.passages, data.degraded);
     if (data.candidates) renderCandidates(data.candidates, data.passages, data.degraded);
     renderTimings(data.timings_ms || {}, data.cached);
     renderDegraded(data.degraded);
