@@ -172,7 +172,15 @@ def test_a_disconnect_stops_decoding_and_frees_the_slot(
     while metric(gateway, "gainrag_streams_total", left) == before:
         assert time.monotonic() < deadline, "the disconnect was not noticed"
         time.sleep(0.1)
-    stopped = metric(gateway, tokens)
+    # The decoding step in progress when the stream closed may still finish; then it stops.
+    stopped, deadline = metric(gateway, tokens), time.monotonic() + 30
+    while True:
+        time.sleep(1.0)
+        now = metric(gateway, tokens)
+        if now == stopped:
+            break
+        assert time.monotonic() < deadline, "decoding did not stop"
+        stopped = now
     time.sleep(1.5)
     assert metric(gateway, tokens) == stopped  # nothing decodes any more
     # The pseudo-passage (8) plus a few answer tokens, of a 48-token answer budget.

@@ -165,9 +165,11 @@ async def test_openai_stream_error_mid_reply_is_a_domain_error(
     with llama_service(tmp_path) as server:
         llm = OpenAIGenerator(LLMSettings(base_url=server.url + "/v1", model="smollm2-135m"))
         try:
-            agen = llm.stream(COUNTING, max_new_tokens=300)
+            # Counting to 300 is ~1200 tokens: seconds of decoding, not all sent yet.
+            agen = llm.stream(COUNTING, max_new_tokens=2000)
             assert await anext(agen)
-            server.stop()  # the server dies mid-reply
+            assert server.proc is not None
+            server.proc.kill()  # the server dies mid-reply (no graceful end of the response)
             with pytest.raises(UpstreamError):
                 async for _ in agen:
                     pass

@@ -140,7 +140,25 @@ def _usage(pipeline: Pipeline, question: str, result: AnswerResult) -> dict[str,
     }
 
 
-@router.post("/chat/completions", responses=_ERRORS)
+_CHAT_200: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "A chat.completion, or with stream=true chat.completion.chunk events "
+        "ending with data: [DONE] (see docs/api.md).",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"data": {"type": "string"}},
+                    "required": ["data"],
+                }
+            },
+        },
+    }
+}
+
+
+@router.post("/chat/completions", responses={**_ERRORS, **_CHAT_200})
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,

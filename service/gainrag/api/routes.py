@@ -47,7 +47,15 @@ _SSE_200: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {
             "text/event-stream": {
-                "schema": {"type": "string"},
+                # One server-sent event (schemathesis validates each event against it).
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "event": {"enum": ["passages", "token", "done", "error"]},
+                        "data": {"type": "string", "description": "JSON"},
+                    },
+                    "required": ["event", "data"],
+                },
                 "description": "With stream=true or Accept: text/event-stream: events passages, "
                 "token*, then done (an AnswerResponse) or error (see docs/api.md).",
             }
@@ -139,7 +147,8 @@ async def _answer_events(
             "selected": [passage_out(s).model_dump(exclude_none=True) for s in ctx.selected],
             "candidates": [passage_out(s).model_dump(exclude_none=True) for s in ctx.candidates],
             "pseudo_passage": ctx.pseudo_passage,
-            "timings_ms": {k: v for k, v in ctx.timings_ms.items() if k != "generate"},
+            # The stages so far (zeros for a cached answer); done has generate and total.
+            "timings_ms": {k: ctx.timings_ms.get(k, 0.0) for k in ("retrieve", "pseudo", "select")},
             "degraded": [{"kind": d.kind, "message": d.message} for d in ctx.degraded],
             "models": pipeline.models,
             "cached": ctx.cached,
