@@ -237,7 +237,7 @@ def test_playground_streams_an_answer_and_highlights_the_selected_passage(
     ) as r:
         assert r.status_code == 200, r.read()
         events = _events(r.read().decode())
-    assert [e for e, _ in events][0] == "passages" and events[-1][0] == "done"
+    assert events[0][0] == "passages" and events[-1][0] == "done"
     expected = events[-1][1]
     answer = driver.find_element("id", "answer").text
     assert answer and answer == expected["answer"].strip()
