@@ -118,7 +118,7 @@ def browser() -> Iterator[Any]:
     would try to download a driver)."""
     chromium, driver_exe = shutil.which("chromium"), shutil.which("chromedriver")
     if chromium is None or driver_exe is None:
-        missing("chromium", "apt-get install chromium chromium-driver; scripts/system-deps.sh")
+        missing("chromium", "apt-get install chromium chromium-driver; scripts/system-deps.sh test")
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service as DriverService
