@@ -78,9 +78,9 @@ serve:
 run: prepare
 	$(BIN)/gainrag serve
 
-# GAINRAG_REQUIRE_SERVICES=1: tests that need redis-server or the LLM server fail, never skip.
+# GAINRAG_REQUIRE_SERVICES=1: tests that need redis-server, the LLM server or chromium fail, never skip.
 test: install llm-venv llm-engine
-	scripts/system-deps.sh
+	scripts/system-deps.sh test
 	GAINRAG_REQUIRE_SERVICES=1 $(BIN)/python -m pytest -q
 
 lint: install

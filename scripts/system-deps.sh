@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Debian packages the project runs with. Installs only what is missing; needs root (CI and the dev
 # VMs run as root).
-#   scripts/system-deps.sh          what the tests use: docker-compose (validates the compose
-#                                   file), redis-server (cache and integration tests)
+#   scripts/system-deps.sh          docker-compose (validates the compose file), redis-server
+#                                   (cache and integration tests)
+#   scripts/system-deps.sh test     also chromium + chromium-driver (the playground's browser
+#                                   test, headless, driven by Selenium; `make test`)
 #   scripts/system-deps.sh bench    also wrk (the gateway-overhead benchmark's load generator)
 set -euo pipefail
 need=()
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+if [ "${1:-}" = test ]; then
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+fi
 if [ "${1:-}" = bench ]; then
   command -v wrk >/dev/null 2>&1 || need+=(wrk)
 fi

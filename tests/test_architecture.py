@@ -50,6 +50,7 @@ GATEWAY = {
     "gainrag.api.admission",
     "gainrag.api.app",
     "gainrag.api.deps",
+    "gainrag.api.playground",
     "gainrag.api.routes",
     "gainrag.api.schemas",
     "gainrag.api.state",

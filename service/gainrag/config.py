@@ -268,6 +268,11 @@ class ApiSettings(BaseModel):
         description="/docs, /redoc and /openapi.json: 'public', 'key' (any valid API key) "
         "or 'off'.",
     )
+    playground: bool = Field(
+        True,
+        description="Serve the browser playground (a static page that calls the API with the "
+        "caller's key) at GET /; off = 404.",
+    )
 
 
 class HttpSettings(BaseModel):

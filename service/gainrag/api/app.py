@@ -15,6 +15,7 @@ from gainrag.api.auth import Authenticator
 from gainrag.api.base_app import base_app
 from gainrag.api.openai_compat import router as openai_router
 from gainrag.api.openapi import declare_limits, hide_security
+from gainrag.api.playground import install_playground
 from gainrag.api.routes import router
 from gainrag.api.state import AppState
 from gainrag.config import Settings
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
     app.state.gainrag = AppState(settings=settings, admission=admission)
     app.include_router(router)
     app.include_router(openai_router)
+    install_playground(app, settings)
     # The configured bounds, stated in the schema (pydantic must not enforce them: the API's own
     # codes such as empty_question and top_n_out_of_range would become generic ones).
     declare_limits(
