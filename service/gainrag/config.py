@@ -119,9 +119,10 @@ class LLMSettings(BaseModel):
         "when the engine is built and the model is a GGUF, else transformers.",
     )
     model: str = Field(
-        "smollm2-135m",
-        description="Bundled: 'smollm2-135m', 'qwen2.5-coder-0.5b', 'qwen2.5-coder-1.5b' (GGUFs); "
-        "or a local HF directory (transformers) or .gguf file (llamacpp). OpenAI backend: the "
+        "qwen2.5-coder-1.5b",
+        description="Bundled: 'qwen2.5-coder-1.5b' (the default: the best reader measured, "
+        "docs/evaluation.md), 'qwen2.5-coder-0.5b', 'smollm2-135m' (the fast plumbing model), all "
+        "GGUFs; or a local HF directory (transformers) or .gguf file (llamacpp). OpenAI backend: the "
         "served model name.",
     )
     base_url: str | None = Field(
