@@ -20,6 +20,8 @@ def env(
 ) -> None:
     monkeypatch.setenv("GAINRAG_RETRIEVAL__INDEX_DIR", str(index_dir))
     monkeypatch.setenv("GAINRAG_LLM__MAX_NEW_TOKENS_PSEUDO", "24")
+    # The in-process reader (auto would pick the managed llama.cpp engine where it is built).
+    monkeypatch.setenv("GAINRAG_LLM__BACKEND", "transformers")
 
 
 def test_gain_signals_then_selector_data(
