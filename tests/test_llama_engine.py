@@ -25,6 +25,8 @@ from asgi_lifespan import LifespanManager
 
 from gainrag.api import create_app
 from gainrag.config import Settings
+from gainrag.errors import OverloadedError
+from gainrag.llm.interface import stream_reply
 from gainrag.llm.llamacpp_engine import LlamaCppGenerator, engine_key
 from gainrag.pipeline import Components, Pipeline
 from gainrag.weights import BUNDLED_LLMS
@@ -141,6 +143,44 @@ async def test_concurrent_prompts_share_the_parallel_slots(
     )
     assert n_decode > 0
     assert busy / n_decode > 1.5, (busy, n_decode)
+
+
+async def test_the_engine_streams_what_chat_returns(engine: tuple[Settings, Components]) -> None:
+    gen = generator(engine[1])
+    message = "Name three colours of the rainbow."
+    whole = await gen.chat(message, max_new_tokens=24)
+    deltas = [d async for d in stream_reply(gen, message, max_new_tokens=24)]
+    assert len(deltas) > 1  # token by token, not the whole reply at once
+    assert "".join(deltas) == whole
+
+
+async def test_prompts_wait_for_a_slot_in_a_bounded_queue(
+    engine: tuple[Settings, Components],
+) -> None:
+    gen = generator(engine[1])
+    parallel, queue = gen.server.parallel, gen._max_queue
+    started = asyncio.Event()
+
+    async def hold() -> None:
+        async with gen._slot():
+            started.set()
+            await asyncio.sleep(3600)
+
+    # Every slot taken and the queue full: the next prompt is refused with 429, not queued.
+    held = [asyncio.create_task(hold()) for _ in range(parallel + queue)]
+    try:
+        await started.wait()
+        while gen._waiting < queue:
+            await asyncio.sleep(0.01)
+        with pytest.raises(OverloadedError) as info:
+            await gen.chat("hello", max_new_tokens=4)
+        assert info.value.status_code == 429 and info.value.code == "llm_queue_full"
+    finally:
+        for t in held:
+            t.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+    assert gen._waiting == 0
+    assert (await gen.chat("Say yes.", max_new_tokens=4)).strip()  # every slot came back
 
 
 def _metrics(text: str) -> dict[str, float]:

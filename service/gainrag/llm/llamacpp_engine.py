@@ -12,6 +12,7 @@ tests/test_llama_engine.py), so over-long prompts are still rejected before admi
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import hashlib
 import logging
@@ -21,14 +22,16 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from gainrag.config import LLMSettings
-from gainrag.errors import ConfigurationError, GainRAGError, UnavailableError
+from gainrag.errors import ConfigurationError, GainRAGError, OverloadedError, UnavailableError
 from gainrag.llm.openai_backend import OpenAIGenerator
 from gainrag.llm.prompts import neutralize_control_text
 from gainrag.util import file_sha256
@@ -227,6 +230,41 @@ class LlamaCppGenerator:
             version=version,
         )
         self.name, self.version = self.client.name, self.client.version
+        # One request per server slot at a time: the rest wait here, in a bounded queue (429 when
+        # full), not in llama-server's own queue, where waiting would count against the LLM
+        # call's timeout (GAINRAG_LLM__TIMEOUT_S) and end as a 504 under load.
+        self._slots = asyncio.Semaphore(settings.engine_parallel)
+        self._waiting = 0
+        self._max_queue = settings.max_queue
+
+    @asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """Hold one of the server's slots (503 once the engine has died)."""
+        reason = self.failure()
+        if reason is not None:
+            raise UnavailableError(reason, code="llm_down")
+        if self._slots.locked() and self._waiting >= self._max_queue:
+            raise OverloadedError(
+                f"the LLM queue is full ({self._max_queue} prompts waiting for one of "
+                f"{self.server.parallel} engine slots; GAINRAG_LLM__MAX_QUEUE)",
+                code="llm_queue_full",
+            )
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        except GainRAGError as exc:
+            # Killed mid-request: the client sees a dropped connection (502) or a refused one;
+            # the cause is a dead engine: 503 with that reason, like any unreachable backend.
+            reason = self.failure()
+            if reason is not None:
+                raise UnavailableError(reason, code="llm_down") from exc
+            raise
+        finally:
+            self._slots.release()
 
     @classmethod
     def start(
@@ -275,18 +313,20 @@ class LlamaCppGenerator:
 
     async def chat(self, message: str, *, max_new_tokens: int) -> str:
         """Greedy reply to one user message (503 ``llm_down`` once the engine has died)."""
-        reason = self.failure()
-        if reason is not None:
-            raise UnavailableError(reason, code="llm_down")
-        try:
+        async with self._slot():
             return await self.client.chat(message, max_new_tokens=max_new_tokens)
-        except GainRAGError as exc:
-            # Killed mid-request: the client sees a dropped connection (502) or a refused one;
-            # the cause is a dead engine: 503 with that reason, like any unreachable backend.
-            reason = self.failure()
-            if reason is not None:
-                raise UnavailableError(reason, code="llm_down") from exc
-            raise
+
+    async def stream(self, message: str, *, max_new_tokens: int) -> AsyncIterator[str]:
+        """Greedy reply as text deltas; closing the iterator stops the slot's decoding."""
+        async with self._slot():
+            agen = self.client.stream(message, max_new_tokens=max_new_tokens)
+            try:
+                async for delta in agen:
+                    yield delta
+            finally:
+                aclose = getattr(agen, "aclose", None)  # closes the HTTP response now
+                if aclose is not None:
+                    await aclose()
 
     def prompt_tokens(self, message: str) -> int:
         """Exact length of the chat-templated prompt the server will decode."""
