@@ -122,8 +122,8 @@ class LLMSettings(BaseModel):
         "qwen2.5-coder-1.5b",
         description="Bundled: 'qwen2.5-coder-1.5b' (the default: the best reader measured, "
         "docs/evaluation.md), 'qwen2.5-coder-0.5b', 'smollm2-135m' (the fast plumbing model), all "
-        "GGUFs; or a local HF directory (transformers) or .gguf file (llamacpp). OpenAI backend: the "
-        "served model name.",
+        "GGUFs; or a local HF directory (transformers) or .gguf file (llamacpp). OpenAI backend: "
+        "the served model name.",
     )
     base_url: str | None = Field(
         None, description="OpenAI-compatible API root, e.g. http://llm:8080/v1 (vLLM, llama.cpp)."
