@@ -4,7 +4,12 @@ FROM python:3.11-slim
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-    GAINRAG_HOST=0.0.0.0 GAINRAG_PORT=8000 GAINRAG_HOME=/app
+    GAINRAG_HOST=0.0.0.0 GAINRAG_PORT=8000 GAINRAG_HOME=/app \
+    GAINRAG_LLM__MODEL=smollm2-135m
+# The image ships the small SmolLM2 GGUF and runs it in-process (no llama-server is built here);
+# `make run`'s default reader, Qwen2.5-Coder-1.5B in the managed llama.cpp engine, is the
+# non-container path. Point GAINRAG_LLM__BASE_URL at the `cpu` profile's llama.cpp server or at
+# vLLM for a bigger reader.
 WORKDIR /app
 
 RUN apt-get update && apt-get install -y --no-install-recommends make curl \

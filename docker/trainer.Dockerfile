@@ -5,7 +5,8 @@ FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-    GAINRAG_HOME=/app GAINRAG_LLM__MODELS_DIR=/app/var/models
+    GAINRAG_HOME=/app GAINRAG_LLM__MODELS_DIR=/app/var/models \
+    GAINRAG_LLM__MODEL=smollm2-135m
 WORKDIR /app
 
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
