@@ -279,6 +279,17 @@ def shard_arg(text: str) -> tuple[int, int]:
     return i, n
 
 
+def add_shard_argument(parser: argparse.ArgumentParser) -> None:
+    """``--shard I/N``: the resumable jobs split their questions over processes the same way."""
+    parser.add_argument(
+        "--shard",
+        type=shard_arg,
+        default=(0, 1),
+        metavar="I/N",
+        help="process every N-th question from the I-th (0-based), to spread over processes",
+    )
+
+
 class GainSignals(Job):
     """``gainrag train gain-signals``."""
 
@@ -314,13 +325,7 @@ class GainSignals(Job):
             type=Path,
             help="JSONL memo of greedy generations (pseudo-passages), shared with eval runs",
         )
-        parser.add_argument(
-            "--shard",
-            type=shard_arg,
-            default=(0, 1),
-            metavar="I/N",
-            help="process every N-th question from the I-th (0-based), to spread over processes",
-        )
+        add_shard_argument(parser)
 
     def run(self, settings: Settings, args: argparse.Namespace) -> None:
         questions = training_questions(args.questions, args.limit, args.seed)

@@ -23,7 +23,7 @@ from gainrag.config import Settings
 from gainrag.training.questions import question_args, training_questions
 from gainrag.training.radio import rationale_prompt, rationale_query
 from gainrag.training.registry import Job
-from gainrag.training.signals.gain_signals import finished_ids, locked, shard_arg
+from gainrag.training.signals.gain_signals import add_shard_argument, finished_ids, locked
 from gainrag.types import Retrieved
 
 if TYPE_CHECKING:
@@ -176,13 +176,7 @@ class Rationales(Job):
         )
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--batch-questions", type=int, default=8)
-        parser.add_argument(
-            "--shard",
-            type=shard_arg,
-            default=(0, 1),
-            metavar="I/N",
-            help="process every N-th question from the I-th (0-based), to spread over processes",
-        )
+        add_shard_argument(parser)
 
     def run(self, settings: Settings, args: argparse.Namespace) -> None:
         questions = training_questions(args.questions, args.limit, args.seed)
