@@ -20,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GAINRAG_LLM__MODEL", "smollm2-135m")
 
 from gainrag.config import REPO_ROOT, Settings
+from gainrag.keys import KeyRecord, append_key, hash_key, new_key
 from gainrag.pipeline import Components
 from gainrag.retrieval.encoder import BiEncoder
 from gainrag.retrieval.index import build_index
@@ -113,6 +114,32 @@ def make_settings(index_dir: Path, small_corpus: Path, **overrides: object) -> S
         else:
             base[key] = value
     return Settings(**base)  # type: ignore[arg-type]
+
+
+def keys_file(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Path, str]:
+    """A fresh API keys file holding one key named ``name``: (its path, the plain key)."""
+    path = tmp_path_factory.mktemp("keys") / "keys.jsonl"
+    plain = new_key()
+    append_key(path, KeyRecord(name=name, sha256=hash_key(plain)))
+    return path, plain
+
+
+def keyed_gateway_env(
+    index_dir: Path, small_corpus: Path, keys: Path, *, pseudo_tokens: int, answer_tokens: int
+) -> dict[str, str]:
+    """Environment of a real gateway process in tests: the small index (k = 5), in-process
+    SmolLM2 (its generated-token counter is observable; not the default reader), API keys on."""
+    return {
+        "GAINRAG_LOG_LEVEL": "WARNING",
+        "GAINRAG_LLM__BACKEND": "transformers",
+        "GAINRAG_LLM__MODEL": "smollm2-135m",
+        "GAINRAG_RETRIEVAL__INDEX_DIR": str(index_dir),
+        "GAINRAG_RETRIEVAL__CORPUS": str(small_corpus),
+        "GAINRAG_RETRIEVAL__K": "5",
+        "GAINRAG_LLM__MAX_NEW_TOKENS_PSEUDO": str(pseudo_tokens),
+        "GAINRAG_LLM__MAX_NEW_TOKENS_ANSWER": str(answer_tokens),
+        "GAINRAG_API__KEYS_FILE": str(keys),
+    }
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
-from gainrag.keys import KeyRecord, append_key, hash_key, new_key
 from gainrag_harness import Service, gainrag_service
+from tests.conftest import keyed_gateway_env, keys_file
 
 QUESTION = "who got the first nobel prize in physics"
 COUNTING = "Count from 1 to 300, separated by commas."
@@ -22,10 +22,7 @@ COUNTING = "Count from 1 to 300, separated by commas."
 
 @pytest.fixture(scope="module")
 def key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    path = tmp_path_factory.mktemp("keys") / "keys.jsonl"
-    plain = new_key()
-    append_key(path, KeyRecord(name="sdk", sha256=hash_key(plain)))
-    return path, plain
+    return keys_file(tmp_path_factory, "sdk")
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +33,7 @@ def gateway(
     llm_dir: Path,
     key: tuple[Path, str],
 ) -> Iterator[Service]:
-    env = {
-        "GAINRAG_LOG_LEVEL": "WARNING",
-        # In-process SmolLM2: its generated-token counter is what the disconnect test watches.
-        "GAINRAG_LLM__BACKEND": "transformers",
-        "GAINRAG_LLM__MODEL": "smollm2-135m",
-        "GAINRAG_RETRIEVAL__INDEX_DIR": str(index_dir),
-        "GAINRAG_RETRIEVAL__CORPUS": str(small_corpus),
-        "GAINRAG_RETRIEVAL__K": "5",
-        "GAINRAG_LLM__MAX_NEW_TOKENS_PSEUDO": "8",
-        "GAINRAG_LLM__MAX_NEW_TOKENS_ANSWER": "48",
-        "GAINRAG_API__KEYS_FILE": str(key[0]),
-    }
+    env = keyed_gateway_env(index_dir, small_corpus, key[0], pseudo_tokens=8, answer_tokens=48)
     logs = tmp_path_factory.mktemp("gateway")
     with gainrag_service("gateway", ["serve"], logs, env, threads=1) as svc:
         yield svc

@@ -21,8 +21,8 @@ from gainrag.api.app import create_app
 from gainrag.api.playground import CSP
 from gainrag.config import REPO_ROOT, Settings
 from gainrag.evaluation.qa_metrics import has_answer
-from gainrag.keys import KeyRecord, append_key, hash_key, new_key
 from gainrag_harness import Service, gainrag_service, missing
+from tests.conftest import keyed_gateway_env, keys_file
 
 ARTIFACTS = REPO_ROOT / "var" / "test-artifacts"
 
@@ -80,10 +80,7 @@ async def test_playground_off_is_404(client: httpx.AsyncClient) -> None:
 
 @pytest.fixture(scope="module")
 def key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    path = tmp_path_factory.mktemp("keys") / "keys.jsonl"
-    plain = new_key()
-    append_key(path, KeyRecord(name="browser", sha256=hash_key(plain)))
-    return path, plain
+    return keys_file(tmp_path_factory, "browser")
 
 
 @pytest.fixture(scope="module")
@@ -94,18 +91,7 @@ def gateway(
     llm_dir: Path,
     key: tuple[Path, str],
 ) -> Iterator[Service]:
-    env = {
-        "GAINRAG_LOG_LEVEL": "WARNING",
-        # The plumbing model in-process (what the other gateway tests use), not the default reader.
-        "GAINRAG_LLM__BACKEND": "transformers",
-        "GAINRAG_LLM__MODEL": "smollm2-135m",
-        "GAINRAG_RETRIEVAL__INDEX_DIR": str(index_dir),
-        "GAINRAG_RETRIEVAL__CORPUS": str(small_corpus),
-        "GAINRAG_RETRIEVAL__K": "5",
-        "GAINRAG_LLM__MAX_NEW_TOKENS_PSEUDO": "24",
-        "GAINRAG_LLM__MAX_NEW_TOKENS_ANSWER": "24",
-        "GAINRAG_API__KEYS_FILE": str(key[0]),
-    }
+    env = keyed_gateway_env(index_dir, small_corpus, key[0], pseudo_tokens=24, answer_tokens=24)
     logs = tmp_path_factory.mktemp("gateway")
     # Launched now, waited on only after the browser started: the two start side by side.
     svc = gainrag_service("gateway", ["serve"], logs, env, threads=1).launch()
