@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from itertools import permutations
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from gainrag.cli import main
 from gainrag.config import REPO_ROOT
@@ -21,6 +23,7 @@ from gainrag.training.dro import (
     sample_prefixes,
     weight_variance,
 )
+from gainrag.training.dro_loop import DroQuestion, DroSettings, ReaderLikelihood, train_dro
 from gainrag.training.radio import (
     NEGATIVE_RANKS,
     group_indices,
@@ -30,7 +33,9 @@ from gainrag.training.radio import (
     rationale_prompt,
     rerank,
 )
+from gainrag.training.recipes.base import TrainArgs
 from gainrag.training.recipes.dro import RECIPE as DRO
+from gainrag.types import Passage
 
 WARM = REPO_ROOT / "models/selector/relevance-minilm-l6"
 
@@ -244,3 +249,47 @@ def test_dro_end_to_end(
 
     scores = CrossEncoderScorer(ckpt, dtype="float32").score_pairs([("q", "a\nb"), ("q", "c\nd")])
     assert len(scores) == 2 and all(math.isfinite(x) for x in scores)
+
+
+class _PositionReader(ReaderLikelihood):
+    """A deterministic stand-in for the reader: the answer is likelier the earlier passage 0 sits
+    in the selection. The loop's resume does not depend on what the reader is."""
+
+    def __init__(self, fail_on_call: int | None = None) -> None:
+        self.calls = 0
+        self.fail_on_call = fail_on_call
+
+    def log_likelihoods(self, items: Sequence[tuple[DroQuestion, Sequence[int]]]) -> list[float]:
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise KeyboardInterrupt  # the job is stopped mid-run
+        return [-1.0 - (list(z).index(0) if 0 in z else 5) for _, z in items]
+
+
+def test_dro_resumes_after_an_interrupted_round_to_the_same_weights(tmp_path: Path) -> None:
+    """An interruption after round 1 and a rerun give the weights of an uninterrupted run."""
+    passages = [Passage(id=f"p{i}", title=f"T{i}", text=f"text number {i}") for i in range(4)]
+    questions = [DroQuestion(f"question {j}?", ["a"], passages) for j in range(3)]
+    args = TrainArgs(max_length=32, epochs=1)
+    cfg = DroSettings(top_n=2, samples=4, rounds=2)
+    whole = tmp_path / "whole"
+    train_dro(WARM, questions, _PositionReader(), whole, args, cfg, show_progress=False)
+    resumed = tmp_path / "resumed"
+    # one E-step call per round (3 questions fit one chunk): the 2nd call is round 2's E-step
+    with pytest.raises(KeyboardInterrupt):
+        train_dro(
+            WARM,
+            questions,
+            _PositionReader(fail_on_call=2),
+            resumed,
+            args,
+            cfg,
+            show_progress=False,
+        )
+    assert [p.name for p in (tmp_path / "resumed.work").glob("round-*.pt")] == ["round-0.pt"]
+    meta = train_dro(WARM, questions, _PositionReader(), resumed, args, cfg, show_progress=False)
+    assert [r["round"] for r in meta["rounds"]] == [1, 2]
+    a = load_file(whole / "model.safetensors")
+    b = load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "resumed.work").exists()

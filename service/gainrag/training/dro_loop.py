@@ -254,6 +254,9 @@ def train_dro(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, first = state["history"], resume[0] + 1
+        # the M-step's dropout draws from the global generator: restoring it makes a resumed run
+        # train exactly as an uninterrupted one (the E-step seeds its own generators)
+        torch.set_rng_state(state["rng"])
         log.info("resuming DRO after round %d from %s", resume[0], resume[1])
     draws = max(cfg.samples, *log_ms)
     ms = sorted({*log_ms, cfg.samples})
@@ -328,6 +331,7 @@ def train_dro(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "history": history,
+            "rng": torch.get_rng_state(),
         }
         tmp = work / f"round-{r}.pt.tmp"
         torch.save(state, tmp)
