@@ -28,7 +28,7 @@ LLM_PORT ?= 8080
 # a cache keyed by version and flags into var/llama-server/. Like llm-venv it runs every time (a
 # no-op when the key matches).
 
-.PHONY: run test install prepare serve lint bench eval eval-qwen train models-qwen models-qwen15 clean distclean help \
+.PHONY: run test install prepare serve lint bench eval eval-qwen eval-full train models-qwen models-qwen15 clean distclean help \
         llm-venv llm-engine llm-server loadtest bench-venv bench-quick
 
 help:
@@ -146,13 +146,14 @@ EVAL_SETS ?= nq_dev squad_dev
 EVAL_LIMIT ?= 300
 EVAL_OUT ?= benchmarks/results
 EVAL_ENV ?=
+EVAL_CONCURRENCY ?= 16
 eval: install
 	$(EVAL_ENV) $(BIN)/gainrag prepare
 	mkdir -p $(EVAL_OUT)
-	for d in $(EVAL_SETS); do for p in $(EVAL_PRESETS); do \
+	for p in $(EVAL_PRESETS); do for d in $(EVAL_SETS); do \
 	  $(EVAL_ENV) GAINRAG_RETRIEVAL__K=20 GAINRAG_PIPELINE__TIMEOUT_S=600 \
 	  $(BIN)/gainrag eval --questions data/questions/$$d.jsonl \
-	    --limit $(EVAL_LIMIT) --preset $$p --concurrency 16 \
+	    $(if $(EVAL_LIMIT),--limit $(EVAL_LIMIT)) --preset $$p --concurrency $(EVAL_CONCURRENCY) \
 	    --generation-memo var/eval/generation_memo.jsonl \
 	    --output $(EVAL_OUT)/eval_$${d}_$$p.json || exit 1; done; done
 
@@ -162,6 +163,15 @@ eval: install
 eval-qwen: models-qwen
 	$(MAKE) eval EVAL_ENV=GAINRAG_LLM__MODEL=qwen2.5-coder-0.5b EVAL_LIMIT=200 \
 	  EVAL_OUT=benchmarks/results/qwen
+
+# Every question of both dev sets (374 + 576) with the default reader (Qwen2.5-Coder-1.5B through
+# the llama.cpp engine, 4 slots), k = 20, top-1 passage; presets run one after the other over both
+# sets, so an interrupted run leaves whole rows. About 25-30 min a preset on 2 CPU cores
+# (docs/evaluation.md, "Full dev sets").
+EVAL_FULL_PRESETS ?= retrieval rerank gainrag-no-pseudo radio gainrag
+eval-full:
+	$(MAKE) eval EVAL_LIMIT= EVAL_CONCURRENCY=8 EVAL_PRESETS="$(EVAL_FULL_PRESETS)" \
+	  EVAL_ENV="GAINRAG_LLM__TIMEOUT_S=300" EVAL_OUT=benchmarks/results/full
 
 # The shipped selectors, end to end: the commands of plan `shipped`
 # (service/gainrag/training/plans/shipped.toml; `gainrag train plan` prints them). Hours on a
