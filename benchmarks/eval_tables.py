@@ -34,6 +34,8 @@ PAIRS = [
     ("gainrag-no-pseudo", "rerank"),
     ("gainrag", "retrieval"),
     ("gainrag", "rerank"),
+    ("gainrag", "gainrag-no-pseudo"),  # what the pseudo-passage does
+    ("radio", "retrieval"),
     ("radio", "rerank"),
     ("dro", "rerank"),
     ("radio", "gainrag-no-pseudo"),
