@@ -18,6 +18,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Every process a test starts answers with the small plumbing model unless the test picks another:
 # the default reader (1.1 GB) is for serving, evaluation and benchmarks, not for unit tests.
 os.environ.setdefault("GAINRAG_LLM__MODEL", "smollm2-135m")
+# The pseudo-passage is off by default (docs/evaluation.md); the tests keep it on so that every
+# path of the pipeline (pipelined selection, caching, fallbacks, streaming) runs with it.
+os.environ.setdefault("GAINRAG_PIPELINE__PSEUDO_PASSAGE", "true")
 
 from gainrag.config import REPO_ROOT, Settings
 from gainrag.keys import KeyRecord, append_key, hash_key, new_key

@@ -34,6 +34,17 @@ def test_settings_come_from_nested_env(env: None) -> None:
     assert Settings(retrieval={"index_dir": "x/idx"}).retrieval.index_dir == REPO_ROOT / "x/idx"
 
 
+def test_the_pseudo_passage_is_off_by_default_and_on_in_the_gainrag_preset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # conftest turns it on for the other tests; the shipped default is off (docs/evaluation.md)
+    monkeypatch.delenv("GAINRAG_PIPELINE__PSEUDO_PASSAGE")
+    s = Settings()
+    assert s.pipeline.pseudo_passage is False
+    assert apply_preset(s, PRESETS["gainrag"]).pipeline.pseudo_passage is True
+    assert apply_preset(s, PRESETS["gainrag-no-pseudo"]).pipeline.pseudo_passage is False
+
+
 def test_presets_switch_the_pipeline() -> None:
     s = Settings()
     closed = apply_preset(s, PRESETS["closed-book"]).pipeline

@@ -195,7 +195,11 @@ class PipelineSettings(BaseModel):
     )
     max_top_n: int = Field(10, ge=1, description="Largest top_n a request may ask for.")
     retrieve: bool = Field(True, description="Retrieve passages (False = closed-book).")
-    pseudo_passage: bool = Field(True, description="Write a pseudo-passage and let it compete.")
+    pseudo_passage: bool = Field(
+        False,
+        description="Write a pseudo-passage and let it compete. Off by default: with the default "
+        "reader it lowered acc on both full dev sets (docs/evaluation.md, 'Full dev sets').",
+    )
     select: bool = Field(
         True, description="Rescore candidates with the selector (else retrieval order)."
     )
