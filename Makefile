@@ -166,8 +166,9 @@ eval-qwen: models-qwen
 
 # Every question of both dev sets (374 + 576) with the default reader (Qwen2.5-Coder-1.5B through
 # the llama.cpp engine, 4 slots), k = 20, top-1 passage; presets run one after the other over both
-# sets, so an interrupted run leaves whole rows. About 25-30 min a preset on 2 CPU cores
-# (docs/evaluation.md, "Full dev sets").
+# sets, so an interrupted run leaves whole rows. On 2 CPU cores the first preset (every answer
+# generated) took 39 min, the others 6-19 min thanks to the memo (docs/evaluation.md, "Full dev
+# sets with the default reader").
 EVAL_FULL_PRESETS ?= retrieval rerank gainrag-no-pseudo radio gainrag
 eval-full:
 	$(MAKE) eval EVAL_LIMIT= EVAL_CONCURRENCY=8 EVAL_PRESETS="$(EVAL_FULL_PRESETS)" \
