@@ -212,8 +212,9 @@ class PipelineSettings(BaseModel):
     timeout_s: float = Field(120.0, gt=0, description="Deadline for one /answer request.")
     fallback: bool = Field(
         True,
-        description="Degrade instead of failing: retrieval down -> pseudo-passage only; "
-        "selector down -> retrieval order (the response lists what degraded).",
+        description="Degrade instead of failing: retrieval down -> the pseudo-passage only (no "
+        "passage when it is off); selector down -> retrieval order (the response lists what "
+        "degraded).",
     )
 
     @model_validator(mode="after")
