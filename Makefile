@@ -169,7 +169,7 @@ eval-qwen: models-qwen
 # sets, so an interrupted run leaves whole rows. On 2 CPU cores the first preset (every answer
 # generated) took 39 min, the others 6-19 min thanks to the memo (docs/evaluation.md, "Full dev
 # sets with the default reader").
-EVAL_FULL_PRESETS ?= retrieval rerank gainrag-no-pseudo radio gainrag
+EVAL_FULL_PRESETS ?= retrieval rerank gainrag-no-pseudo radio dro gainrag
 eval-full:
 	$(MAKE) eval EVAL_LIMIT= EVAL_CONCURRENCY=8 EVAL_PRESETS="$(EVAL_FULL_PRESETS)" \
 	  EVAL_ENV="GAINRAG_LLM__TIMEOUT_S=300" EVAL_OUT=benchmarks/results/full

@@ -37,6 +37,7 @@ PAIRS = [
     ("gainrag", "gainrag-no-pseudo"),  # what the pseudo-passage does
     ("radio", "retrieval"),
     ("radio", "rerank"),
+    ("dro", "retrieval"),
     ("dro", "rerank"),
     ("radio", "gainrag-no-pseudo"),
     ("dro", "gainrag-no-pseudo"),
