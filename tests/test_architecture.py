@@ -41,6 +41,7 @@ PIPELINE_MAY_IMPORT = {
     "gainrag.llm.interface",
     "gainrag.llm.prompts",
     "gainrag.retrieval.interface",
+    "gainrag.selector.fusion",
     "gainrag.selector.interface",
     "gainrag.telemetry",
     "gainrag.textcheck",

@@ -330,6 +330,42 @@ def test_pipelined_selection_is_not_in_the_answer_cache_key(settings: Settings) 
     assert on._answer_key("q", 1) == off._answer_key("q", 1)
 
 
+# Retrieval scores 0.9, 0.8, 0.7, 0.6 -> minmax 1, 2/3, 1/3, 0 (the pseudo-passage: 0); the
+# table's selector scores 0.5, 2, 2, -1 and 2 -> minmax 0.5, 1, 1, 0 and 1.
+@pytest.mark.parametrize(
+    ("weight", "order", "scores"),
+    [
+        (0.5, ["p1", "p0", "p2", PSEUDO_ID, "p3"], [5 / 6, 0.75, 2 / 3, 0.5, 0.0]),
+        (1.0, ["p0", "p1", "p2", "p3", PSEUDO_ID], [1.0, 2 / 3, 1 / 3, 0.0, 0.0]),
+    ],
+)
+@pytest.mark.parametrize("pipelined", [True, False])
+async def test_retrieval_weight_mixes_normalised_selector_and_retrieval_scores(
+    settings: Settings, weight: float, order: list[str], scores: list[float], pipelined: bool
+) -> None:
+    pipe = _pipe(
+        settings,
+        _LoggingSelector(_TABLE),
+        _GatedGenerator(),
+        retrieval_weight=weight,
+        pipelined_selection=pipelined,
+    )
+    result = await pipe.answer("who got the first nobel prize", top_n=2)
+    assert [c.passage.id for c in result.candidates] == order
+    assert [c.score for c in result.candidates] == pytest.approx(scores)
+    assert [s.passage.id for s in result.selected] == order[:2]
+    # the retrieval scores themselves are reported unchanged beside the mix
+    assert [c.retrieval_score for c in result.candidates if c.retrieval_rank is not None] == [
+        h.score for h in sorted(_HITS, key=lambda h: order.index(h.passage.id))
+    ]
+
+
+def test_retrieval_weight_is_in_the_answer_cache_key(settings: Settings) -> None:
+    alone = _pipe(settings, _LoggingSelector(_TABLE), _GatedGenerator())
+    mixed = _pipe(settings, _LoggingSelector(_TABLE), _GatedGenerator(), retrieval_weight=0.5)
+    assert alone._answer_key("q", 1) != mixed._answer_key("q", 1)
+
+
 def _dev_questions(n_per_file: int) -> dict[str, str]:
     """The first questions of every dev set, each with its first answer as pseudo-passage."""
     out = {}

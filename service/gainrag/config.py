@@ -203,6 +203,15 @@ class PipelineSettings(BaseModel):
     select: bool = Field(
         True, description="Rescore candidates with the selector (else retrieval order)."
     )
+    retrieval_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Weight of the retriever's score in the ranking: candidates are ranked by "
+        "(1 - w) * minmax(selector score) + w * minmax(retrieval score) over the question's "
+        "candidates, and that mix is the score returned (the pseudo-passage's retrieval part is "
+        "0). 0 = the selector alone; 1 = retrieval order. Measured in docs/evaluation.md.",
+    )
     pipelined_selection: bool = Field(
         True,
         description="Score the retrieved passages as soon as retrieval returns, while the "

@@ -9,7 +9,8 @@ when it arrives; the two score lists are merged. A selector scores each candidat
 the others (a cross-encoder reads one (question, passage) pair; cosine compares two vectors), so
 the scores equal scoring all k+1 together, and the critical path shrinks from
 ``max(retrieve, pseudo) + select(k+1) + generate`` to
-``max(retrieve + select(k), pseudo + select(1)) + generate``.
+``max(retrieve + select(k), pseudo + select(1)) + generate``. With ``pipeline.retrieval_weight``
+> 0 the ranking mixes the selector's scores with the retriever's (``selector/fusion.py``).
 
 Every check that needs no model runs first, in :meth:`Pipeline.check` (the gateway calls it before
 a request takes an in-flight slot): text, length in characters and in generator tokens, top_n and
@@ -45,6 +46,7 @@ from gainrag.errors import (
 from gainrag.llm import prompts
 from gainrag.llm.interface import Generator, prompt_tokens, stream_reply
 from gainrag.retrieval.interface import Retriever
+from gainrag.selector.fusion import fuse
 from gainrag.selector.interface import Selector
 from gainrag.textcheck import check_text, is_blank
 from gainrag.types import PSEUDO_ID, AnswerResult, Degradation, Passage, Retrieved, Scored
@@ -176,7 +178,7 @@ class Pipeline:
         versions.update(
             top_n=top_n,
             k=self.settings.retrieval.k if o.retrieve else 0,
-            pipeline=[o.retrieve, o.pseudo_passage, o.select],
+            pipeline=[o.retrieve, o.pseudo_passage, o.select, o.retrieval_weight],
             max_new_tokens=[llm.max_new_tokens_pseudo, llm.max_new_tokens_answer],
             max_passage_words=llm.max_passage_words,
         )
@@ -557,6 +559,9 @@ class Pipeline:
             if pseudo_kept:
                 candidates[-1].score = -1.0  # below any cosine of a retrieved passage
         elif outcome is not None:
+            if o.retrieval_weight > 0.0:
+                # Keep part of the retriever's judgement (selector.fusion says why).
+                outcome = fuse(outcome, [s.retrieval_score for s in candidates], o.retrieval_weight)
             for s, x in zip(candidates, outcome, strict=True):
                 s.score = float(x)
             # Stable sort: ties keep retrieval order, the pseudo-passage last.

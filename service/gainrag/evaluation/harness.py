@@ -244,6 +244,7 @@ async def run_eval(
             "k": settings.retrieval.k,
             "top_n": top_n or settings.pipeline.top_n,
             "llm": settings.llm.model,
+            "retrieval_weight": settings.pipeline.retrieval_weight,
         },
         "machine": machine_info(),
         "generation_memo": None

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from gainrag.selector.fusion import minmax
+
 SYSTEM = (
     "You are a professional QA assistant. Given a question and the ground truth answer, you can "
     "output the rationale why the ground truth answer is correct."
@@ -31,14 +33,6 @@ def rationale_prompt(question: str, answer: str) -> str:
 def rationale_query(question: str, answer: str, rationale: str) -> str:
     """The text the bi-encoder embeds for the rationale similarity."""
     return f"{question} {answer} {rationale}"
-
-
-def minmax(values: Sequence[float]) -> list[float]:
-    """(v - min) / (max - min); all zeros when every value is the same (nothing to rank by)."""
-    lo, hi = min(values), max(values)
-    if hi == lo:
-        return [0.0] * len(values)
-    return [(v - lo) / (hi - lo) for v in values]
 
 
 def mix(rationale: Sequence[float], retrieval: Sequence[float], alpha: float) -> list[float]:

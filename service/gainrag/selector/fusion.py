@@ -1,0 +1,45 @@
+"""Mixing the selector's scores with the retriever's: per-question min-max, then a weighted sum.
+
+Scores of different models live on different scales (a cross-encoder's logits, a bi-encoder's
+cosines), so each is min-max normalised over the question's candidates before the mix, as RADIO
+mixes its rationale and retrieval scores. The pipeline uses it when
+``pipeline.retrieval_weight`` > 0: on NQ-like data the bundled bi-encoder's top-1 already holds
+the answer for most questions (docs/evaluation.md), and a selector that moves away from it loses
+more than it wins; the weight keeps part of the retriever's judgement in the ranking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def minmax(values: Sequence[float]) -> list[float]:
+    """(v - min) / (max - min); all zeros when every value is the same (nothing to rank by)."""
+    if not values:
+        return []
+    lo, hi = min(values), max(values)
+    if hi == lo:
+        return [0.0] * len(values)
+    return [(v - lo) / (hi - lo) for v in values]
+
+
+def fuse(
+    selector: Sequence[float], retrieval: Sequence[float | None], weight: float
+) -> list[float]:
+    """(1 - weight) * minmax(selector) + weight * minmax(retrieval), one value per candidate.
+
+    A candidate without a retrieval score (the pseudo-passage) gets the lowest retrieval part, 0:
+    at weight 1 the order is the retrieval order with the pseudo-passage last, as when the
+    selector is down. The retrieval scores are normalised over the candidates that have one.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in [0, 1], got {weight}")
+    if len(selector) != len(retrieval):
+        raise ValueError("one selector score and one retrieval score (or None) per candidate")
+    known = [r for r in retrieval if r is not None]
+    normed = iter(minmax(known))
+    retrieval_part = [0.0 if r is None else next(normed) for r in retrieval]
+    return [
+        (1.0 - weight) * s + weight * r
+        for s, r in zip(minmax(selector), retrieval_part, strict=True)
+    ]
