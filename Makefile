@@ -28,7 +28,7 @@ LLM_PORT ?= 8080
 # a cache keyed by version and flags into var/llama-server/. Like llm-venv it runs every time (a
 # no-op when the key matches).
 
-.PHONY: run test install prepare serve lint bench eval eval-qwen eval-full train models-qwen models-qwen15 clean distclean help \
+.PHONY: run test install prepare serve lint bench eval eval-qwen eval-full eval-full-mix train models-qwen models-qwen15 clean distclean help \
         llm-venv llm-engine llm-server loadtest bench-venv bench-quick
 
 help:
@@ -147,11 +147,14 @@ EVAL_LIMIT ?= 300
 EVAL_OUT ?= benchmarks/results
 EVAL_ENV ?=
 EVAL_CONCURRENCY ?= 16
+# The selectors alone (the tables' rows); the serving default mixes in the retrieval score (0.5).
+EVAL_RETRIEVAL_WEIGHT ?= 0
 eval: install
 	$(EVAL_ENV) $(BIN)/gainrag prepare
 	mkdir -p $(EVAL_OUT)
 	for p in $(EVAL_PRESETS); do for d in $(EVAL_SETS); do \
 	  $(EVAL_ENV) GAINRAG_RETRIEVAL__K=20 GAINRAG_PIPELINE__TIMEOUT_S=600 \
+	  GAINRAG_PIPELINE__RETRIEVAL_WEIGHT=$(EVAL_RETRIEVAL_WEIGHT) \
 	  $(BIN)/gainrag eval --questions data/questions/$$d.jsonl \
 	    $(if $(EVAL_LIMIT),--limit $(EVAL_LIMIT)) --preset $$p --concurrency $(EVAL_CONCURRENCY) \
 	    --generation-memo var/eval/generation_memo.jsonl \
@@ -170,9 +173,17 @@ eval-qwen: models-qwen
 # generated) took 39 min, the others 6-19 min thanks to the memo (docs/evaluation.md, "Full dev
 # sets with the default reader").
 EVAL_FULL_PRESETS ?= retrieval rerank gainrag-no-pseudo radio dro gainrag
+EVAL_FULL_OUT ?= benchmarks/results/full
 eval-full:
 	$(MAKE) eval EVAL_LIMIT= EVAL_CONCURRENCY=8 EVAL_PRESETS="$(EVAL_FULL_PRESETS)" \
-	  EVAL_ENV="GAINRAG_LLM__TIMEOUT_S=300" EVAL_OUT=benchmarks/results/full
+	  EVAL_ENV="GAINRAG_LLM__TIMEOUT_S=300" EVAL_OUT=$(EVAL_FULL_OUT)
+
+# The same with the retriever's score mixed into the ranking at the serving default
+# (pipeline.retrieval_weight 0.5): the rows of "Mixing in the retrieval score" in
+# docs/evaluation.md (5-12 min a run with the memo filled by eval-full).
+eval-full-mix:
+	$(MAKE) eval-full EVAL_RETRIEVAL_WEIGHT=0.5 EVAL_FULL_PRESETS="radio gainrag-no-pseudo gainrag" \
+	  EVAL_FULL_OUT=benchmarks/results/full/mix-0.5
 
 # The shipped selectors, end to end: the commands of plan `shipped`
 # (service/gainrag/training/plans/shipped.toml; `gainrag train plan` prints them). Hours on a

@@ -21,6 +21,10 @@ os.environ.setdefault("GAINRAG_LLM__MODEL", "smollm2-135m")
 # The pseudo-passage is off by default (docs/evaluation.md); the tests keep it on so that every
 # path of the pipeline (pipelined selection, caching, fallbacks, streaming) runs with it.
 os.environ.setdefault("GAINRAG_PIPELINE__PSEUDO_PASSAGE", "true")
+# The shipped default mixes the retriever's score into the ranking (0.5); the tests rank by the
+# selector alone so that their expected orders are the selector's (and the pseudo-passage, whose
+# retrieval part is 0, can still win); tests of the mix set the weight themselves.
+os.environ.setdefault("GAINRAG_PIPELINE__RETRIEVAL_WEIGHT", "0")
 
 from gainrag.config import REPO_ROOT, Settings
 from gainrag.keys import KeyRecord, append_key, hash_key, new_key

@@ -45,6 +45,15 @@ def test_the_pseudo_passage_is_off_by_default_and_on_in_the_gainrag_preset(
     assert apply_preset(s, PRESETS["gainrag-no-pseudo"]).pipeline.pseudo_passage is False
 
 
+def test_the_shipped_ranking_mixes_in_the_retrieval_score(monkeypatch: pytest.MonkeyPatch) -> None:
+    # conftest ranks by the selector alone for the other tests; the shipped default is the
+    # 0.5 mix measured in docs/evaluation.md, and presets keep whatever weight is configured
+    monkeypatch.delenv("GAINRAG_PIPELINE__RETRIEVAL_WEIGHT")
+    s = Settings()
+    assert s.pipeline.retrieval_weight == 0.5
+    assert apply_preset(s, PRESETS["radio"]).pipeline.retrieval_weight == 0.5
+
+
 def test_presets_switch_the_pipeline() -> None:
     s = Settings()
     closed = apply_preset(s, PRESETS["closed-book"]).pipeline

@@ -25,6 +25,12 @@ def test_a_candidate_without_retrieval_score_gets_the_lowest_retrieval_part() ->
     assert fuse([1.0, 3.0, 5.0], [0.8, 0.6, None], 0.5) == pytest.approx([0.5, 0.25, 0.5])
 
 
+def test_the_pseudo_passage_alone_retrieval_down_still_gets_a_score() -> None:
+    # the retrieval-down fallback ranks the pseudo-passage alone: nothing to normalise, no error
+    assert fuse([3.0], [None], 0.5) == [0.0]
+    assert fuse([], [], 0.5) == []
+
+
 @pytest.mark.parametrize("weight", [-0.1, 1.5])
 def test_fuse_rejects_weights_outside_zero_one(weight: float) -> None:
     with pytest.raises(ValueError, match="weight"):

@@ -213,6 +213,7 @@ async def test_retrieved_passages_are_scored_while_the_pseudo_passage_is_written
     assert selector.calls == [["p0", "p1", "p2", "p3"], [PSEUDO_ID]]
     assert [c.passage.id for c in result.candidates] == ["p1", "p2", PSEUDO_ID, "p0", "p3"]
     assert [c.score for c in result.candidates] == [2.0, 2.0, 2.0, 0.5, -1.0]
+    assert [c.selector_score for c in result.candidates] == [2.0, 2.0, 2.0, 0.5, -1.0]
     assert [s.passage.id for s in result.selected] == ["p1", "p2"]
     t = result.timings_ms
     assert t["select_retrieved"] > 0 and t["select_pseudo"] > 0 and t["select"] > 0
@@ -266,6 +267,7 @@ async def test_a_failing_selector_part_degrades_to_retrieval_order(
     assert [d.kind for d in result.degraded] == ["selector_down"]
     assert [c.passage.id for c in result.candidates] == ["p0", "p1", "p2", "p3", PSEUDO_ID]
     assert result.candidates[-1].score == -1.0
+    assert all(c.selector_score is None for c in result.candidates)  # nothing from the selector
     assert [c.score for c in result.candidates[:4]] == [h.score for h in _HITS]
 
 
@@ -353,6 +355,7 @@ async def test_retrieval_weight_mixes_normalised_selector_and_retrieval_scores(
     result = await pipe.answer("who got the first nobel prize", top_n=2)
     assert [c.passage.id for c in result.candidates] == order
     assert [c.score for c in result.candidates] == pytest.approx(scores)
+    assert [c.selector_score for c in result.candidates] == [_TABLE[i] for i in order]
     assert [s.passage.id for s in result.selected] == order[:2]
     # the retrieval scores themselves are reported unchanged beside the mix
     assert [c.retrieval_score for c in result.candidates if c.retrieval_rank is not None] == [

@@ -559,11 +559,12 @@ class Pipeline:
             if pseudo_kept:
                 candidates[-1].score = -1.0  # below any cosine of a retrieved passage
         elif outcome is not None:
+            ranking = outcome
             if o.retrieval_weight > 0.0:
                 # Keep part of the retriever's judgement (selector.fusion says why).
-                outcome = fuse(outcome, [s.retrieval_score for s in candidates], o.retrieval_weight)
-            for s, x in zip(candidates, outcome, strict=True):
-                s.score = float(x)
+                ranking = fuse(outcome, [s.retrieval_score for s in candidates], o.retrieval_weight)
+            for s, x, r in zip(candidates, outcome, ranking, strict=True):
+                s.selector_score, s.score = float(x), float(r)
             # Stable sort: ties keep retrieval order, the pseudo-passage last.
             ranked = sorted(candidates, key=lambda s: -s.score)
         return Context(

@@ -40,6 +40,9 @@ class Scored:
     score: float
     retrieval_rank: int | None = None
     retrieval_score: float | None = None
+    # the selector's own score; ``score`` mixes it with the retrieval score when
+    # pipeline.retrieval_weight > 0 (None without selection or with the selector down)
+    selector_score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,11 @@ class AnswerResult:
 
         def scored(d: dict[str, Any]) -> Scored:
             return Scored(
-                Passage(**d["passage"]), d["score"], d["retrieval_rank"], d["retrieval_score"]
+                Passage(**d["passage"]),
+                d["score"],
+                d["retrieval_rank"],
+                d["retrieval_score"],
+                d.get("selector_score"),  # absent from answers cached before the field existed
             )
 
         return cls(

@@ -41,6 +41,7 @@ def passage_out(s: Scored) -> PassageOut:
         pseudo=p.pseudo,
         retrieval_rank=s.retrieval_rank,
         retrieval_score=s.retrieval_score,
+        selector_score=s.selector_score,
     )
 
 

@@ -37,10 +37,17 @@ class PassageOut(BaseModel):
     id: str
     title: str
     text: str
-    score: float = Field(..., description="Selector score (retrieval score if no selection).")
+    score: float = Field(
+        ...,
+        description="Ranking score: the selector's score, min-max mixed with the retrieval score "
+        "when pipeline.retrieval_weight > 0 (the default); the retrieval score if no selection.",
+    )
     pseudo: bool = Field(..., description="True for the LLM-written pseudo-passage.")
     retrieval_rank: int | None = Field(None, description="0-based rank from the retriever.")
     retrieval_score: float | None = None
+    selector_score: float | None = Field(
+        None, description="The selector's own score (null without selection or selector down)."
+    )
 
 
 class Timings(BaseModel):

@@ -99,7 +99,7 @@
   function renderSelected(selected, degraded) {
     const scoreName = selectorDown(degraded)
       ? "score (selector down: retrieval order) "
-      : "selector score ";
+      : "score ";
     const box = $("selected");
     if (!selected || selected.length === 0) {
       box.replaceChildren(el("p", { class: "muted", text: "No passage: answered closed-book." }));
@@ -116,6 +116,8 @@
             class: "small muted",
             text:
               scoreName + fmt(p.score, 3) +
+              (p.selector_score != null && p.selector_score !== p.score
+                ? " · selector score " + fmt(p.selector_score, 3) : "") +
               (p.retrieval_rank != null ? " · retrieval rank " + (p.retrieval_rank + 1) : "") +
               (p.retrieval_score != null ? " · retrieval score " + fmt(p.retrieval_score, 3) : ""),
           }),
