@@ -174,9 +174,10 @@ eval-qwen: models-qwen
 # sets with the default reader").
 EVAL_FULL_PRESETS ?= retrieval rerank gainrag-no-pseudo radio dro gainrag
 EVAL_FULL_OUT ?= benchmarks/results/full
+EVAL_FULL_ENV ?= GAINRAG_LLM__TIMEOUT_S=300
 eval-full:
 	$(MAKE) eval EVAL_LIMIT= EVAL_CONCURRENCY=8 EVAL_PRESETS="$(EVAL_FULL_PRESETS)" \
-	  EVAL_ENV="GAINRAG_LLM__TIMEOUT_S=300" EVAL_OUT=$(EVAL_FULL_OUT)
+	  EVAL_ENV="$(EVAL_FULL_ENV)" EVAL_OUT=$(EVAL_FULL_OUT)
 
 # The same with the retriever's score mixed into the ranking at the serving default
 # (pipeline.retrieval_weight 0.5): the rows of "Mixing in the retrieval score" in
