@@ -183,7 +183,7 @@ eval-full:
 # (pipeline.retrieval_weight 0.5): the rows of "Mixing in the retrieval score" in
 # docs/evaluation.md (5-12 min a run with the memo filled by eval-full).
 eval-full-mix:
-	$(MAKE) eval-full EVAL_RETRIEVAL_WEIGHT=0.5 EVAL_FULL_PRESETS="radio gainrag-no-pseudo gainrag" \
+	$(MAKE) eval-full EVAL_RETRIEVAL_WEIGHT=0.5 EVAL_FULL_PRESETS="radio gainrag-no-pseudo gainrag dro" \
 	  EVAL_FULL_OUT=benchmarks/results/full/mix-0.5
 
 # The shipped selectors, end to end: the commands of plan `shipped`
