@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Sequence
@@ -13,17 +14,28 @@ import torch
 from safetensors.torch import load_file
 
 from gainrag.cli import main
-from gainrag.config import REPO_ROOT
+from gainrag.config import REPO_ROOT, Settings
+from gainrag.errors import ConfigurationError
+from gainrag.llm.lora import LoraSpec
+from gainrag.llm.transformers_backend import TransformersGenerator
 from gainrag.retrieval.encoder import BiEncoder
 from gainrag.training.dro import (
+    generator_loss,
     log_evidence,
+    merged_weights,
     mstep_loss,
     normalized_weights,
     pl_log_prob,
     sample_prefixes,
     weight_variance,
 )
-from gainrag.training.dro_loop import DroQuestion, DroSettings, ReaderLikelihood, train_dro
+from gainrag.training.dro_loop import (
+    DroQuestion,
+    DroSettings,
+    GeneratorUpdate,
+    ReaderLikelihood,
+    train_dro,
+)
 from gainrag.training.radio import (
     NEGATIVE_RANKS,
     group_indices,
@@ -172,6 +184,85 @@ def test_the_n1_group_loss_is_the_m_step_loss() -> None:
     assert float(DRO.group_loss(s, summed)) == pytest.approx(float(mstep_loss(s, samples, w)))
 
 
+def test_generator_loss_is_the_weighted_nll_over_distinct_selections() -> None:
+    samples = [[2, 0], [1, 0], [2, 0], [3, 1]]
+    w = [0.1, 0.2, 0.3, 0.4]
+    merged = merged_weights(samples, w)
+    assert [z for z, _ in merged] == [(2, 0), (1, 0), (3, 1)]  # first-drawn order
+    assert [x for _, x in merged] == pytest.approx([0.4, 0.2, 0.4])
+    ll = torch.tensor([-1.0, -2.0, -4.0], requires_grad=True)
+    loss = generator_loss(ll, [x for _, x in merged])
+    assert loss.item() == pytest.approx(0.4 * 1 + 0.2 * 2 + 0.4 * 4)
+    loss.backward()
+    assert ll.grad.tolist() == pytest.approx([-0.4, -0.2, -0.4])  # type: ignore[union-attr]
+    # the weights are constants of the M-step: no gradient flows into them
+    weights = torch.tensor([0.5, 0.5], requires_grad=True)
+    out = generator_loss(torch.tensor([-1.0, -2.0]), weights)
+    assert float(out) == pytest.approx(1.5) and not out.requires_grad
+
+
+_FR = [
+    Passage("a", "Paris", "Paris is the capital of France."),
+    Passage("b", "Berlin", "Berlin is the capital of Germany."),
+]
+
+
+def test_one_generator_step_raises_the_likelihood_under_the_weighted_selection(
+    llm_dir: Path, tmp_path: Path
+) -> None:
+    """DRO's generator M-step on the real (tiny) reader: one step of the weighted NLL with all
+    weight on selection [1] makes the gold answer likelier given that selection; only the LoRA
+    weights move; the saved adapter, merged by the serving backend, scores the same."""
+    gen = TransformersGenerator(llm_dir, dtype="float32")
+    reader = ReaderLikelihood(gen.teacher_forced_scorer(), max_passage_words=30)
+    q = DroQuestion("what is the capital of france", ["Paris"], _FR)
+    base = reader.log_likelihoods([(q, [0]), (q, [1])])
+    frozen = {k: v.clone() for k, v in gen.model.state_dict().items()}
+    torch.manual_seed(0)
+    adapter = gen.attach_lora(LoraSpec(rank=4, alpha=8))
+    # LoRA starts as the identity (B = 0): the reader is unchanged until a step is taken
+    assert reader.log_likelihoods([(q, [0]), (q, [1])]) == pytest.approx(base, abs=1e-5)
+    opt = torch.optim.SGD(adapter.parameters(), lr=1e-2)
+    ll = reader.trainable_log_likelihoods([(q, [0]), (q, [1])])
+    assert ll.tolist() == pytest.approx(base, abs=1e-4)
+    generator_loss(ll, [0.0, 1.0]).backward()
+    opt.step()
+    after = reader.log_likelihoods([(q, [0]), (q, [1])])
+    assert after[1] > base[1] + 1e-3
+    moved = [
+        k
+        for k, v in gen.model.state_dict().items()
+        if k in frozen and not torch.equal(v, frozen[k])
+    ]
+    assert moved == []  # the base weights are frozen; the adapter holds the update
+    adapter.save(tmp_path / "lora")
+    assert sorted(x.name for x in (tmp_path / "lora").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    served = TransformersGenerator(llm_dir, dtype="float32", lora_adapter=tmp_path / "lora")
+    assert served.version.startswith(gen.version.split("+")[0] + "+lora-")
+    merged = ReaderLikelihood(served.teacher_forced_scorer(), max_passage_words=30)
+    assert merged.log_likelihoods([(q, [0]), (q, [1])]) == pytest.approx(after, abs=1e-4)
+
+
+def test_lora_adapter_setting_picks_the_in_process_backend(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from gainrag.wiring import build_llm, llm_backend
+
+    monkeypatch.setenv("GAINRAG_LLM__LORA_ADAPTER", str(tmp_path / "lora"))
+    monkeypatch.setenv("GAINRAG_LLM__BACKEND", "auto")
+    assert llm_backend(Settings()) == "transformers"
+    monkeypatch.setenv("GAINRAG_LLM__BACKEND", "llamacpp")
+    with pytest.raises(ConfigurationError, match="LORA_ADAPTER"):
+        build_llm(Settings())
+    monkeypatch.setenv("GAINRAG_LLM__BACKEND", "transformers")
+    monkeypatch.setenv("GAINRAG_LLM__MODEL", "smollm2-135m")
+    with pytest.raises(ConfigurationError, match="no LoRA adapter"):
+        build_llm(Settings())
+
+
 # ---------------------------------------------------------------- end to end
 
 
@@ -233,13 +324,26 @@ def test_dro_end_to_end(
     # k = 2, top-2: the two orders of both passages (2 reader passes per question and E-step)
     args = ["train", "dro", "--questions", str(qfile), "--k", "2", "--top-n", "2"]
     args += ["--samples", "4", "--rounds", "2", "--init", str(WARM), "--max-length", "64"]
+    args += ["--generator-lora", "--lora-rank", "4"]  # the reader is trained too
     assert main([*args, "--out", str(ckpt)]) == 0
     out = capsys.readouterr().out
-    assert "dro round 1:" in out and "dro round final:" in out
+    assert "dro round 1:" in out and "dro round final:" in out and "generator loss" in out
     meta = json.loads((ckpt / "gainrag_training.json").read_text())
     assert meta["recipe"] == "dro" and meta["config"]["loss"] == "weighted-plackett-luce"
     assert meta["dro"] == {"top_n": 2, "samples": 4, "temperature": 1.0, "rounds": 2}
     assert [r["round"] for r in meta["rounds"]] == [1, 2] and meta["steps"] == 4
+    assert all(r["generator_loss"] > 0 for r in meta["rounds"])
+    lora = meta["generator_update"]
+    assert lora["rank"] == 4 and lora["targets"] == ["q_proj", "v_proj"]
+    assert lora["loss"] == "weighted-nll" and lora["adapter"] == "generator-lora"
+    assert meta["inputs"]["generator_lora"] is True
+    # the adapter serves: the in-process backend merges it, its hash goes into the version
+    monkeypatch.setenv("GAINRAG_LLM__LORA_ADAPTER", str(ckpt / "generator-lora"))
+    from gainrag.wiring import build_llm
+
+    served = build_llm(Settings())
+    assert "+lora-" in served.version
+    asyncio.run(served.close())
     for record in [*meta["rounds"], meta["final"]]:
         assert set(record["log_evidence"]) == {"1", "4", "8"}
         assert all(v < 0 and math.isfinite(v) for v in record["log_evidence"].values())
@@ -293,3 +397,57 @@ def test_dro_resumes_after_an_interrupted_round_to_the_same_weights(tmp_path: Pa
     b = load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "resumed.work").exists()
+
+
+class _StoppedReader(ReaderLikelihood):
+    """The real reader, stopped (as by Ctrl-C) at its ``fail_on_call``-th E-step call."""
+
+    def __init__(self, gen: TransformersGenerator, fail_on_call: int | None = None) -> None:
+        super().__init__(gen.teacher_forced_scorer(), max_passage_words=20)
+        self.calls = 0
+        self.fail_on_call = fail_on_call
+
+    def log_likelihoods(self, items: Sequence[tuple[DroQuestion, Sequence[int]]]) -> list[float]:
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise KeyboardInterrupt
+        return super().log_likelihoods(items)
+
+
+def test_dro_with_the_generator_update_resumes_to_the_same_adapter(
+    llm_dir: Path, tmp_path: Path
+) -> None:
+    """Selector and reader trained together; an interruption after round 1 and a rerun give the
+    adapter and selector of an uninterrupted run; a rerun without the update is refused."""
+    questions = [
+        DroQuestion("what is the capital of france", ["Paris"], _FR),
+        DroQuestion("what is the capital of germany", ["Berlin"], _FR),
+    ]
+    args = TrainArgs(max_length=32, epochs=1)
+    cfg = DroSettings(top_n=1, samples=4, rounds=2)
+
+    def run(out: Path, fail_on_call: int | None = None) -> dict:
+        gen = TransformersGenerator(llm_dir, dtype="float32")
+        torch.manual_seed(0)
+        update = GeneratorUpdate(gen.attach_lora(LoraSpec(rank=4, alpha=8)), lr=1e-3)
+        reader = _StoppedReader(gen, fail_on_call)
+        return train_dro(
+            WARM, questions, reader, out, args, cfg, show_progress=False, generator=update
+        )
+
+    meta = run(tmp_path / "whole")
+    assert [r["round"] for r in meta["rounds"]] == [1, 2]
+    assert all(math.isfinite(r["generator_loss"]) for r in meta["rounds"])
+    adapter = load_file(tmp_path / "whole" / "generator-lora" / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", fail_on_call=2)  # round 2's E-step
+    with pytest.raises(ValueError, match="with the generator update"):
+        train_dro(
+            WARM, questions, _PositionReader(), tmp_path / "resumed", args, cfg, show_progress=False
+        )
+    resumed = run(tmp_path / "resumed")
+    assert resumed["generator_update"]["fingerprint"] == meta["generator_update"]["fingerprint"]
+    for name in ("generator-lora/adapter_model.safetensors", "model.safetensors"):
+        a, b = load_file(tmp_path / "whole" / name), load_file(tmp_path / "resumed" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

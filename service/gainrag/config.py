@@ -149,6 +149,12 @@ class LLMSettings(BaseModel):
         "where it measures faster at batch 1 and max_batch_size (docs/hardware.md), else fp32.",
     )
     threads: int = Field(0, ge=0, description="Torch CPU threads (0 = torch default).")
+    lora_adapter: Path | None = Field(
+        None,
+        description="A peft LoRA adapter directory merged into the in-process LLM at start-up "
+        "(e.g. DRO's generator update, `gainrag train dro --generator-lora`); needs the "
+        "transformers backend ('auto' picks it) and goes into the generator's version.",
+    )
     engine_bin: Path = Field(
         Path("var/llama-server/llama-server"),
         description="llamacpp backend: the llama-server binary (`make llm-engine` builds it).",
@@ -412,6 +418,8 @@ class Settings(BaseSettings):
         self.retrieval.corpus = fix(self.retrieval.corpus)
         self.llm.models_dir = fix(self.llm.models_dir)
         self.llm.engine_bin = fix(self.llm.engine_bin)
+        if self.llm.lora_adapter is not None:
+            self.llm.lora_adapter = fix(self.llm.lora_adapter)
         if self.selector.checkpoint is not None:
             self.selector.checkpoint = fix(self.selector.checkpoint)
         self.selector.rerank_checkpoint = fix(self.selector.rerank_checkpoint)

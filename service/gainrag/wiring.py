@@ -83,6 +83,12 @@ def build_llm(settings: Settings) -> Generator:
     signals, training-data filtering)."""
     llm = settings.llm
     backend = llm_backend(settings)
+    if llm.lora_adapter is not None and backend != "transformers":
+        raise ConfigurationError(
+            f"GAINRAG_LLM__LORA_ADAPTER is applied by the in-process transformers backend, not "
+            f"by {backend!r}: set GAINRAG_LLM__BACKEND=transformers (or serve the adapter from "
+            "the LLM server itself, e.g. vLLM --lora-modules)"
+        )
     if backend == "openai":
         from gainrag.llm.openai_backend import OpenAIGenerator
 
@@ -109,6 +115,8 @@ def llm_backend(settings: Settings) -> str:
         return llm.backend
     if llm.base_url is not None:
         return "openai"
+    if llm.lora_adapter is not None:  # only the in-process model can merge an adapter
+        return "transformers"
     gguf_model = llm.model in BUNDLED_LLMS or llm.model.endswith(".gguf")
     if gguf_model and os.access(llm.engine_bin, os.X_OK):
         return "llamacpp"
@@ -177,4 +185,5 @@ def build_generator(settings: Settings, path: Path) -> Generator:
         max_batch_size=llm.max_batch_size,
         max_wait_s=llm.max_wait_ms / 1000.0,
         max_queue=llm.max_queue,
+        lora_adapter=llm.lora_adapter,
     )

@@ -123,6 +123,14 @@ class TransformersTeacherForcedScorer:
     @torch.inference_mode()
     def reply_logits(self, seqs: Sequence[PackedReplies]) -> list[list[torch.Tensor]]:
         """For each sequence and each of its replies, the (len(reply), vocab) float32 logits."""
+        return [[x.cpu() for x in row] for row in self._logits(seqs)]
+
+    def trainable_reply_logits(self, seqs: Sequence[PackedReplies]) -> list[list[torch.Tensor]]:
+        """As :meth:`reply_logits`, with the autograd graph kept and on the model's device: for
+        a generator update (DRO's weighted NLL through a LoRA adapter)."""
+        return self._logits(seqs)
+
+    def _logits(self, seqs: Sequence[PackedReplies]) -> list[list[torch.Tensor]]:
         out: list[list[torch.Tensor]] = [[] for _ in seqs]
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         param = next(self._model.parameters())
@@ -143,6 +151,6 @@ class TransformersTeacherForcedScorer:
                     # token t of a reply is predicted by the prompt's last position (t = 0) or
                     # by the reply's own token t-1
                     rows = [p - 1, *range(at, at + len(a) - 1)]
-                    out[i].append(head(hidden[b, rows]).float().cpu())
+                    out[i].append(head(hidden[b, rows]).float())
                     at += len(a)
         return out

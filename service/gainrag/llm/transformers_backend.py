@@ -33,6 +33,7 @@ from gainrag import telemetry
 from gainrag.batching import MicroBatcher
 from gainrag.errors import ValidationFailedError
 from gainrag.hardware import linear_shapes, resolve_dtype
+from gainrag.llm.lora import LoraAdapter, LoraSpec, adapter_version, merge_adapter
 from gainrag.llm.scoring import TransformersTeacherForcedScorer
 
 log = logging.getLogger(__name__)
@@ -133,10 +134,12 @@ class TransformersGenerator:
         max_wait_s: float = 0.005,
         max_queue: int = 64,
         dtype_rows: Sequence[int] | None = None,
+        lora_adapter: Path | None = None,
     ) -> None:
         """``dtype_rows``: the matmul row counts ``dtype="auto"`` is measured at (default: one
         decode step at batch 1 and at ``max_batch_size``; a teacher-forced scorer runs whole
-        packed sequences, thousands of rows, where bf16 pays off even when decoding does not)."""
+        packed sequences, thousands of rows, where bf16 pays off even when decoding does not).
+        ``lora_adapter``: a peft LoRA adapter merged into the weights (see ``llm/lora.py``)."""
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"  # decoder-only batching pads on the left
@@ -148,10 +151,14 @@ class TransformersGenerator:
         shapes = linear_shapes(AutoConfig.from_pretrained(path), rows)
         self.dtype = resolve_dtype("llm", dtype, self.device, shapes)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype.torch_dtype)
-        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         meta = path / "gainrag_model.json"
         self.name = json.loads(meta.read_text())["name"] if meta.is_file() else path.name
         self.version = f"{self.name}-{self.dtype.dtype}"  # the resolved dtype, never "auto"
+        if lora_adapter is not None:
+            model = merge_adapter(model, lora_adapter)
+            # the adapter changes every answer: it is part of the version (cache keys)
+            self.version += f"+lora-{adapter_version(lora_adapter)}"
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         self.max_input_tokens = max_input_tokens
         self._prefix, self._suffix = self._template_ids()
         # A second tokenizer for counting on the caller's thread (before admission): the one
@@ -286,6 +293,13 @@ class TransformersGenerator:
     async def close(self) -> None:
         """Stop the batcher thread."""
         await self.batcher.close()
+
+    def attach_lora(self, spec: LoraSpec) -> LoraAdapter:
+        """Inject a trainable LoRA adapter into this model in place (DRO's generator update):
+        generation and :meth:`teacher_forced_scorer` then run with it."""
+        adapter = LoraAdapter(self.model, spec)
+        self.version += "+lora-training"  # answers no longer match the base weights
+        return adapter
 
     def teacher_forced_scorer(self, *, batch_size: int = 8) -> TransformersTeacherForcedScorer:
         """This model and chat template as a ``TeacherForcedScorer`` (same weights, no copy)."""

@@ -84,3 +84,23 @@ def mstep_loss(
     w = torch.as_tensor(weights, dtype=torch.float32, device=scores.device).detach()
     logps = torch.stack([pl_log_prob(scores, z, temperature) for z in samples])
     return -(w * logps).sum()
+
+
+def merged_weights(
+    samples: Sequence[Sequence[int]], weights: Sequence[float] | torch.Tensor
+) -> list[tuple[tuple[int, ...], float]]:
+    """The distinct selections among ``samples`` with their summed weights (first-drawn order):
+    a selection drawn twice is one term of the generator's loss with twice the weight."""
+    merged: dict[tuple[int, ...], float] = {}
+    for z, w in zip(samples, torch.as_tensor(weights).tolist(), strict=True):
+        merged[tuple(z)] = merged.get(tuple(z), 0.0) + float(w)
+    return list(merged.items())
+
+
+def generator_loss(
+    log_likelihoods: torch.Tensor, weights: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """-sum_s w_s log p(answer | question, z^s): DRO's generator M-step of one question, the
+    weighted NLL of the gold answer (weights detached; log-likelihoods differentiable)."""
+    w = torch.as_tensor(weights, dtype=log_likelihoods.dtype, device=log_likelihoods.device)
+    return -(w.detach() * log_likelihoods).sum()

@@ -11,6 +11,12 @@ Per round: E-step over all questions (selector in eval mode, no gradient), then 
 rounds, gradient clipping at 1.0. A round's end is a checkpoint (``<out>.work/round-N.pt``:
 weights, optimizer, schedule, log); a rerun resumes after the last finished round. After the last
 round one more E-step measures the final estimate of log p(answer | question).
+
+Optional generator update (DRO's joint training, :class:`GeneratorUpdate`): in the same M-step
+batches a LoRA adapter on the in-process reader is trained with the weighted NLL of the gold
+answer, -sum_s w_s log p(answer | question, z^s), its own AdamW and schedule; the next E-step
+samples with the updated selector *and* scores with the updated reader. The adapter is saved in
+``<out>/generator-lora/`` (peft format; ``GAINRAG_LLM__LORA_ADAPTER`` serves it).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +36,12 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from gainrag.llm import prompts
+from gainrag.llm.lora import LoraAdapter
 from gainrag.llm.scoring import PackedReplies, TeacherForcedScorer
 from gainrag.training.dro import (
+    generator_loss,
     log_evidence,
+    merged_weights,
     mstep_loss,
     normalized_weights,
     sample_prefixes,
@@ -45,6 +54,7 @@ from gainrag.types import Passage
 log = logging.getLogger(__name__)
 
 LOG_MS = (1, 4, 8)  # sample counts whose estimate and weight variance every round logs
+GENERATOR_ADAPTER_DIR = "generator-lora"  # inside the selector checkpoint of a joint run
 
 
 @dataclass(frozen=True)
@@ -87,26 +97,53 @@ class ReaderLikelihood:
             self._golds[key] = [x for x in ids if x]
         return self._golds[key]
 
-    def log_likelihoods(self, items: Sequence[tuple[DroQuestion, Sequence[int]]]) -> list[float]:
-        """One log-likelihood per (question, selection), the passages in selection order."""
+    def _sequences(self, items: Sequence[tuple[DroQuestion, Sequence[int]]]) -> list[PackedReplies]:
         seqs = []
         for q, z in items:
             message = prompts.answer_prompt(
                 q.question, [q.passages[i] for i in z], self.max_passage_words
             )
             seqs.append(PackedReplies(self.scorer.prompt_ids(message), self._gold_ids(q.answers)))
-        out = []
-        for seq, logits in zip(seqs, self.scorer.reply_logits(seqs), strict=True):
-            per_answer = [
-                float(
-                    torch.log_softmax(x.double(), dim=-1)
-                    .gather(1, torch.as_tensor(ids)[:, None])
-                    .sum()
-                )
-                for x, ids in zip(logits, seq.replies, strict=True)
-            ]
-            out.append(max(per_answer))
-        return out
+        return seqs
+
+    def log_likelihoods(self, items: Sequence[tuple[DroQuestion, Sequence[int]]]) -> list[float]:
+        """One log-likelihood per (question, selection), the passages in selection order."""
+        seqs = self._sequences(items)
+        logits = self.scorer.reply_logits(seqs)
+        return [
+            float(_best_answer([x.double() for x in xs], seq.replies))
+            for seq, xs in zip(seqs, logits, strict=True)
+        ]
+
+    def trainable_log_likelihoods(
+        self, items: Sequence[tuple[DroQuestion, Sequence[int]]]
+    ) -> torch.Tensor:
+        """As :meth:`log_likelihoods`, differentiable in the reader's trainable weights."""
+        trainable = getattr(self.scorer, "trainable_reply_logits", None)
+        if trainable is None:
+            raise TypeError(f"{type(self.scorer).__name__} cannot train the reader")
+        seqs = self._sequences(items)
+        return torch.stack(
+            [_best_answer(xs, seq.replies) for seq, xs in zip(seqs, trainable(seqs), strict=True)]
+        )
+
+
+def _best_answer(logits: Sequence[torch.Tensor], replies: Sequence[Sequence[int]]) -> torch.Tensor:
+    """max over the gold answers of the summed log-probability of their tokens."""
+    per_answer = [
+        torch.log_softmax(x, dim=-1).gather(1, torch.as_tensor(ids, device=x.device)[:, None]).sum()
+        for x, ids in zip(logits, replies, strict=True)
+    ]
+    return torch.stack(per_answer).max()
+
+
+@dataclass
+class GeneratorUpdate:
+    """DRO's optional generator M-step: a LoRA adapter on the reader (the same model that
+    :class:`ReaderLikelihood` scores with), trained with each question's weighted NLL."""
+
+    adapter: LoraAdapter
+    lr: float = 1e-4
 
 
 def selector_scores(
@@ -224,8 +261,11 @@ def train_dro(
     show_progress: bool = True,
     log_ms: Sequence[int] = LOG_MS,
     extra_meta: dict[str, Any] | None = None,
+    generator: GeneratorUpdate | None = None,
 ) -> dict[str, Any]:
-    """Run ``cfg.rounds`` DRO rounds from ``init``; writes ``out``; returns its metadata."""
+    """Run ``cfg.rounds`` DRO rounds from ``init``; writes ``out``; returns its metadata.
+
+    ``generator``: also train the reader (a LoRA adapter) in every M-step."""
     if args.precision == "fp16" or args.deepspeed is not None:
         raise ValueError("the DRO loop runs fp32 or bf16 autocast, without DeepSpeed")
     if not questions:
@@ -245,6 +285,13 @@ def train_dro(
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(args.warmup_ratio * total_steps), total_steps
     )
+    gen_opt: torch.optim.Optimizer | None = None
+    gen_sched: Any = None
+    if generator is not None:
+        gen_opt = torch.optim.AdamW(generator.adapter.parameters(), lr=generator.lr, weight_decay=0)
+        gen_sched = get_linear_schedule_with_warmup(
+            gen_opt, int(args.warmup_ratio * total_steps), total_steps
+        )
     history: list[dict[str, Any]] = []
     first = 0
     resume = _latest_round(work)
@@ -254,6 +301,16 @@ def train_dro(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, first = state["history"], resume[0] + 1
+        if ("generator" in state) != (generator is not None):
+            raise ValueError(
+                f"{resume[1]} was written by a run {'with' if 'generator' in state else 'without'}"
+                " the generator update: rerun with the same options or remove the directory"
+            )
+        if generator is not None:
+            assert gen_opt is not None
+            generator.adapter.load_state_dict(state["generator"]["adapter"])
+            gen_opt.load_state_dict(state["generator"]["optimizer"])
+            gen_sched.load_state_dict(state["generator"]["scheduler"])
         # the M-step's dropout draws from the global generator: restoring it makes a resumed run
         # train exactly as an uninterrupted one (the E-step seeds its own generators)
         torch.set_rng_state(state["rng"])
@@ -285,6 +342,7 @@ def train_dro(
         stats = round_stats(estep, ms)
         model.train()
         losses: list[float] = []
+        gen_losses: list[float] = []
         batch_no = 0
         for epoch in range(args.epochs):
             order = list(range(len(questions)))
@@ -311,17 +369,29 @@ def train_dro(
                     ).mean()
                 (batch_loss / args.grad_accum).backward()
                 losses.append(batch_loss.item())
+                if generator is not None:
+                    # outside the selector's autocast: the reader runs in its own dtype
+                    gen_loss = _generator_batch_loss(reader, questions, estep, idx, cfg.samples)
+                    (gen_loss / args.grad_accum).backward()
+                    gen_losses.append(gen_loss.item())
                 batch_no += 1
                 if batch_no % args.grad_accum == 0 or batch_no == batches_per_round:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
+                    if generator is not None:
+                        assert gen_opt is not None
+                        torch.nn.utils.clip_grad_norm_(generator.adapter.parameters(), 1.0)
+                        gen_opt.step()
+                        gen_sched.step()
+                        gen_opt.zero_grad()
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         record = {
             "round": r + 1,
             **stats,
             "mstep_loss": sum(losses) / len(losses),
+            **({"generator_loss": sum(gen_losses) / len(gen_losses)} if gen_losses else {}),
             "seconds": round(time.perf_counter() - t0, 1),
         }
         history.append(record)
@@ -333,6 +403,13 @@ def train_dro(
             "history": history,
             "rng": torch.get_rng_state(),
         }
+        if generator is not None:
+            assert gen_opt is not None
+            state["generator"] = {
+                "adapter": generator.adapter.state_dict(),
+                "optimizer": gen_opt.state_dict(),
+                "scheduler": gen_sched.state_dict(),
+            }
         tmp = work / f"round-{r}.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(work / f"round-{r}.pt")
@@ -358,13 +435,49 @@ def train_dro(
         **(extra_meta or {}),
         "seconds_this_run": round(time.perf_counter() - started, 1),
     }
-    save_final(model, tok, out, meta, args.fp16_output)
+    extra: Callable[[Path], None] | None = None
+    if generator is not None:
+        meta["generator_update"] = {
+            **generator.adapter.describe(),
+            "lr": generator.lr,
+            "loss": "weighted-nll",
+            "adapter": GENERATOR_ADAPTER_DIR,
+            "fingerprint": generator.adapter.fingerprint(),
+        }
+        adapter = generator.adapter
+
+        def extra(directory: Path) -> None:
+            adapter.save(directory / GENERATOR_ADAPTER_DIR)
+
+    save_final(model, tok, out, meta, args.fp16_output, extra=extra)
     shutil.rmtree(work, ignore_errors=True)
     return meta
+
+
+def _generator_batch_loss(
+    reader: ReaderLikelihood,
+    questions: Sequence[DroQuestion],
+    estep: Sequence[EStep],
+    idx: Sequence[int],
+    samples: int,
+) -> torch.Tensor:
+    """The mean over a batch's questions of the weighted NLL of the gold answer under each
+    question's distinct samples (weights from the E-step, summed over repeated draws)."""
+    losses = []
+    for i in idx:
+        draws = estep[i]
+        merged = merged_weights(
+            draws.samples[:samples], normalized_weights(draws.log_likelihoods[:samples])
+        )
+        lls = reader.trainable_log_likelihoods([(questions[i], z) for z, _ in merged])
+        losses.append(generator_loss(lls, [w for _, w in merged]))
+    return torch.stack(losses).mean()
 
 
 def _describe(record: dict[str, Any], m: int) -> str:
     ev = ", ".join(f"m={k}: {v:.4f}" for k, v in record["log_evidence"].items())
     var = ", ".join(f"m={k}: {v:.4g}" for k, v in record["weight_variance"].items())
     loss = f", M-step loss {record['mstep_loss']:.4f}" if "mstep_loss" in record else ""
+    if "generator_loss" in record:
+        loss += f", generator loss {record['generator_loss']:.4f}"
     return f"dro round {record['round']}: log p(a|q) ~ {ev}; weight variance {var}{loss}"

@@ -26,7 +26,7 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -339,9 +339,15 @@ def train_selector(
 
 
 def save_final(
-    model: torch.nn.Module, tok: Any, out: Path, meta: dict[str, Any], fp16: bool
+    model: torch.nn.Module,
+    tok: Any,
+    out: Path,
+    meta: dict[str, Any],
+    fp16: bool,
+    extra: Callable[[Path], None] | None = None,
 ) -> None:
-    """Write ``out`` atomically: the model (fp16 if asked), tokenizer, gainrag_training.json."""
+    """Write ``out`` atomically: the model (fp16 if asked), tokenizer, gainrag_training.json,
+    and whatever ``extra`` writes into the directory (e.g. DRO's generator adapter)."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.eval()
@@ -349,6 +355,8 @@ def save_final(
     export.save_pretrained(tmp)  # type: ignore[operator]
     tok.save_pretrained(tmp)
     (tmp / "gainrag_training.json").write_text(json.dumps(meta, indent=2))
+    if extra is not None:
+        extra(tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -5,7 +5,8 @@ policy; the E-step samples ``--samples`` top-``--top-n`` selections and weights 
 reader's likelihood of the gold answer (self-normalised importance weights); the M-step maximises
 the weighted log-probability of the samples. Math in ``training/dro.py``, loop in
 ``training/dro_loop.py`` (DRO re-samples with the updated selector each round, which the group
-loop of ``trainer.py`` cannot do). The generator is not updated (no LoRA step).
+loop of ``trainer.py`` cannot do). ``--generator-lora`` also updates the reader in every M-step
+(weighted NLL of the gold answer through a LoRA adapter, saved in ``<out>/generator-lora/``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,20 @@ class DroInputs:
         metadata={
             "help": "relevance warm-start checkpoint (default: GAINRAG_SELECTOR__RERANK_CHECKPOINT)"
         },
+    )
+    generator_lora: bool = field(
+        default=False,
+        metadata={
+            "help": "also train the reader: a LoRA adapter, weighted NLL of the gold answer "
+            "in every M-step (saved in OUT/generator-lora)"
+        },
+    )
+    generator_lr: float = field(default=1e-4, metadata={"help": "learning rate of the adapter"})
+    lora_rank: int = field(default=8, metadata={"help": "rank of the reader's LoRA adapter"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scale numerator (alpha / rank)"})
+    lora_targets: str = field(
+        default="q_proj,v_proj",
+        metadata={"help": "comma-separated module names of the reader that get LoRA layers"},
     )
 
 
@@ -105,8 +120,17 @@ class Dro(Recipe):
 
     def run(self, settings: Settings, args: argparse.Namespace) -> None:
         """Retrieve, load the reader, and run the DRO rounds (``training/dro_loop.py``)."""
+        import torch
+
+        from gainrag.llm.lora import LoraSpec, targets_from
         from gainrag.llm.transformers_backend import TransformersGenerator
-        from gainrag.training.dro_loop import DroQuestion, DroSettings, ReaderLikelihood, train_dro
+        from gainrag.training.dro_loop import (
+            DroQuestion,
+            DroSettings,
+            GeneratorUpdate,
+            ReaderLikelihood,
+            train_dro,
+        )
         from gainrag.training.registry import from_args
         from gainrag.weights import prepare_llm
 
@@ -121,6 +145,12 @@ class Dro(Recipe):
         # The likelihoods need the reader's token-level scores: the in-process model of the
         # settings (as gain-signals), whatever backend serves answers.
         gen = TransformersGenerator(prepare_llm(llm.model, llm.models_dir), dtype=llm.dtype)
+        reader_version = gen.version
+        generator = None
+        if inputs.generator_lora:
+            spec = LoraSpec(inputs.lora_rank, inputs.lora_alpha, targets_from(inputs.lora_targets))
+            torch.manual_seed(targs.seed)  # the adapter's initial weights: reproducible runs
+            generator = GeneratorUpdate(gen.attach_lora(spec), lr=inputs.generator_lr)
         reader = ReaderLikelihood(
             gen.teacher_forced_scorer(), max_passage_words=llm.max_passage_words
         )
@@ -141,8 +171,9 @@ class Dro(Recipe):
             extra_meta={
                 "config": self.config(targs),
                 "inputs": self.describe_inputs(inputs),
-                "reader": gen.version,
+                "reader": reader_version,  # the base weights the adapter (if any) starts from
             },
+            generator=generator,
         )
         first, last = meta["rounds"][0], meta["final"]
         m = str(inputs.samples)
@@ -150,6 +181,8 @@ class Dro(Recipe):
             f"selector checkpoint -> {args.out} ({len(meta['rounds'])} rounds, log p(a|q) "
             f"m={m}: {first['log_evidence'][m]:.4f} -> {last['log_evidence'][m]:.4f})"
         )
+        if generator is not None:
+            print(f"reader LoRA adapter -> {args.out / 'generator-lora'}")
 
 
 RECIPE = Dro()
