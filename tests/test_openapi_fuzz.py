@@ -77,11 +77,16 @@ def schemathesis_run(service: Service, examples: int, tmp_path: Path, *args: str
         str(exe), "--config-file", str(CONFIG), "run", service.url + "/openapi.json",
         "--checks", "all",
         "--max-examples", str(examples), "--seed", "1", "--workers", "1",
-        "--request-timeout", "120", "--suppress-health-check", "all",
+        "--request-timeout", "120", "--max-response-time", "120",
+        "--suppress-health-check", "all",
         "--report", "junit", "--report-dir", str(tmp_path), *args,
     ]  # fmt: skip
     # CLI, not the pytest plugin: its lazy fixture loader uses pytest internals that pytest 9
     # removed. A fixed seed makes a failure reproducible with the same command.
+    # `--checks all` includes max_response_time with a 10 s default: a latency assertion, which
+    # failed on a slower 2-core CPU (an AVX2-only EPYC: 19 s for a top_n 9 answer with the
+    # in-process SmolLM2). Latency is measured by the benchmarks; here it only has to finish
+    # within the request timeout.
     run = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ}
     )
