@@ -229,11 +229,14 @@ def test_one_generator_step_raises_the_likelihood_under_the_weighted_selection(
     opt.step()
     after = reader.log_likelihoods([(q, [0]), (q, [1])])
     assert after[1] > base[1] + 1e-3
-    moved = [
-        k
+    # peft moves a wrapped layer's weight to "<layer>.base_layer.weight"
+    now = {
+        k.replace(".base_layer", ""): v
         for k, v in gen.model.state_dict().items()
-        if k in frozen and not torch.equal(v, frozen[k])
-    ]
+        if "lora_" not in k
+    }
+    assert now.keys() == frozen.keys()
+    moved = [k for k, v in now.items() if not torch.equal(v, frozen[k])]
     assert moved == []  # the base weights are frozen; the adapter holds the update
     adapter.save(tmp_path / "lora")
     assert sorted(x.name for x in (tmp_path / "lora").iterdir()) == [
