@@ -10,7 +10,6 @@ reader. Saved in peft's own format (``adapter_config.json`` + ``adapter_model.sa
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,7 +121,6 @@ def merge_adapter(model: torch.nn.Module, directory: Path) -> Any:
     return PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
 
 
-def targets_from(text: str | Sequence[str]) -> tuple[str, ...]:
+def targets_from(text: str) -> tuple[str, ...]:
     """``"q_proj,v_proj"`` (a CLI value) as a tuple of module names."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    return tuple(t.strip() for t in items if t.strip())
+    return tuple(t.strip() for t in text.split(",") if t.strip())
