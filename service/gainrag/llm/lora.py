@@ -112,6 +112,13 @@ def adapter_version(directory: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:8]
 
 
+def version_suffix(directory: Path) -> str:
+    """What a served generator's version gains with the adapter at ``directory`` merged in
+    (``+lora-<hash of the weights file>``); training records write the same string, so a served
+    version can be looked up in the record that made it."""
+    return f"+lora-{adapter_version(directory)}"
+
+
 def merge_adapter(model: torch.nn.Module, directory: Path) -> Any:
     """``model`` with the adapter at ``directory`` merged into its weights (serving pays no
     LoRA matmuls; the merge is exact up to the base dtype's rounding)."""

@@ -33,7 +33,7 @@ from gainrag import telemetry
 from gainrag.batching import MicroBatcher
 from gainrag.errors import ValidationFailedError
 from gainrag.hardware import linear_shapes, resolve_dtype
-from gainrag.llm.lora import LoraAdapter, LoraSpec, adapter_version, merge_adapter
+from gainrag.llm.lora import LoraAdapter, LoraSpec, merge_adapter, version_suffix
 from gainrag.llm.scoring import TransformersTeacherForcedScorer
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class TransformersGenerator:
         if lora_adapter is not None:
             model = merge_adapter(model, lora_adapter)
             # the adapter changes every answer: it is part of the version (cache keys)
-            self.version += f"+lora-{adapter_version(lora_adapter)}"
+            self.version += version_suffix(lora_adapter)
         self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         self.max_input_tokens = max_input_tokens
         self._prefix, self._suffix = self._template_ids()

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from gainrag.llm import prompts
-from gainrag.llm.lora import LoraAdapter
+from gainrag.llm.lora import LoraAdapter, version_suffix
 from gainrag.llm.scoring import PackedReplies, TeacherForcedScorer
 from gainrag.training.dro import (
     generator_loss,
@@ -442,12 +442,16 @@ def train_dro(
             "lr": generator.lr,
             "loss": "weighted-nll",
             "adapter": GENERATOR_ADAPTER_DIR,
+            # a hash of the weights in memory (a resumed run must reach the same one)
             "fingerprint": generator.adapter.fingerprint(),
         }
         adapter = generator.adapter
+        record = meta["generator_update"]
 
         def extra(directory: Path) -> None:
             adapter.save(directory / GENERATOR_ADAPTER_DIR)
+            # the suffix serving appends to the generator's version (a hash of the saved file)
+            record["served_version"] = version_suffix(directory / GENERATOR_ADAPTER_DIR)
 
     save_final(model, tok, out, meta, args.fp16_output, extra=extra)
     shutil.rmtree(work, ignore_errors=True)

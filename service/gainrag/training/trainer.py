@@ -346,17 +346,18 @@ def save_final(
     fp16: bool,
     extra: Callable[[Path], None] | None = None,
 ) -> None:
-    """Write ``out`` atomically: the model (fp16 if asked), tokenizer, gainrag_training.json,
-    and whatever ``extra`` writes into the directory (e.g. DRO's generator adapter)."""
+    """Write ``out`` atomically: the model (fp16 if asked), tokenizer, whatever ``extra`` writes
+    into the directory (e.g. DRO's generator adapter), then gainrag_training.json (last, so
+    ``extra`` can add what it wrote to ``meta``)."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.eval()
     export = model.half() if fp16 else model
     export.save_pretrained(tmp)  # type: ignore[operator]
     tok.save_pretrained(tmp)
-    (tmp / "gainrag_training.json").write_text(json.dumps(meta, indent=2))
     if extra is not None:
         extra(tmp)
+    (tmp / "gainrag_training.json").write_text(json.dumps(meta, indent=2))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
