@@ -2,7 +2,9 @@
 
 Under each table, the trained selectors are compared with the baselines question by question, on
 acc (GainRAG's cover-EM) and on EM: how many questions each preset gets right where the baseline
-does not (and the reverse), with the exact sign test's two-sided p.
+does not (and the reverse), with the exact sign test's two-sided p. ``--versus DIR`` adds, per
+preset found in both directories, the same comparison of this run against the other one over
+the questions both answered (e.g. top_n 5 on a slice against the full top_n 1 run).
 """
 
 from __future__ import annotations
@@ -76,19 +78,60 @@ def paired_table(reports: dict[str, dict[str, Any]], metric: str = "em") -> str:
     return "\n".join(head + rows)
 
 
+def versus_table(
+    reports: dict[str, dict[str, Any]], others: dict[str, dict[str, Any]], label: str
+) -> str:
+    """Each preset of ``reports`` against the same preset in ``others`` (another run), on the
+    questions both hold, acc and EM ("" if no preset is in both)."""
+    rows = []
+    for preset, report in reports.items():
+        if preset not in others:
+            continue
+        for metric in METRICS:
+            mine = scores_by_id(report, metric)
+            theirs = scores_by_id(others[preset], metric)
+            common = mine.keys() & theirs.keys()
+            wins, losses, p = paired_em(
+                {i: mine[i] for i in common}, {i: theirs[i] for i in common}
+            )
+            mean_a = 100 * sum(mine[i] for i in common) / max(1, len(common))
+            mean_b = 100 * sum(theirs[i] for i in common) / max(1, len(common))
+            rows.append(
+                f"| `{preset}` | {metric} | {len(common)} | {mean_a:.1f} | {mean_b:.1f} "
+                f"| {wins} | {losses} | {p:.3f} |"
+            )
+    if not rows:
+        return ""
+    head = [
+        f"| preset | metric | questions | this run | {label} | only this run | only {label} "
+        "| sign test p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(head + rows)
+
+
+def load_reports(directory: Path, name: str) -> dict[str, dict[str, Any]]:
+    """Preset -> report of ``directory/eval_<name>_<preset>.json``, presets in table order."""
+    reports = {}
+    for preset in ORDER:
+        path = directory / f"eval_{name}_{preset}.json"
+        if path.exists():
+            reports[preset] = json.loads(path.read_text())
+    return reports
+
+
 def main() -> None:
     """One markdown table per dev set, presets in a fixed order, then the paired comparisons."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--sets", nargs="+", default=["nq_dev", "squad_dev"])
     p.add_argument("--dir", type=Path, default=RESULTS, help="where the eval JSON files are")
+    p.add_argument(
+        "--versus", type=Path, help="another run's directory to compare each preset with"
+    )
     args = p.parse_args()
     assert set(ORDER) == set(PRESETS)
     for name in args.sets:
-        reports = {}
-        for preset in ORDER:
-            path = args.dir / f"eval_{name}_{preset}.json"
-            if path.exists():
-                reports[preset] = json.loads(path.read_text())
+        reports = load_reports(args.dir, name)
         if reports:
             ks = sorted({r["settings"]["k"] for r in reports.values()})
             ns = sorted({r["n"] for r in reports.values()})
@@ -99,6 +142,11 @@ def main() -> None:
                 paired = paired_table(reports, metric)
                 if paired:
                     print(paired)
+                    print()
+            if args.versus is not None:
+                versus = versus_table(reports, load_reports(args.versus, name), str(args.versus))
+                if versus:
+                    print(versus)
                     print()
 
 

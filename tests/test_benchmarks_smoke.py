@@ -155,9 +155,10 @@ def test_memory_bandwidth_small_buffer() -> None:
     assert bench_llm.gemv_bandwidth(1 << 20, 64, 1, 2, "cpu", torch.float32) > 0
 
 
-def _eval_tables(results: Path) -> subprocess.CompletedProcess[str]:
+def _eval_tables(results: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    args = ["--dir", str(results), "--sets", "nq_dev", *extra]
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.eval_tables", "--dir", str(results), "--sets", "nq_dev"],
+        [sys.executable, "-m", "benchmarks.eval_tables", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -201,6 +202,28 @@ def test_eval_tables_pairs_presets_question_by_question(tmp_path: Path) -> None:
     # acc is paired too: the predictions did not change, so no question differs
     assert "| acc (cover-EM), question by question |" in out.stdout
     assert "| `rerank` vs `retrieval` | 0 | 0 | 1.000 |" in out.stdout
+
+
+def test_eval_tables_versus_compares_a_slice_with_another_run(tmp_path: Path) -> None:
+    full = json.loads((BENCH / "results" / "eval_nq_dev_retrieval.json").read_text())
+    for i, r in enumerate(full["records"]):  # a known pattern: every third question right
+        r["em"] = 1.0 if i % 3 == 0 else 0.0
+        r["prediction"], r["answers"] = ("yes", ["yes"]) if i % 3 == 0 else ("no", ["yes"])
+    part = json.loads(json.dumps(full))
+    part["records"] = part["records"][:10]  # the slice: questions 0..9 (0, 3, 6, 9 right)
+    for r in part["records"][1:3]:  # the slice gets 1 and 2 right as well ...
+        r["em"], r["prediction"] = 1.0, "yes"
+    part["records"][9]["em"], part["records"][9]["prediction"] = 0.0, "no"  # ... and loses 9
+    (tmp_path / "full").mkdir()
+    (tmp_path / "slice").mkdir()
+    (tmp_path / "full" / "eval_nq_dev_retrieval.json").write_text(json.dumps(full))
+    (tmp_path / "slice" / "eval_nq_dev_retrieval.json").write_text(json.dumps(part))
+    out = _eval_tables(tmp_path / "slice", "--versus", str(tmp_path / "full"))
+    # only the 10 shared questions: 5 / 10 right vs 4 / 10; 2 wins, 1 loss: p = 2 * 4 / 8 = 1.0
+    label = str(tmp_path / "full")
+    assert f"| preset | metric | questions | this run | {label} |" in out.stdout, out.stdout
+    assert "| `retrieval` | acc | 10 | 50.0 | 40.0 | 2 | 1 | 1.000 |" in out.stdout, out.stdout
+    assert "| `retrieval` | em | 10 | 50.0 | 40.0 | 2 | 1 | 1.000 |" in out.stdout, out.stdout
 
 
 def test_make_eval_qwen_runs_the_eval_loop_with_qwen_into_its_own_directory() -> None:
