@@ -28,6 +28,7 @@ import numpy as np
 from benchmarks.common import ROOT, rel, table, write_result
 from gainrag.config import Settings
 from gainrag.retrieval.encoder import BiEncoder
+from gainrag.types import Passage
 
 
 def analyse(rows: list[dict[str, Any]], cosines: np.ndarray) -> dict[str, Any]:
@@ -64,9 +65,16 @@ def main() -> None:
     rows = [r for r in rows if any(c["pseudo"] for c in r["candidates"])]
     encoder = BiEncoder.from_settings(Settings().retrieval, dtype="float32")
     questions = encoder.encode([r["question"] for r in rows])
-    # the candidate text the retriever would have embedded (empty title for the pseudo-passage)
+    # the candidate text the index embeds for a passage (build_index), here for the pseudo-passage
     pseudo = encoder.encode(
-        [next(f"{c['title']}\n{c['text']}" for c in r["candidates"] if c["pseudo"]) for r in rows]
+        [
+            next(
+                Passage(id=c["id"], title=c["title"], text=c["text"], pseudo=True)
+                for c in r["candidates"]
+                if c["pseudo"]
+            ).as_candidate_text()
+            for r in rows
+        ]
     )
     cosines = (questions * pseudo).sum(axis=1)
     found = analyse(rows, cosines)
