@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from gainrag.llm.shared_prefix import SharedPrefixScorer
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,13 @@ class TransformersTeacherForcedScorer:
     def reply_logits(self, seqs: Sequence[PackedReplies]) -> list[list[torch.Tensor]]:
         """For each sequence and each of its replies, the (len(reply), vocab) float32 logits."""
         return [[x.cpu() for x in row] for row in self._logits(seqs)]
+
+    def shared_prefix(self, *, token_budget: int = 2048) -> SharedPrefixScorer:
+        """This model as a :class:`SharedPrefixScorer` (offline jobs that score many prompts
+        sharing passages: each distinct prefix is computed once)."""
+        from gainrag.llm.shared_prefix import SharedPrefixScorer  # it imports this module
+
+        return SharedPrefixScorer(self._model, token_budget=token_budget)
 
     def trainable_reply_logits(self, seqs: Sequence[PackedReplies]) -> list[list[torch.Tensor]]:
         """As :meth:`reply_logits`, with the autograd graph kept and on the model's device: for

@@ -54,8 +54,13 @@ def make_group(row: dict[str, Any], group_size: int, rng: random.Random) -> dict
     }
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a gain-signals file."""
+def read_rows(path: Path, corpus: Path = Path("data/corpus.jsonl")) -> list[dict[str, Any]]:
+    """The rows of a gain-signals file, or of a shard directory (``gain-shards``; texts joined
+    from ``corpus``)."""
+    if path.is_dir():
+        from gainrag.training.signals.gain_shards import expand_rows
+
+        return expand_rows(path, corpus)
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -148,7 +153,9 @@ def write_groups(
     """
     if group_size < 2:
         raise ValueError("group_size must be at least 2 (one positive, one negative)")
-    rows = read_rows(src)
+    rows = read_rows(
+        src, settings.retrieval.corpus if settings is not None else Path("data/corpus.jsonl")
+    )
     kept = rows
     out.parent.mkdir(parents=True, exist_ok=True)
     if filter_with_reader:
@@ -175,7 +182,12 @@ class SelectorData(Job):
     summary = "gain signals -> distillation groups (the distill recipe's input)"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--input", type=Path, required=True, help="gain-signals JSONL")
+        parser.add_argument(
+            "--input",
+            type=Path,
+            required=True,
+            help="gain-signals JSONL, or a gain-shards directory",
+        )
         parser.add_argument("--output", type=Path, required=True, help="groups JSONL")
         parser.add_argument("--group-size", type=int, default=16)
         parser.add_argument("--seed", type=int, default=0)
