@@ -19,7 +19,13 @@ from gainrag.training.signals import jobs
 
 def test_registry_finds_every_recipe_and_job() -> None:
     assert list(recipes()) == ["contrastive", "distill", "dro", "radio"]
-    assert list(jobs()) == ["gain-signals", "merge-signals", "rationales", "selector-data"]
+    assert list(jobs()) == [
+        "gain-shards",
+        "gain-signals",
+        "merge-signals",
+        "rationales",
+        "selector-data",
+    ]
     assert {r.loss for r in recipes().values()} == {"infonce", "kl", "weighted-plackett-luce"}
 
 
