@@ -240,3 +240,30 @@ def test_make_eval_qwen_runs_the_eval_loop_with_qwen_into_its_own_directory() ->
     assert "GAINRAG_LLM__MODEL=qwen2.5-coder-0.5b GAINRAG_RETRIEVAL__K=20" in loop
     assert "--limit 200" in loop and "for p in gainrag" in loop
     assert "--output benchmarks/results/qwen/eval_" in loop
+
+
+def test_gain_signal_stats_by_hand(tmp_path: Path) -> None:
+    from benchmarks import gain_signal_stats as gss
+
+    def row(qid: str, ppls: dict[str, float], answer: set[str]) -> str:
+        cands = [
+            {"id": c, "ppl": p, "has_answer": c in answer, "retrieval_rank": i}
+            for i, (c, p) in enumerate(ppls.items())
+        ]
+        return json.dumps({"id": qid, "candidates": cands, "scorer": "s"}) + "\n"
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(
+        row("q1", {"x": 3.0, "y": 1.0, "z": 2.0}, {"y"}) + row("q2", {"x": 1.0, "y": 2.0}, {"x"})
+    )
+    b.write_text(row("q1", {"x": 1.0, "y": 2.0, "z": 3.0, "w": 0.5}, {"y"}))
+    sa, sb = gss.load(a), gss.load(b)
+    d = gss.describe(sa)
+    # q1: best y (has answer, not top-1 x); q2: best x (has answer, top-1)
+    assert d["best_has_answer"] == 1.0 and d["top1_has_answer"] == 0.5
+    assert d["best_is_top1"] == 0.5 and d["best_is_pseudo"] == 0.0
+    # q1 only, over x, y, z: a ranks y < z < x, b ranks x < y < z -> rho = -0.5; bests differ
+    agree = gss.agreement(sa, sb)
+    assert agree["questions"] == 1 and agree["same_best"] == 0.0
+    assert agree["spearman_mean"] == pytest.approx(-0.5)
+    assert gss.spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)

@@ -52,6 +52,8 @@ def test_plan_shares_the_root_and_passages_seen_twice() -> None:
     same = [PackedReplies(head + p1, [[7]]), PackedReplies(head + p1, [[8]])]
     plan = plan_prefixes(same, ["p", "p"])
     assert plan.root == 22 and plan.nodes == [] and plan.tokens(same) == 22 + 2 * 2
+    with pytest.raises(ValueError, match="prompt token"):
+        plan_prefixes([PackedReplies([], [[7]])], [None])
 
 
 def test_cluster_shards_groups_questions_that_share_passages() -> None:

@@ -79,6 +79,8 @@ def plan_prefixes(
     """
     if not seqs:
         return ScoringPlan(0, [], [])
+    if any(not s.prompt for s in seqs):
+        raise ValueError("every sequence needs a prompt token (it predicts the first reply token)")
     root = min(len(s.prompt) - 1 for s in seqs)
     first = seqs[0].prompt
     for s in seqs[1:]:
