@@ -239,6 +239,19 @@ def test_build_context_and_local_build_inputs() -> None:
         assert (REPO_ROOT / d / "README.md").exists()
 
 
+def test_base_images_can_be_replaced_for_hosts_without_docker_hub() -> None:
+    """Compose keeps the official images by default; env vars swap in Debian-built ones."""
+    spec = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    services = spec["services"]
+    for name in ("gateway", "index-cpu", "retriever-cpu", "selector-cpu", "llm-cpu", "gateway-cpu"):
+        base = services[name]["build"]["args"]["BASE_IMAGE"]
+        assert base == "${PYTHON_BASE_IMAGE:-python:3.11-slim}", name
+    assert services["redis"]["image"] == "${REDIS_IMAGE:-redis:7.4-alpine}"
+    # Debian's redis-server starts in protected mode: the gateway could not connect.
+    assert services["redis"]["command"][1:3] == ["--protected-mode", "no"]
+    assert services["prometheus"]["image"] == "${PROMETHEUS_IMAGE:-prom/prometheus:v3.5.0}"
+
+
 def test_prometheus_scrapes_the_three_services() -> None:
     cfg = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
     targets = {
