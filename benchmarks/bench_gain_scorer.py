@@ -154,7 +154,6 @@ def main() -> None:
     useful_tokens = sum(len(s) for s in seqs)
     useful_flop = 2 * decoder_params * useful_tokens + 2 * embed * answer_tokens
 
-    torch.set_num_threads(torch.get_num_threads())
     peak = matmul_peak([1024, 2048, 4096], reps=5, dtype=getattr(torch, tf.dtype))
 
     t = time.perf_counter()

@@ -42,17 +42,22 @@ def load(path: Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for row in rows:
         cands = {}
+        text = None
         for c in row["candidates"]:
             if not math.isfinite(c["ppl"]):
                 continue
             rank = c.get("rank", c.get("retrieval_rank"))
-            cid = PSEUDO_ID if c.get("pseudo") or c["id"] == PSEUDO_ID else c["id"]
+            pseudo = bool(c.get("pseudo")) or c["id"] == PSEUDO_ID
+            cid = PSEUDO_ID if pseudo else c["id"]
             cands[cid] = {"ppl": c["ppl"], "has_answer": c["has_answer"], "rank": rank}
-        out[str(row["id"])] = {"candidates": cands, "scorer": row.get("scorer")}
+            if pseudo:
+                text = c.get("text", row.get("pseudo_passage"))
+        out[str(row["id"])] = {"candidates": cands, "scorer": row.get("scorer"), "pseudo": text}
     return out
 
 
 def best(cands: dict[str, dict[str, Any]]) -> str:
+    """The id of the lowest-PPL candidate."""
     return min(cands, key=lambda c: cands[c]["ppl"])
 
 
@@ -88,6 +93,8 @@ def agreement(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> dic
     for q in shared_q:
         ca, cb = a[q]["candidates"], b[q]["candidates"]
         ids = sorted(set(ca) & set(cb))
+        if a[q]["pseudo"] != b[q]["pseudo"]:  # two writers' pseudo-passages are two candidates
+            ids = [i for i in ids if i != PSEUDO_ID]
         if len(ids) < 3:
             continue
         n += 1

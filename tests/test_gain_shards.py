@@ -17,7 +17,13 @@ from gainrag.llm.scoring import PackedReplies
 from gainrag.llm.shared_prefix import SharedPrefixScorer, plan_prefixes
 from gainrag.pipeline import Components
 from gainrag.training.gain import GainItem, GainScorer
-from gainrag.training.signals.gain_shards import cluster_shards, commit_shard, expand_rows
+from gainrag.training.signals.gain_shards import (
+    cluster_shards,
+    commit_pending,
+    commit_shard,
+    expand_rows,
+    publish,
+)
 from gainrag.types import PSEUDO_ID, Passage
 
 Q1 = "who got the first nobel prize in physics"
@@ -80,7 +86,7 @@ def test_shared_prefix_logits_equal_each_sequence_alone(scorer: GainScorer) -> N
     ]
     groups = [None, "g", "g", "b"]
     got: dict[int, list[torch.Tensor]] = {}
-    # a small budget: several batches, parents of different lengths padded together
+    # a small budget: several batches (the node's leaves and the root's leaves apart)
     plan = SharedPrefixScorer(model, token_budget=96).score(
         seqs, groups, lambda i, x: got.__setitem__(i, x)
     )
@@ -110,8 +116,11 @@ def test_score_questions_equals_passage_ppls(
         return plans[-1]
 
     monkeypatch.setattr(shared_prefix.SharedPrefixScorer, "score", spy)
-    got = scorer.score_questions(items, 0.5, token_budget=128)
+    # a budget that batches the leaves of both nodes together: parents of different lengths
+    # padded into one cache
+    got = scorer.score_questions(items, 0.5, token_budget=4096)
     assert len(plans[0].nodes) == 2  # GOOD and BAD are each seen by both questions
+    assert plans[0].nodes[0][1] != plans[0].nodes[1][1]
     for it, res in zip(items, got, strict=True):
         want = scorer.passage_ppls(it.question, it.passages, it.answers, 0.5)
         assert res.ppls == pytest.approx(want, rel=1e-4)
@@ -165,16 +174,27 @@ def test_gain_shards_job_resumes_by_shard_and_feeds_selector_data(
         for s in (0, 1)
         for line in (out / f"shard-{s:04d}.jsonl").read_text().splitlines()
     ]
+    assert not list(out.glob("*.tmp"))
     assert [r["id"] for r in rows] == [q for s in manifest["shards"] for q in s]
     for row in rows:
         assert row["k"] == 3 and row["alpha"] == 0.5 and row["scorer_dtype"] == "float32"
         assert row["scorer"] == "smollm2-135m-float32" and len(row["model_sha256"]) == 64
         retrieved = [c for c in row["candidates"] if c["id"] != PSEUDO_ID]
         assert [c["rank"] for c in retrieved] == [0, 1, 2]
-        assert all(c["ppl"] >= 1.0 and c["nll"] > 0 for c in row["candidates"])
+        assert row["answers"] == next(q["answers"] for q in dev_questions if q["id"] == row["id"])
+        # the candidates scored are the manifest's, fixed when it was made
+        assert [c["id"] for c in retrieved] == [x[0] for x in manifest["candidates"][row["id"]]]
+        # contrastive PPL >= 1 always; the plain NLL equals it only at alpha 0
+        assert all(math.isfinite(c["ppl"]) and c["nll"] > 0 for c in row["candidates"])
         assert (row["pseudo_passage"] is None) == (len(row["candidates"]) == 3)
-    # another k is another set of shards: refused, not mixed in
+    # another k is another set of shards, another alpha other labels: refused, not mixed in
+    capsys.readouterr()
     assert main([*args[:-4], "--k", "4", "--shard-size", "2", "--dir", str(out)]) != 0
+    assert "made with other settings (k: manifest 3, run 4)" in capsys.readouterr().err
+    (out / "shard-0001.jsonl").unlink()
+    assert main([*args, "--alpha", "0.3"]) != 0
+    assert "other settings (alpha: shard 0 0.5, run 0.3)" in capsys.readouterr().err
+    assert main(args) == 0  # the same settings redo the missing shard
     # expanded back to full rows: texts from the corpus, the same numbers
     full = expand_rows(out, small_corpus)
     corpus = {json.loads(x)["id"]: json.loads(x) for x in small_corpus.read_text().splitlines()}
@@ -190,6 +210,13 @@ def test_gain_shards_job_resumes_by_shard_and_feeds_selector_data(
     sel = ["train", "selector-data", "--input", str(out), "--output", str(groups)]
     assert main([*sel, "--group-size", "3"]) == 0
     assert len(groups.read_text().splitlines()) == 3
+
+
+def test_publish_never_overwrites_a_finished_shard(tmp_path: Path) -> None:
+    out = tmp_path / "shard-0000.jsonl"
+    assert publish(out, "first\n")
+    assert not publish(out, "second\n")  # another process got there first: theirs is kept
+    assert out.read_text() == "first\n" and sorted(tmp_path.iterdir()) == [out]
 
 
 def test_commit_shard_commits_only_that_file(tmp_path: Path) -> None:
@@ -212,3 +239,11 @@ def test_commit_shard_commits_only_that_file(tmp_path: Path) -> None:
         "shard-0000.jsonl",
     ]
     assert "other.txt" in git("diff", "--cached", "--name-only")
+
+    assert not commit_shard(shard, "nothing new")  # no retry loop for "nothing to commit"
+    # a run killed after writing a shard and before committing it: the next run commits it
+    late = tmp_path / "shard-0001.jsonl"
+    late.write_text('{"id": "r"}\n')
+    (tmp_path / "manifest.json").write_text("{}\n")
+    assert commit_pending(tmp_path) == 2
+    assert git("status", "--porcelain", "--", "shard-0001.jsonl", "manifest.json") == ""

@@ -142,6 +142,7 @@ class SharedPrefixScorer:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The model's weight dtype (the additive mask's dtype)."""
         return next(self._model.parameters()).dtype
 
     @torch.inference_mode()
@@ -164,11 +165,14 @@ class SharedPrefixScorer:
         if not seqs:
             return plan or ScoringPlan(0, [], [])
         plan = plan or plan_prefixes(seqs, groups)
+        if any(g is None and k is not None for g, k in zip(groups, plan.node_of, strict=True)):
+            # the sequences with no group run first, on the root: callers rely on that order
+            raise ValueError("a sequence without a group cannot hang from a node")
         root_ids = list(seqs[0].prompt[: plan.root])
         root = self._run_nodes([None], [root_ids])[0] if root_ids else None
         on_root = [i for i, k in enumerate(plan.node_of) if k is None]
-        grouped = sorted(on_root, key=lambda i: (groups[i] is not None, len(seqs[i])))
-        self._run_leaves(seqs, grouped, [(root, plan.root)] * len(seqs), sink)
+        baselines_first = sorted(on_root, key=lambda i: (groups[i] is not None, len(seqs[i])))
+        self._run_leaves(seqs, baselines_first, [(root, plan.root)] * len(seqs), sink)
         if not plan.nodes:
             return plan
         node_len = [n for _, n in plan.nodes]
@@ -304,6 +308,7 @@ class SharedPrefixScorer:
 
 
 def _empty_cache() -> object:
+    """A fresh key/value cache, so a pass with no parent still returns its keys and values."""
     from transformers import DynamicCache
 
     return DynamicCache()

@@ -63,8 +63,9 @@ class GainItem:
 
 @dataclass(frozen=True)
 class GainResult:
-    """Per candidate: contrastive PPL and plain mean NLL (each the best over gold answers);
-    the closed-book mean NLL of the best gold answer."""
+    """Per candidate: contrastive PPL and plain mean NLL, each the minimum over the gold answers
+    taken on its own (the two minima may come from different answers); the closed-book mean NLL,
+    likewise the minimum over the answers."""
 
     ppls: list[float]
     nlls: list[float]
@@ -140,6 +141,7 @@ class GainScorer:
                 groups.append(("pseudo", p.text) if p.pseudo else ("passage", p.id))
                 owner.append((qi, ci))
         closed: dict[int, list[torch.Tensor]] = {}
+        pending = [len(it.passages) for it in items]  # pairs left before closed[qi] can go
         ppls = [[float("nan")] * len(it.passages) for it in items]
         nlls = [[float("nan")] * len(it.passages) for it in items]
         closed_nll = [float("nan")] * len(items)
@@ -157,6 +159,9 @@ class GainScorer:
                 for w, wo, a in zip(logits, without, g, strict=True)
             )
             nlls[qi][ci] = min(answer_nll(x, a) for x, a in zip(logits, g, strict=True))
+            pending[qi] -= 1
+            if not pending[qi]:  # full-vocabulary logits: a shard's would not fit in memory
+                del closed[qi]
 
         shared.score(seqs, groups, sink)
         return [GainResult(p, n, c) for p, n, c in zip(ppls, nlls, closed_nll, strict=True)]

@@ -24,11 +24,13 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import subprocess
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gainrag.config import Settings
 from gainrag.errors import ConfigurationError
@@ -38,6 +40,11 @@ from gainrag.training.questions import question_args, training_questions
 from gainrag.training.registry import Job
 from gainrag.training.signals.gain_signals import add_shard_argument, scorer_weights
 from gainrag.types import PSEUDO_ID, Passage
+from gainrag.util import file_sha256
+
+if TYPE_CHECKING:
+    from gainrag.training.gain import GainResult
+    from gainrag.types import Retrieved
 
 log = logging.getLogger(__name__)
 
@@ -116,55 +123,140 @@ def make_manifest(
     groups = cluster_shards([[h.passage.id for h in hs] for hs in hits], shard_size)
     return {
         "questions": [str(p) for p in files],
+        "questions_sha256": [file_sha256(p) for p in files],
         "limit": limit,
         "seed": seed,
         "k": k,
         "shard_size": shard_size,
         "index_version": retriever.version,
+        "retriever": retriever.name,
         "shards": [[str(questions[i]["id"]) for i in g] for g in groups],
+        "candidates": candidate_table(questions, hits),
     }
 
 
+def candidate_table(questions: list[dict[str, Any]], hits: list[list[Any]]) -> dict[str, Any]:
+    """Each question's retrieved ids and scores, fixed in the manifest: a run on another machine
+    (another query-encoder dtype) scores exactly these candidates, not its own top-k."""
+    return {
+        str(q["id"]): [[h.passage.id, round(float(h.score), 6)] for h in hs]
+        for q, hs in zip(questions, hits, strict=True)
+    }
+
+
+def fixed_candidates(index: Any, table: list[list[Any]]) -> list[Any]:
+    """The manifest's candidates of one question as ``Retrieved`` hits of ``index``."""
+    from gainrag.types import Retrieved
+
+    out = []
+    for rank, (pid, score) in enumerate(table):
+        pos = index.position(pid)
+        if pos is None:
+            raise ConfigurationError(f"passage {pid} of the manifest is not in the index")
+        out.append(Retrieved(index.passages[pos], rank, float(score)))
+    return out
+
+
 def load_manifest(directory: Path) -> dict[str, Any] | None:
+    """The directory's manifest, None if it has none yet."""
     path = directory / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def check_manifest(manifest: dict[str, Any], files: list[Path], args: dict[str, Any]) -> None:
     """A directory's manifest must match the run's questions and settings (no silent mix)."""
-    want = {"questions": [str(p) for p in files], **args}
+    want: dict[str, Any] = {"questions": [str(p) for p in files], **args}
+    if "questions_sha256" in manifest:  # the same paths with other contents are other questions
+        want["questions_sha256"] = [file_sha256(p) for p in files]
     diff = {key: (manifest.get(key), v) for key, v in want.items() if manifest.get(key) != v}
     if diff:
         detail = "; ".join(f"{key}: manifest {a!r}, run {b!r}" for key, (a, b) in diff.items())
         raise ConfigurationError(f"the shard directory was made with other settings ({detail})")
 
 
-def commit_shard(path: Path, message: str, attempts: int = 5) -> bool:
-    """``git commit`` this one file (other staged changes stay staged); retried while another
-    git command holds the index lock. Returns whether it committed."""
+# Row fields that must be equal across a directory's shards: a shard scored with another alpha,
+# scorer weights, prompt, index or without the pseudo-passage would label other things. The
+# dtype may differ (a machine without bf16 scores in fp32): every row records its own.
+SAME_IN_EVERY_SHARD = ("alpha", "k", "model_sha256", "prompt_version", "index_version")
+
+
+def check_rows(directory: Path, n: int, meta: dict[str, Any]) -> None:
+    """The run's row metadata must match the shards already in the directory."""
+    for s in range(n):
+        path = shard_path(directory, s)
+        if not path.is_file():
+            continue
+        first = json.loads(path.read_text(encoding="utf-8").split("\n", 1)[0])
+        diff = [
+            f"{key}: shard {s} {first.get(key)!r}, run {meta.get(key)!r}"
+            for key in SAME_IN_EVERY_SHARD
+            if first.get(key) != meta.get(key)
+        ]
+        if (first.get("generator") is None) != (meta.get("generator") is None):
+            diff.append("pseudo-passage: the shards and the run differ")
+        if diff:
+            raise ConfigurationError(
+                f"{directory} holds shards scored with other settings ({'; '.join(diff)})"
+            )
+        return
+
+
+def publish(out: Path, text: str) -> bool:
+    """Write ``out`` whole, only if no other process has: a unique temp file, then a hard link
+    (which fails if ``out`` exists). Returns whether this call wrote it."""
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, out)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def commit_shard(path: Path, message: str, attempts: int = 6) -> bool:
+    """``git commit`` this one file (other staged changes stay staged), retried only while
+    another git command holds the index lock. Returns whether it committed."""
     cwd = path.parent
     for attempt in range(attempts):
-        add = subprocess.run(["git", "add", "--", path.name], cwd=cwd, capture_output=True)
-        done = add.returncode == 0 and (
-            subprocess.run(
-                ["git", "commit", "-q", "-m", message, "--", path.name],
-                cwd=cwd,
-                capture_output=True,
-            ).returncode
-            == 0
-        )
-        if done:
+        res = _git(["add", "--", path.name], cwd)
+        if res.returncode == 0:
+            res = _git(["commit", "-q", "-m", message, "--", path.name], cwd)
+        if res.returncode == 0:
             return True
+        if "index.lock" not in res.stderr + res.stdout:
+            break  # nothing to commit, not a repository, an ignored path: retrying won't help
         time.sleep(2 * (attempt + 1))
-    log.warning("could not commit %s; it stays on disk and is skipped by later runs", path)
+    log.warning("could not commit %s: %s", path, (res.stderr or res.stdout).strip())
     return False
+
+
+def commit_pending(directory: Path) -> int:
+    """Commit the manifest and shard files of ``directory`` that git does not have yet (a run
+    killed between writing a shard and committing it); returns how many."""
+    res = _git(["status", "--porcelain", "--", MANIFEST, "shard-*.jsonl"], directory)
+    if res.returncode != 0:
+        return 0
+    names = sorted(line[3:].rsplit("/", 1)[-1] for line in res.stdout.splitlines() if line)
+    done = 0
+    for name in names:
+        done += commit_shard(directory / name, f"gain shards {directory.name}: {name} (pending)")
+    return done
 
 
 def _row(
     q: dict[str, Any],
-    hits: list[Any],
+    hits: list[Retrieved],
     pseudo: str | None,
-    result: Any,
+    result: GainResult,
     meta: dict[str, Any],
 ) -> dict[str, Any]:
     cands: list[dict[str, Any]] = [
@@ -184,6 +276,7 @@ def _row(
     return {
         "id": str(q["id"]),
         "question": q["question"],
+        "answers": q["answers"],
         "nll_closed_book": round(result.nll_closed_book, 6),
         "pseudo_passage": pseudo,
         "candidates": cands,
@@ -229,17 +322,19 @@ def run_shards(
         manifest = load_manifest(manifest_from)
         if manifest is None:
             raise ConfigurationError(f"{manifest_from} has no {MANIFEST}")
+    elif manifest_from is not None:
+        log.warning("%s has a manifest already: --manifest-from is not used", directory)
     if manifest is None:
         manifest = make_manifest(settings, files, limit, seed, k, shard_size)
-    if not (directory / MANIFEST).is_file():
-        tmp = directory / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-        tmp.replace(directory / MANIFEST)
-        if commit:
-            commit_shard(directory / MANIFEST, f"gain shards {directory.name}: manifest")
     check_manifest(manifest, files, fixed)
+    if not (directory / MANIFEST).is_file():
+        publish(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    if commit:
+        commit_pending(directory)
     n = len(manifest["shards"])
     lo, hi = shard_range or (0, n - 1)
+    if lo >= n:
+        raise ConfigurationError(f"shard {lo} is past the last shard ({n - 1})")
     i, every = shard
     chosen = [s for s in range(lo, min(hi, n - 1) + 1)][i::every]
     todo = [s for s in chosen if not shard_path(directory, s).exists()]
@@ -310,7 +405,7 @@ async def _score(
     tf = load_teacher_forced_scorer(path, dtype=scorer_dtype)
     scorer = GainScorer(tf, max_passage_words=llm.max_passage_words)
     weights = scorer_weights(path)
-    meta = {
+    meta: dict[str, Any] = {
         "alpha": alpha,
         "k": manifest["k"],
         "generator": None if gen is None else gen.version,
@@ -320,14 +415,23 @@ async def _score(
         "index_version": retriever.version,
         "prompt_version": prompts.PROMPT_VERSION,
     }
+    check_rows(directory, len(manifest["shards"]), meta)
+    fixed = manifest.get("candidates")  # older manifests: retrieve (same machine, same index)
     done_q = 0
     spent = 0.0
     try:
         for pos, s in enumerate(todo):
+            out = shard_path(directory, s)
+            if out.exists():  # another process finished it since this run started
+                continue
             t0 = time.perf_counter()
             qs = [by_id[qid] for qid in manifest["shards"][s]]
             texts = [q["question"] for q in qs]
-            hits = retriever.search_many(texts, manifest["k"])
+            hits = (
+                [fixed_candidates(retriever.index, fixed[str(q["id"])]) for q in qs]
+                if fixed is not None
+                else retriever.search_many(texts, manifest["k"])
+            )
             pseudos: list[str | None] = (
                 await _pseudo(gen, texts, llm.max_new_tokens_pseudo)
                 if gen is not None
@@ -352,10 +456,10 @@ async def _score(
                 _row(q, hs, p, res, {**meta, "shard": s})
                 for q, hs, p, res in zip(qs, hits, pseudos, results, strict=True)
             ]
-            out = shard_path(directory, s)
-            tmp = out.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
-            tmp.replace(out)
+            text = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows)
+            if not publish(out, text):
+                log.warning("shard %d was written by another process meanwhile; kept theirs", s)
+                continue
             done_q += len(qs)
             spent += t2 - t0
             left = len(todo) - pos - 1
@@ -387,10 +491,14 @@ def expand_rows(directory: Path, corpus: Path) -> list[dict[str, Any]]:
     if manifest is None:
         raise ConfigurationError(f"{directory} has no {MANIFEST}")
     raw: list[dict[str, Any]] = []
+    done = 0
     for s in range(len(manifest["shards"])):
         path = shard_path(directory, s)
         if path.is_file():
+            done += 1
             raw.extend(json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x)
+    if done < len(manifest["shards"]):
+        log.warning("%s: %d of %d shards finished", directory, done, len(manifest["shards"]))
     wanted = {c["id"] for row in raw for c in row["candidates"] if c["id"] != PSEUDO_ID}
     texts = {p.id: p for p in iter_corpus(corpus) if p.id in wanted}
     files = manifest["questions"]
@@ -414,7 +522,11 @@ def expand_rows(directory: Path, corpus: Path) -> list[dict[str, Any]]:
                     "retrieval_score": c.get("score"),
                 }
             )
-        rows.append({**row, "answers": answers[row["id"]], "candidates": cands})
+        # rows record the answers they were scored with (rows of the first shards of the 0.5B
+        # run do not: theirs are the question files')
+        rows.append(
+            {**row, "answers": row.get("answers") or answers[row["id"]], "candidates": cands}
+        )
     return rows
 
 
