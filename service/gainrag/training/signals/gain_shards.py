@@ -38,7 +38,12 @@ from gainrag.evaluation.qa_metrics import has_answer
 from gainrag.llm import prompts
 from gainrag.training.questions import question_args, training_questions
 from gainrag.training.registry import Job
-from gainrag.training.signals.gain_signals import add_shard_argument, scorer_weights
+from gainrag.training.signals.gain_signals import (
+    add_gain_arguments,
+    add_shard_argument,
+    load_gain_models,
+    scorer_weights,
+)
 from gainrag.types import PSEUDO_ID, Passage
 from gainrag.util import file_sha256
 
@@ -378,13 +383,9 @@ async def _score(
     commit: bool,
 ) -> dict[str, Any]:
     # Models load here, not at import: the CLI imports every job to build its parser.
-    from gainrag.evaluation.memo import MemoGenerator
-    from gainrag.llm.transformers_backend import load_teacher_forced_scorer
     from gainrag.retrieval.encoder import BiEncoder
     from gainrag.retrieval.local import LocalRetriever
-    from gainrag.training.gain import GainItem, GainScorer
-    from gainrag.weights import prepare_llm
-    from gainrag.wiring import build_llm
+    from gainrag.training.gain import GainItem
 
     r, llm = settings.retrieval, settings.llm
     retriever = LocalRetriever.from_settings(r, BiEncoder.from_settings(r))
@@ -396,14 +397,10 @@ async def _score(
     by_id = {
         str(q["id"]): q for q in training_questions(files, manifest["limit"], manifest["seed"])
     }
-    gen: Any = None
-    if pseudo_passage:
-        gen = await asyncio.to_thread(build_llm, settings)
-        if generation_memo is not None:
-            gen = MemoGenerator(gen, generation_memo)
-    path = prepare_llm(scorer_model, llm.models_dir)
-    tf = load_teacher_forced_scorer(path, dtype=scorer_dtype)
-    scorer = GainScorer(tf, max_passage_words=llm.max_passage_words)
+    gen, scorer, path = await load_gain_models(
+        settings, pseudo_passage, scorer_model, scorer_dtype, generation_memo
+    )
+    tf: Any = scorer.llm
     weights = scorer_weights(path)
     meta: dict[str, Any] = {
         "alpha": alpha,
@@ -541,15 +538,9 @@ class GainShards(Job):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         question_args(parser, "JSONL files with question and answers")
         parser.add_argument("--dir", type=Path, required=True, help="shard directory")
-        parser.add_argument("--k", type=int, default=20, help="retrieved candidates per question")
-        parser.add_argument("--alpha", type=float, default=0.5, help="contrastive weight")
-        parser.add_argument("--seed", type=int, default=0)
+        add_gain_arguments(parser)
         parser.add_argument("--shard-size", type=int, default=50, help="questions per shard")
         parser.add_argument("--shards", type=parse_range, help="only shards A-B (inclusive)")
-        parser.add_argument("--no-pseudo", dest="pseudo_passage", action="store_false")
-        parser.add_argument("--scorer-model", help="bundled model or local HF directory")
-        parser.add_argument("--scorer-dtype", choices=["auto", "float32", "bfloat16", "float16"])
-        parser.add_argument("--generation-memo", type=Path)
         parser.add_argument(
             "--token-budget", type=int, default=2048, help="rows x width of one forward pass"
         )

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -31,6 +31,9 @@ from gainrag.llm.interface import Generator
 from gainrag.training.questions import question_args, training_questions
 from gainrag.training.registry import Job
 from gainrag.types import PSEUDO_ID, Passage
+
+if TYPE_CHECKING:
+    from gainrag.training.gain import GainScorer
 
 
 @contextmanager
@@ -140,6 +143,32 @@ def synthesize(
     )
 
 
+async def load_gain_models(
+    settings: Settings,
+    pseudo_passage: bool,
+    scorer_model: str,
+    scorer_dtype: str,
+    generation_memo: Path | None,
+) -> tuple[Generator | None, GainScorer, Path]:
+    """The pseudo-passage writer (the settings' generator, memoised; None without the
+    pseudo-passage), the gain scorer on ``scorer_model``'s weights, and where those are."""
+    # Models load here, not at import: the CLI imports every job to build its parser.
+    from gainrag.evaluation.memo import MemoGenerator
+    from gainrag.llm.transformers_backend import load_teacher_forced_scorer
+    from gainrag.training.gain import GainScorer
+    from gainrag.weights import prepare_llm
+    from gainrag.wiring import build_llm
+
+    gen: Generator | None = None
+    if pseudo_passage:
+        gen = await asyncio.to_thread(build_llm, settings)
+        if generation_memo is not None:
+            gen = MemoGenerator(gen, generation_memo)
+    path = prepare_llm(scorer_model, settings.llm.models_dir)
+    tf = load_teacher_forced_scorer(path, dtype=scorer_dtype)
+    return gen, GainScorer(tf, max_passage_words=settings.llm.max_passage_words), path
+
+
 async def _synthesize(
     settings: Settings,
     todo: list[dict[str, Any]],
@@ -157,24 +186,15 @@ async def _synthesize(
     generation_memo: Path | None,
 ) -> dict[str, Any]:
     # Models load here, not at import: the CLI imports every job to build its parser.
-    from gainrag.evaluation.memo import MemoGenerator
-    from gainrag.llm.transformers_backend import load_teacher_forced_scorer
     from gainrag.retrieval.encoder import BiEncoder
     from gainrag.retrieval.local import LocalRetriever
-    from gainrag.training.gain import GainScorer
-    from gainrag.weights import prepare_llm
-    from gainrag.wiring import build_llm
 
     r, llm = settings.retrieval, settings.llm
     retriever = LocalRetriever.from_settings(r, BiEncoder.from_settings(r))
-    gen: Generator | None = None
-    if pseudo_passage:
-        gen = await asyncio.to_thread(build_llm, settings)
-        if generation_memo is not None:
-            gen = MemoGenerator(gen, generation_memo)
-    path = prepare_llm(scorer_model, llm.models_dir)
-    tf = load_teacher_forced_scorer(path, dtype=scorer_dtype)
-    scorer = GainScorer(tf, max_passage_words=llm.max_passage_words)
+    gen, scorer, path = await load_gain_models(
+        settings, pseudo_passage, scorer_model, scorer_dtype, generation_memo
+    )
+    tf: Any = scorer.llm  # the in-process scorer (dtype, version)
     meta = {
         "alpha": alpha,
         "k": k,
@@ -290,6 +310,35 @@ def add_shard_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_gain_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of what a gain signal is computed with, shared by the gain-signal jobs."""
+    parser.add_argument("--k", type=int, default=20, help="retrieved candidates per question")
+    parser.add_argument("--alpha", type=float, default=0.5, help="contrastive weight")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-pseudo",
+        dest="pseudo_passage",
+        action="store_false",
+        help="retrieved candidates only (no pseudo-passage, no generator)",
+    )
+    parser.add_argument(
+        "--scorer-model",
+        help="weights of the PPL scorer: a bundled model or a local HF directory "
+        "(default: GAINRAG_LLM__MODEL, the reader)",
+    )
+    parser.add_argument(
+        "--scorer-dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype of the PPL scorer (default: GAINRAG_LLM__DTYPE; auto measures it at "
+        "scoring shapes)",
+    )
+    parser.add_argument(
+        "--generation-memo",
+        type=Path,
+        help="JSONL memo of greedy generations (pseudo-passages), shared with eval runs",
+    )
+
+
 class GainSignals(Job):
     """``gainrag train gain-signals``."""
 
@@ -299,32 +348,8 @@ class GainSignals(Job):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         question_args(parser, "JSONL files with question and answers")
         parser.add_argument("--output", type=Path, required=True, help="JSONL to append to")
-        parser.add_argument("--k", type=int, default=20, help="retrieved candidates per question")
-        parser.add_argument("--alpha", type=float, default=0.5, help="contrastive weight")
-        parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--batch-questions", type=int, default=8)
-        parser.add_argument(
-            "--no-pseudo",
-            dest="pseudo_passage",
-            action="store_false",
-            help="retrieved candidates only (no pseudo-passage, no generator)",
-        )
-        parser.add_argument(
-            "--scorer-model",
-            help="weights of the PPL scorer: a bundled model or a local HF directory "
-            "(default: GAINRAG_LLM__MODEL, the reader)",
-        )
-        parser.add_argument(
-            "--scorer-dtype",
-            choices=["auto", "float32", "bfloat16", "float16"],
-            help="dtype of the PPL scorer (default: GAINRAG_LLM__DTYPE; auto measures it at "
-            "scoring shapes)",
-        )
-        parser.add_argument(
-            "--generation-memo",
-            type=Path,
-            help="JSONL memo of greedy generations (pseudo-passages), shared with eval runs",
-        )
+        add_gain_arguments(parser)
         add_shard_argument(parser)
 
     def run(self, settings: Settings, args: argparse.Namespace) -> None:
