@@ -162,6 +162,22 @@ def fixed_candidates(index: Any, table: list[list[Any]]) -> list[Any]:
     return out
 
 
+def manifest_text(manifest: dict[str, Any]) -> str:
+    """The manifest as JSON with one line per shard and per question's candidates (a diff of it
+    stays readable; one value per line would be ~160k lines for 2,000 questions)."""
+    lines = []
+    for key, value in manifest.items():
+        if key == "shards":
+            body = ",\n".join(f"  {json.dumps(x)}" for x in value)
+            lines.append(f'"shards": [\n{body}\n ]')
+        elif key == "candidates":
+            body = ",\n".join(f"  {json.dumps(q)}: {json.dumps(c)}" for q, c in value.items())
+            lines.append(f'"candidates": {{\n{body}\n }}')
+        else:
+            lines.append(f"{json.dumps(key)}: {json.dumps(value)}")
+    return "{\n " + ",\n ".join(lines) + "\n}\n"
+
+
 def load_manifest(directory: Path) -> dict[str, Any] | None:
     """The directory's manifest, None if it has none yet."""
     path = directory / MANIFEST
@@ -333,7 +349,7 @@ def run_shards(
         manifest = make_manifest(settings, files, limit, seed, k, shard_size)
     check_manifest(manifest, files, fixed)
     if not (directory / MANIFEST).is_file():
-        publish(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        publish(directory / MANIFEST, manifest_text(manifest))
     if commit:
         commit_pending(directory)
     n = len(manifest["shards"])
