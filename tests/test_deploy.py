@@ -225,7 +225,8 @@ def test_build_context_and_local_build_inputs() -> None:
     """.dockerignore keeps the context small; the wheelhouse and CA bundles never reach git."""
     lines = (REPO_ROOT / ".dockerignore").read_text().splitlines()
     ignored = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    for path in (".git", ".venv*", "var/", "benchmarks/results/", "data/train/signals/", ".env"):
+    shards = "data/train/signals/**/shard-*.jsonl"  # the manifests stay (the trainer's job)
+    for path in (".git", ".venv*", "var/", "benchmarks/results/", shards, ".env"):
         assert path in ignored, path
     copied = set()
     for f in (REPO_ROOT / "docker").glob("*.Dockerfile"):
@@ -466,9 +467,9 @@ TRAINING = K8S / "training"
 
 
 def training_docs() -> dict[str, dict[str, Any]]:
-    """The gain-signal manifests by name: the kustomization's resources plus merge.yaml."""
+    """The gain-signal manifests by name: the kustomization's resources (every file)."""
     kust = yaml.safe_load((TRAINING / "kustomization.yaml").read_text())
-    files = [*kust["resources"], "merge.yaml"]
+    files = list(kust["resources"])
     assert sorted(files) == sorted(
         p.name for p in TRAINING.glob("*.yaml") if p.stem != "kustomization"
     )
@@ -486,11 +487,12 @@ def test_k8s_gain_signal_jobs_match_the_schemas(version: str) -> None:
         kv.validate(doc, version, strict=True)
 
 
-def test_k8s_gain_signals_is_an_indexed_job_one_shard_per_pod_merged_at_the_end() -> None:
+def test_k8s_gain_signals_is_an_indexed_job_every_nth_shard_per_pod() -> None:
     from gainrag.cli import build_parser
+    from gainrag.training.signals.gain_shards import load_manifest
 
     docs = training_docs()
-    job, merge = docs["gainrag-gain-signals"], docs["gainrag-gain-signals-merge"]
+    job = docs["gainrag-gain-signals"]
     spec = job["spec"]
     n = spec["completions"]
     assert spec["completionMode"] == "Indexed" and 1 <= spec["parallelism"] <= n
@@ -502,14 +504,31 @@ def test_k8s_gain_signals_is_an_indexed_job_one_shard_per_pod_merged_at_the_end(
     field = env["SHARD_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert field == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     args = c["args"]
+    assert args[:2] == ["train", "gain-shards"]
     assert args[args.index("--shard") + 1] == f"$(SHARD_INDEX)/{n}"
-    out = args[args.index("--output") + 1]
-    assert "$(SHARD_INDEX)" in out  # one file per shard: no file shared across nodes
-    # resumable output on the volume, and the reader through the settings (the cluster's vLLM)
+    # the shards of the committed manifest (in the image: .dockerignore leaves only shard files
+    # out), with the manifest's own settings, so the job's labels match the repository's runs
+    source = REPO_ROOT / args[args.index("--manifest-from") + 1]
+    manifest = load_manifest(source)
+    assert manifest is not None and len(manifest["shards"]) >= n
+    for flag, key in (("--limit", "limit"), ("--k", "k"), ("--shard-size", "shard_size")):
+        assert int(args[args.index(flag) + 1]) == manifest[key]
+    qs = args[args.index("--questions") + 1 : args.index("--limit")]
+    assert qs == manifest["questions"]
+    ignored = (REPO_ROOT / ".dockerignore").read_text().splitlines()
+    assert "data/train/signals/**/shard-*.jsonl" in ignored
+    assert not any(
+        line.rstrip("/") in ("data", "data/train", "data/train/signals") for line in ignored
+    )
+    # every pod writes its shards (one file each, published whole) into the volume's directory
+    out = args[args.index("--dir") + 1]
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
     assert out.startswith("/app/var/train/") and claims[mounts["/app/var/train"]] == "gainrag-train"
+    memo = args[args.index("--generation-memo") + 1]
+    assert "$(SHARD_INDEX)" in memo  # one memo file per pod: no file appended to by two nodes
     assert docs["gainrag-train"]["kind"] == "PersistentVolumeClaim"
+    # the reader through the settings (the cluster's vLLM)
     assert env["GAINRAG_LLM__BASE_URL"]["value"] == "http://vllm:8080/v1"
     assert (
         env["GAINRAG_LLM__MODEL"]["value"]
@@ -519,14 +538,6 @@ def test_k8s_gain_signals_is_an_indexed_job_one_shard_per_pod_merged_at_the_end(
     # a GPU per pod, on GPU nodes
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
-    # the merge reads exactly the N shard files the pods write
-    (m,) = merge["spec"]["template"]["spec"]["containers"]
-    margs = m["args"]
-    assert margs[margs.index("--expect") + 1] == str(n)
-    inputs = margs[margs.index("--inputs") + 1 : margs.index("--output")]
-    assert inputs == [out.replace("$(SHARD_INDEX)", str(i)) for i in range(n)]
-    # both are valid gainrag commands
-    p = build_parser()
-    assert c["command"] == m["command"] == ["gainrag"]
-    p.parse_args([a.replace("$(SHARD_INDEX)", "0") for a in args])
-    p.parse_args(margs)
+    # a valid gainrag command
+    assert c["command"] == ["gainrag"]
+    build_parser().parse_args([a.replace("$(SHARD_INDEX)", "0") for a in args])
