@@ -19,6 +19,7 @@ answer per candidate and closed-book, the likelihoods the gain is a contrast of.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -39,10 +40,7 @@ def contrastive_ppl(
     if with_passage.shape != without_passage.shape or with_passage.shape[0] != len(answer_ids):
         raise ValueError("logits must be (len(answer), vocab) for both prompts")
     mixed = (1.0 + alpha) * with_passage.double() - alpha * without_passage.double()
-    logp = torch.log_softmax(mixed, dim=-1)
-    target = torch.as_tensor(list(answer_ids), dtype=torch.long)
-    nll = -logp.gather(1, target[:, None]).squeeze(1)
-    return float(torch.exp(nll.mean()))
+    return math.exp(answer_nll(mixed, answer_ids))
 
 
 def answer_nll(logits: torch.Tensor, answer_ids: Sequence[int]) -> float:

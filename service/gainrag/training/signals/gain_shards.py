@@ -42,6 +42,7 @@ from gainrag.training.signals.gain_signals import (
     add_gain_arguments,
     add_shard_argument,
     load_gain_models,
+    pseudo_passages,
     scorer_weights,
 )
 from gainrag.types import PSEUDO_ID, Passage
@@ -306,9 +307,7 @@ def _row(
 
 
 async def _pseudo(gen: Any, questions: list[str], max_new_tokens: int) -> list[str | None]:
-    texts = await asyncio.gather(
-        *(gen.chat(prompts.pseudo_prompt(q), max_new_tokens=max_new_tokens) for q in questions)
-    )
+    texts = await pseudo_passages(gen, questions, max_new_tokens)
     return [None if prompts.is_not_available(t) else t.strip() for t in texts]
 
 

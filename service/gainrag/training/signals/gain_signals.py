@@ -81,7 +81,7 @@ def scorer_weights(path: Path) -> dict[str, Any]:
     return {"path": str(path), "dequantised_from_gguf": False}
 
 
-async def _pseudo_passages(gen: Generator, questions: list[str], max_new_tokens: int) -> list[str]:
+async def pseudo_passages(gen: Generator, questions: list[str], max_new_tokens: int) -> list[str]:
     """One pseudo-passage per question, concurrently (the generator batches them)."""
     return list(
         await asyncio.gather(
@@ -223,7 +223,7 @@ async def _synthesize(
                 texts = [q["question"] for q in batch]
                 retrieved = retriever.search_many(texts, k)
                 pseudos = (
-                    await _pseudo_passages(gen, texts, llm.max_new_tokens_pseudo)
+                    await pseudo_passages(gen, texts, llm.max_new_tokens_pseudo)
                     if gen is not None
                     else [""] * len(batch)
                 )
