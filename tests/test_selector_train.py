@@ -94,6 +94,16 @@ def test_tiny_training_run_resumes_exactly_and_loads(tmp_path: Path) -> None:
     assert card["config"]["loss"] == "kl" and card["groups"] == 3
 
 
+def test_bf16_mixed_precision_trains_without_a_gpu(tmp_path: Path) -> None:
+    # Trainer refuses bf16 without CUDA unless told it runs on the CPU (torch's CPU autocast)
+    cfg = TrainArgs(lr=5e-5, epochs=1, max_length=64, precision="bf16")
+    init = resolve_encoder("all-MiniLM-L6-v2")
+    meta = train_selector(DISTILL, init, GROUPS, tmp_path / "bf16", cfg, show_progress=False)
+    assert meta is not None and meta["steps"] == 3
+    assert meta["config"]["precision"] == "bf16"
+    assert math.isfinite(meta["loss_last_50"])
+
+
 async def test_trained_checkpoint_serves_as_the_selector(tmp_path: Path) -> None:
     out = tmp_path / "sel"
     cfg = ContrastiveArgs(lr=1e-4, epochs=3, max_length=64)

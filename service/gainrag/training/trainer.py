@@ -257,6 +257,8 @@ def training_arguments(args: TrainArgs, work: Path, n_groups: int, show_progress
         seed=args.seed,
         fp16=args.precision == "fp16",
         bf16=args.precision == "bf16",
+        # Trainer refuses bf16 without a GPU unless told it runs on the CPU (torch's CPU autocast)
+        use_cpu=not torch.cuda.is_available(),
         deepspeed=str(args.deepspeed) if args.deepspeed else None,
         save_strategy="steps",
         save_steps=args.save_every,

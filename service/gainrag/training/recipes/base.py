@@ -36,7 +36,10 @@ TRAIN_HELP = {
     "max_length": "tokens per (query, passage) pair",
     "groups_per_step": "groups per device and forward pass",
     "grad_accum": "forward passes per optimizer step (gradient accumulation)",
-    "precision": "training precision: fp32, or bf16/fp16 mixed precision (GPU)",
+    "precision": (
+        "training precision: fp32, or bf16/fp16 mixed precision (GPU; bf16 also on CPUs with"
+        " AVX-512 BF16 or AMX, ~12%% faster than fp32 for MiniLM on a Zen 5)"
+    ),
     "seed": "seed of the head's init, dropout and the data order",
     "save_every": "checkpoint every N optimizer steps (resumed from automatically)",
     "fp16_output": "ship the final weights as fp16 safetensors",
