@@ -33,7 +33,9 @@ if [ ! -x "$dir/llama-server" ]; then
   sdist="$sdist_dir/llama_cpp_python-$VERSION.tar.gz"
   if [ ! -f "$sdist" ]; then
     mkdir -p "$sdist_dir"
-    "$PYTHON" -m pip download -q --no-deps --no-binary :all: -d "$sdist_dir" \
+    # Only this package as an sdist: with --no-binary :all: pip would also compile the build
+    # tools it installs to read the sdist's metadata (ninja, even CMake) from source.
+    "$PYTHON" -m pip download -q --no-deps --no-binary llama-cpp-python -d "$sdist_dir" \
       "llama-cpp-python==$VERSION"
   fi
   echo "llama-server: building llama.cpp's llama-server ($key); ~10 CPU-minutes, cached in $dir" >&2
