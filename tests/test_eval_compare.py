@@ -79,6 +79,22 @@ def test_buckets_of_wins_and_losses() -> None:
     assert compare(A, B, metric="acc", examples=0)["losses"]["examples"] == {}
     text = format_comparison(c)
     assert "1 wins, 4 losses" in text and "| pseudo-passage chosen | 0 | 1 |" in text
+    # same passage (p1) for q1, q3, q4, q5; the answers differ on q1, q4, q5
+    assert c["same_selection"] == {"n": 4, "different_answer": 3}
+    assert "same passages for 4 questions; the answers differ on 3" in text
+    assert c["differences"] == {} and "Not comparable" not in text
+
+
+def test_runs_with_other_versions_are_flagged() -> None:
+    models = {"generator": "llamacpp:q", "generator_version": "v1", "prompt_version": "p1"}
+    a = {**A, "models": models, "settings": {"k": 20, "top_n": 1}}
+    b = {**B, "models": {**models, "generator_version": "v2"}, "settings": {"k": 10, "top_n": 1}}
+    c = compare(a, b)
+    assert c["differences"] == {"generator_version": ["v1", "v2"], "k": [20, 10]}
+    text = format_comparison(c)
+    assert "**Not comparable:** generator_version differs ('v1' vs 'v2')." in text
+    # a field recorded by one report only (older reports) is not a difference
+    assert compare({**a, "settings": {}}, b)["differences"] == {"generator_version": ["v1", "v2"]}
 
 
 def test_closed_book_and_recorded_fields_take_precedence() -> None:

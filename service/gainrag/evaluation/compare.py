@@ -16,6 +16,11 @@ The right side is described too (``answered from a passage with the answer``, ``
 the pseudo-passage``, ``answered without the answer string``). Examples of each bucket are
 printed for the error analysis in docs/evaluation.md. Reports older than a field fall back to
 what can be recomputed (acc from the prediction, the gold passage from ``--questions``).
+
+Two reports from different runs are comparable only when the retrieval, the reader and the
+prompt are the same: the versions (and k, top_n) that differ are listed, and so is how often the
+two runs, given the same passage, wrote a different answer (batched decoding can change the last
+bits, so a few are expected; many mean the runs are not comparable).
 """
 
 from __future__ import annotations
@@ -88,6 +93,28 @@ def right_bucket(r: dict[str, Any]) -> str:
     return "answered without the answer string"
 
 
+# what must be equal for two runs' answers to be comparable question by question
+COMPARABLE_MODELS = (
+    "retriever",
+    "index_version",
+    "generator",
+    "generator_version",
+    "prompt_version",
+)
+COMPARABLE_SETTINGS = ("k", "top_n", "llm")
+
+
+def differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list[Any]]:
+    """The versions and settings recorded by both reports that differ: name -> [a's, b's]."""
+    out: dict[str, list[Any]] = {}
+    for section, names in (("models", COMPARABLE_MODELS), ("settings", COMPARABLE_SETTINGS)):
+        sa, sb = a.get(section) or {}, b.get(section) or {}
+        for name in names:
+            if name in sa and name in sb and sa[name] != sb[name]:
+                out[name] = [sa[name], sb[name]]
+    return out
+
+
 def compare(
     a: dict[str, Any],
     b: dict[str, Any],
@@ -130,6 +157,12 @@ def compare(
             "examples": {k: v for k, v in shown.items() if v},
         }
     out["sign_test_p"] = sign_test_p(out["wins"]["n"], out["losses"]["n"])
+    same = [q for q in common if ra[q].get("selected_ids") == rb[q].get("selected_ids")]
+    out["same_selection"] = {
+        "n": len(same),
+        "different_answer": sum(ra[q]["prediction"] != rb[q]["prediction"] for q in same),
+    }
+    out["differences"] = differences(a, b)
     # the pseudo-passage's share: questions where ``a`` answered from it
     pseudo = [q for q in common if ra[q].get("pseudo_selected")]
     out["a_pseudo_selected"] = {
@@ -160,11 +193,16 @@ def format_comparison(c: dict[str, Any]) -> str:
             f"| {k} | {c['wins']['right_side'].get(k, 0)} | {c['losses']['right_side'].get(k, 0)} |"
         )
     p = c["a_pseudo_selected"]
+    same = c["same_selection"]
     lines += [
         "",
         f"`{c['a']}` chose the pseudo-passage for {p['n']} questions: right on "
         f"{p['a_right']:.0f}, `{c['b']}` right on {p['b_right']:.0f} of them.",
+        f"Both gave the reader the same passages for {same['n']} questions; the answers differ "
+        f"on {same['different_answer']} of them.",
     ]
+    for name, (va, vb) in c["differences"].items():
+        lines.append(f"**Not comparable:** {name} differs ({va!r} vs {vb!r}).")
     for side in ("wins", "losses"):
         for bucket, exs in c[side]["examples"].items():
             lines += ["", f"{side} / {bucket}:"]
