@@ -56,6 +56,11 @@ RUN pip install --no-cache-dir --no-deps --no-index --no-build-isolation -c cons
 # The corpus (for `index build`) and the selector checkpoints (models/selector/).
 COPY data ./data
 COPY models ./models
+# A non-root user. /app/var/indexes exists and is its own so that the index volume, created from
+# the image on first mount, is writable by the index job.
+RUN useradd --system --uid 10001 --create-home --home-dir /home/gainrag --shell /usr/sbin/nologin gainrag \
+    && mkdir -p /app/var/indexes && chown -R gainrag /app/var
+USER gainrag
 
 EXPOSE 8001 8002
 # Whichever role runs on its default port; compose and Kubernetes set their own probes.

