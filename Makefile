@@ -30,7 +30,7 @@ LLM_PORT ?= 8080
 
 .PHONY: run test install prepare serve lint bench eval eval-qwen eval-full eval-full-mix train models-qwen models-qwen15 clean distclean help \
         llm-venv llm-engine llm-server loadtest bench-venv bench-quick \
-        docker-bases wheelhouse docker-images
+        docker-bases wheelhouse docker-images compose-up compose-down compose-test
 
 help:
 	@echo "make run    install, prepare models and index, serve on 127.0.0.1:8000"
@@ -205,13 +205,32 @@ docker-bases:
 wheelhouse: $(STAMP)
 	scripts/wheelhouse.sh
 
-# The gateway and CPU worker images. BASE_IMAGE empty: the Dockerfiles' default (python:3.11-slim);
+# The CPU images: worker (also the cpu profile's gateway), the embedded gateway, and the llama.cpp
+# server with the default reader. BASE_IMAGE empty: the Dockerfiles' default (python:3.11-slim);
 # without Docker Hub: make docker-bases docker-images BASE_IMAGE=gainrag-base/python:bookworm
 BASE_IMAGE ?=
 DOCKER_BUILD = docker build --network=host $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE))
 docker-images: wheelhouse
 	$(DOCKER_BUILD) -f docker/worker.Dockerfile -t gainrag-worker:cpu .
 	$(DOCKER_BUILD) -f docker/gateway.Dockerfile -t gainrag:cpu .
+	$(DOCKER_BUILD) -f docker/llama-cpu.Dockerfile -t gainrag-llama:cpu .
+
+# The compose `cpu` profile for real (deploy/README.md): compose-up starts a Docker daemon if none
+# answers (root), picks the official base images or builds Debian ones, builds the worker and
+# llama.cpp images, brings the profile up and waits until every service is healthy
+# (var/compose/up.json). compose-test checks the API, Prometheus and failure drills on the
+# containers and compares /answer with make run's service: benchmarks/results/compose.{json,md}.
+# Not part of `make test`: it needs root or a Docker daemon, and the first compose-up builds for
+# about an hour on a 2-core machine (deploy/README.md).
+compose-up: $(STAMP)
+	$(BIN)/python -m gainrag_harness.compose up
+
+compose-down: $(STAMP)
+	$(BIN)/python -m gainrag_harness.compose down
+
+COMPOSE_TEST_ARGS ?=
+compose-test: prepare
+	$(BIN)/python -m benchmarks.compose_drills $(COMPOSE_TEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LLAMA_VENV) $(BENCH_VENV) var
