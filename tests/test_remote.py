@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gainrag.errors import UpstreamError
+from gainrag.errors import UnavailableError, UpstreamError
 from gainrag.upstream import Upstream, make_client
 
 _OK = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n{"ok": true}'
@@ -64,3 +64,28 @@ async def test_a_connection_dropped_twice_is_502(always_dropped: tuple[str, list
         assert len(seen) == 2  # one repeat, not a loop
     finally:
         await up.close()
+
+
+async def test_an_upstream_503_is_a_503_down_not_a_502() -> None:
+    # what llama-server answers while it loads the model after a restart
+    body = b'{"error": {"code": 503, "message": "Loading model"}}'
+    head = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    reply = head.encode() + f"content-length: {len(body)}\r\n\r\n".encode() + body
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(reply)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        up = Upstream("llm", make_client(f"http://127.0.0.1:{port}", timeout_s=5))
+        try:
+            with pytest.raises(UnavailableError) as info:
+                await up.request("POST", "/chat/completions", {})
+            assert info.value.status_code == 503 and info.value.code == "llm_down"
+            assert "Loading model" in info.value.message
+        finally:
+            await up.close()

@@ -5,7 +5,8 @@ retries connect errors (nothing reached the server) and, once, a connection that
 the response (a stale keep-alive connection; the calls are pure, so a repeat is safe), and maps
 failures onto the domain errors:
 
-- cannot connect (after retries) -> :class:`UnavailableError` (503)
+- cannot connect (after retries), or a 503 from upstream (loading, starting) ->
+  :class:`UnavailableError` (503, ``<name>_down``)
 - deadline passed -> :class:`UpstreamTimeoutError` (504)
 - 429 from upstream -> :class:`OverloadedError` (429)
 - 422 whose code says the input text was refused -> :class:`ValidationFailedError` (422)
@@ -145,6 +146,14 @@ class Upstream:
             raise ValidationFailedError(
                 f"the {self.name} rejected the input: {_error_message(resp)}",
                 code=str(_error_code(resp)),
+            )
+        if resp.status_code == 503:
+            # The server is up but cannot serve yet (llama-server while it loads the model after
+            # a restart, vLLM while it starts): the same 503 as an unreachable one, not a 502.
+            telemetry.UPSTREAM.labels(self.name, "unavailable").inc()
+            raise UnavailableError(
+                f"the {self.name} at {self.base_url} is not ready: {_error_message(resp)}",
+                code=f"{self.name}_down",
             )
         if resp.status_code >= 400:
             telemetry.UPSTREAM.labels(self.name, f"http_{resp.status_code}").inc()
