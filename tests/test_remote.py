@@ -13,16 +13,17 @@ from gainrag.upstream import Upstream, make_client
 _OK = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n{"ok": true}'
 
 
-async def _serve(drops: int) -> AsyncIterator[tuple[str, list[int]]]:
+async def _serve(drops: int, reply: bytes = _OK) -> AsyncIterator[tuple[str, list[int]]]:
     """A server that reads each request and closes the first ``drops`` connections without a
-    response (what a keep-alive connection closed by a restarted server looks like)."""
+    response (what a keep-alive connection closed by a restarted server looks like), then
+    answers ``reply``."""
     seen: list[int] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         seen.append(len(seen))
         await reader.readuntil(b"\r\n\r\n")
         if len(seen) > drops:
-            writer.write(_OK)
+            writer.write(reply)
             await writer.drain()
         writer.close()
 
@@ -71,17 +72,8 @@ async def test_an_upstream_503_is_a_503_down_not_a_502() -> None:
     body = b'{"error": {"code": 503, "message": "Loading model"}}'
     head = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
     reply = head.encode() + f"content-length: {len(body)}\r\n\r\n".encode() + body
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(reply)
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with server:
-        up = Upstream("llm", make_client(f"http://127.0.0.1:{port}", timeout_s=5))
+    async for url, _ in _serve(drops=0, reply=reply):
+        up = Upstream("llm", make_client(url, timeout_s=5))
         try:
             with pytest.raises(UnavailableError) as info:
                 await up.request("POST", "/chat/completions", {})
