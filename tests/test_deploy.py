@@ -25,7 +25,13 @@ from prometheus_client import REGISTRY
 import gainrag.telemetry  # noqa: F401 - registers the metric families
 from gainrag.config import REPO_ROOT, LLMSettings
 from gainrag.weights import BUNDLED_LLMS
-from gainrag_harness.compose import CPU_IMAGES, CPU_JOBS, CPU_SERVICES
+from gainrag_harness.compose import (
+    CPU_IMAGES,
+    CPU_JOBS,
+    CPU_SERVICES,
+    SERVING_VOLUMES,
+    container_state,
+)
 
 COMPOSE = shutil.which("docker-compose")
 needs_compose = pytest.mark.skipif(
@@ -183,6 +189,26 @@ def test_compose_harness_knows_the_cpu_profile() -> None:
     assert {j for j in on if is_job(j)} == set(CPU_JOBS)
     built = {s["image"]: s["build"]["dockerfile"] for s in on.values() if "build" in s}
     assert built == CPU_IMAGES
+
+
+def test_compose_down_keeps_the_training_volume() -> None:
+    """`make compose-down` drops the serving volumes, never the train profile's outputs."""
+    spec = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    assert set(SERVING_VOLUMES) == set(spec["volumes"]) - {"gainrag-var"}
+    trainers = [s for s in spec["services"].values() if "train" in s.get("profiles", [])]
+    assert trainers and all("gainrag-var:/app/var" in s.get("volumes", []) for s in trainers)
+
+
+def test_container_states_from_docker_inspect() -> None:
+    """A healthchecked container that exited or restarts is not "starting" (crash loops fail)."""
+    health = {"Health": {"Status": "starting"}}
+    assert container_state({"State": {"Status": "running", **health}}) == "starting"
+    assert container_state({"State": {"Status": "exited", "ExitCode": 132, **health}}) == (
+        "exited:132"
+    )
+    assert container_state({"State": {"Status": "restarting", **health}}) == "restarting"
+    assert container_state({"State": {"Status": "exited", "ExitCode": 0}}) == "exited:0"
+    assert container_state({"State": {"Status": "running"}}) == "running"
 
 
 @needs_compose

@@ -161,6 +161,24 @@ def build_images(bases: dict[str, str]) -> dict[str, float]:
     return seconds
 
 
+# restarts during one wait that make a service count as crash-looping
+CRASH_LOOP_RESTARTS = 3
+# Named volumes ``down`` removes: the serving index and the metrics. Not ``gainrag-var``, where
+# the train profile writes selectors and signals that took hours to make.
+SERVING_VOLUMES = ("gainrag-index", "prometheus-data", "grafana-data")
+
+
+def container_state(inspected: dict[str, Any]) -> str:
+    """From ``docker inspect``: the health status (healthy, starting, unhealthy) of a running
+    container with a healthcheck, else its status ("running", "restarting", "exited:0", ...)."""
+    st = inspected["State"]
+    if st["Status"] == "exited":
+        return f"exited:{st['ExitCode']}"
+    if st.get("Health") and st["Status"] == "running":
+        return str(st["Health"]["Status"])
+    return str(st["Status"])
+
+
 @dataclass
 class Compose:
     """``docker-compose`` (v1) or ``docker compose`` (v2) on this repository's compose file,
@@ -194,12 +212,8 @@ class Compose:
         return dict(json.loads(out)[0])
 
     def state(self, service: str) -> str:
-        """The health status (healthy, starting, unhealthy) with a healthcheck, else the status
-        ("running", "exited:0", ...)."""
-        st = self.inspect(service)["State"]
-        if st.get("Health"):
-            return str(st["Health"]["Status"]) if st["Status"] == "running" else st["Status"]
-        return f"exited:{st['ExitCode']}" if st["Status"] == "exited" else str(st["Status"])
+        """The service's :func:`container_state`."""
+        return container_state(self.inspect(service))
 
     def ip(self, service: str) -> str:
         """The container's address on the compose network (reachable from this host)."""
@@ -209,17 +223,28 @@ class Compose:
     def wait_healthy(
         self, services: Sequence[str], jobs: Sequence[str] = (), timeout_s: float = 1800.0
     ) -> float:
-        """Wait until every service is healthy and every job has exited 0; seconds waited."""
+        """Wait until every service is healthy and every job has exited 0; seconds waited.
+
+        Fails early on an unhealthy service, a failed job, or a service that has restarted
+        ``CRASH_LOOP_RESTARTS`` times during the wait (a crash loop, e.g. an instruction the
+        host lacks: without this it would look like "starting" until the timeout)."""
         t0 = time.monotonic()
+        first: dict[str, int] = {}
         while True:
-            states = {s: self.state(s) for s in (*services, *jobs)}
+            seen = {s: self.inspect(s) for s in (*services, *jobs)}
+            states = {s: container_state(i) for s, i in seen.items()}
+            restarts = {s: int(i.get("RestartCount", 0)) for s, i in seen.items()}
+            for s, n in restarts.items():
+                first.setdefault(s, n)
             bad = {
                 s: v
                 for s, v in states.items()
-                if v in ("unhealthy",) or (v.startswith("exited:") and v != "exited:0")
+                if v == "unhealthy"
+                or (v.startswith("exited:") and v != "exited:0")
+                or restarts[s] - first[s] >= CRASH_LOOP_RESTARTS
             }
             if bad:
-                raise RuntimeError(f"compose services failed: {bad}")
+                raise RuntimeError(f"compose services failed: {bad}; restarts: {restarts}")
             if all(states[s] == "healthy" for s in services) and all(
                 states[j] == "exited:0" for j in jobs
             ):
@@ -289,13 +314,27 @@ def recorded_stack() -> tuple[Compose, dict[str, Any]]:
 
 
 def down() -> None:
-    """Remove the containers, networks and volumes of every serving profile (Grafana's too)."""
+    """Remove the containers and network of every serving profile (Grafana's too) and the
+    serving volumes; the train profile's ``gainrag-var`` stays."""
     if not docker_answers():
         print("no Docker daemon answers: nothing to take down")
         return
     env = json.loads(UP_JSON.read_text())["bases"] if UP_JSON.is_file() else {}
-    Compose(("cpu", "grafana"), env).run("down", "-v", "--remove-orphans", capture=False)
-    left = Compose(("cpu", "grafana"), env).run("ps", "-q").stdout.split()
+    stack = Compose(("cpu", "grafana"), env)
+    ids = stack.run("ps", "-a", "-q").stdout.split()
+    projects = {
+        str(
+            json.loads(sh(["docker", "inspect", i]).stdout)[0]["Config"]["Labels"].get(
+                "com.docker.compose.project", ""
+            )
+        )
+        for i in ids
+    } - {""}
+    stack.run("down", "--remove-orphans", capture=False)
+    for project in sorted(projects):
+        for volume in SERVING_VOLUMES:
+            sh(["docker", "volume", "rm", f"{project}_{volume}"], check=False)
+    left = stack.run("ps", "-q").stdout.split()
     if left:
         raise SystemExit(f"containers left after down: {left}")
 
