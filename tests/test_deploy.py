@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY
 
 import gainrag.telemetry  # noqa: F401 - registers the metric families
 from gainrag.config import REPO_ROOT, LLMSettings
+from gainrag.llm.llamacpp_engine import slot_context
 from gainrag.weights import BUNDLED_LLMS
 from gainrag_harness.compose import (
     CPU_IMAGES,
@@ -301,6 +302,12 @@ def test_llama_image_is_make_runs_reader_and_server() -> None:
     # the managed engine's options (llamacpp_engine.LlamaServer.command)
     for opt in ("--jinja", "--metrics", "--slots", "--no-webui", "--cache-ram"):
         assert f'"{opt}"' in llama, opt
+    # the same slots and per-slot context as the managed engine derives from the settings: a
+    # prompt the gateway admits must fit a slot of the container's server too
+    llm = LLMSettings()
+    slot_ctx = slot_context(llm)
+    parallel = f'"--parallel", "{llm.engine_parallel}"'
+    assert parallel in llama and f'"--ctx-size", "{llm.engine_parallel * slot_ctx}"' in llama
     assert re.search(r"^USER (?!root)\S+$", llama, re.M), "runs as root"
 
 

@@ -94,6 +94,15 @@ def engine_key(binary: Path) -> str:
     return "sha256-" + file_sha256(binary)[:16]
 
 
+def slot_context(settings: LLMSettings) -> int:
+    """Tokens of KV cache per server slot: the longest prompt the gateway admits plus the longest
+    reply (``engine_slot_ctx`` overrides it). docker/llama-cpu.Dockerfile bakes the same figure."""
+    return settings.engine_slot_ctx or (
+        settings.max_input_tokens
+        + max(settings.max_new_tokens_pseudo, settings.max_new_tokens_answer)
+    )
+
+
 class LlamaServer:
     """One ``llama-server`` child process on 127.0.0.1."""
 
@@ -284,10 +293,7 @@ class LlamaCppGenerator:
                 code="llm_engine_missing",
             )
         key = engine_key(binary)
-        slot_ctx = settings.engine_slot_ctx or (
-            settings.max_input_tokens
-            + max(settings.max_new_tokens_pseudo, settings.max_new_tokens_answer)
-        )
+        slot_ctx = slot_context(settings)
         server = LlamaServer(
             binary,
             gguf,
