@@ -211,10 +211,6 @@ class Compose:
         out = sh(["docker", "inspect", self.container(service)]).stdout
         return dict(json.loads(out)[0])
 
-    def state(self, service: str) -> str:
-        """The service's :func:`container_state`."""
-        return container_state(self.inspect(service))
-
     def ip(self, service: str) -> str:
         """The container's address on the compose network (reachable from this host)."""
         nets = self.inspect(service)["NetworkSettings"]["Networks"]
