@@ -205,25 +205,27 @@ docker-bases:
 wheelhouse: $(STAMP)
 	scripts/wheelhouse.sh
 
-# The CPU images: worker (also the cpu profile's gateway), the embedded gateway, and the llama.cpp
-# server with the default reader. BASE_IMAGE empty: the Dockerfiles' default (python:3.11-slim);
-# without Docker Hub: make docker-bases docker-images BASE_IMAGE=gainrag-base/python:bookworm
+# The CPU images: worker (also the cpu profile's gateway), the llama.cpp server with the default
+# reader, and the embedded gateway (built on those two, so last). BASE_IMAGE empty: the
+# Dockerfiles' default (python:3.11-slim); without Docker Hub: make docker-bases docker-images BASE_IMAGE=gainrag-base/python:bookworm
 BASE_IMAGE ?=
 DOCKER_BUILD = docker build --network=host $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE))
 docker-images: wheelhouse
 	$(DOCKER_BUILD) -f docker/worker.Dockerfile -t gainrag-worker:cpu .
-	$(DOCKER_BUILD) -f docker/gateway.Dockerfile -t gainrag:cpu .
 	$(DOCKER_BUILD) -f docker/llama-cpu.Dockerfile -t gainrag-llama:cpu .
+	docker build --network=host -f docker/gateway.Dockerfile -t gainrag:cpu .
 
 # The compose `cpu` profile for real (deploy/README.md): compose-up starts a Docker daemon if none
 # answers (root), picks the official base images or builds Debian ones, builds the worker and
 # llama.cpp images, brings the profile up and waits until every service is healthy
-# (var/compose/up.json). compose-test checks the API, Prometheus and failure drills on the
+# (var/compose/up.json); PROFILE=embedded brings up the single-process gateway instead (its image
+# built last, on the other two). compose-test (cpu profile) checks the API, Prometheus and failure drills on the
 # containers and compares /answer with make run's service: benchmarks/results/compose.{json,md}.
 # Not part of `make test`: it needs root or a Docker daemon, and the first compose-up builds for
 # about an hour on a 2-core machine (deploy/README.md).
+PROFILE ?= cpu
 compose-up: $(STAMP)
-	$(BIN)/python -m gainrag_harness.compose up
+	$(BIN)/python -m gainrag_harness.compose up $(PROFILE)
 
 compose-down: $(STAMP)
 	$(BIN)/python -m gainrag_harness.compose down

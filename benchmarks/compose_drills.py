@@ -486,6 +486,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     stack, up = recorded_stack()
+    if up["profiles"] != ["cpu"]:
+        raise SystemExit(f"the drills are the cpu profile's; up.json has {up['profiles']}")
     stack.wait_healthy(CPU_SERVICES, CPU_JOBS, timeout_s=60)
     questions = question_texts(QUESTIONS, args.limit + 8)
     checks = Checks()

