@@ -222,7 +222,7 @@ docker-images: wheelhouse
 # built last, on the other two). compose-test (cpu profile) checks the API, Prometheus and failure drills on the
 # containers and compares /answer with make run's service: benchmarks/results/compose.{json,md}.
 # Not part of `make test`: it needs root or a Docker daemon, and the first compose-up builds for
-# about an hour on a 2-core machine (deploy/README.md).
+# 13 minutes on an idle 2-core Zen 5, far longer on slower or busy hosts (deploy/README.md).
 PROFILE ?= cpu
 compose-up: $(STAMP)
 	$(BIN)/python -m gainrag_harness.compose up $(PROFILE)

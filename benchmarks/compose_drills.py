@@ -291,12 +291,14 @@ def drill(
     *,
     want_during: bool = True,
     happened: Callable[[], bool] | None = None,
+    record: str = "the container's restart count",
 ) -> dict[str, Any]:
     """Inject ``fault`` under traffic, probe until an answer shows it (``during``), ``recover``,
     then probe until a normal fresh answer; every answer seen must pass ``allowed``.
 
-    ``happened`` confirms the fault from the container's own record (a restart count): a fault
-    that heals faster than the probes reach it is still a fault seen, not a failed drill."""
+    ``happened`` confirms the fault from a record (``record`` names it: a container's restart
+    count, the gateway's own counters) when no answer can show it: a fault that heals faster
+    than the probes reach it, or one the service hides by design, is still a fault seen."""
     gateway_started = stack.inspect("gateway-cpu")["State"]["StartedAt"]
     with Traffic(questions[::-1]) as traffic, httpx.Client(timeout=CLIENT_TIMEOUT_S) as http:
         time.sleep(2)
@@ -310,7 +312,7 @@ def drill(
             if during(label):
                 return True, label
             if happened is not None and happened():
-                return True, f"{label} (no client saw it; the container's record shows it)"
+                return True, f"{label} (no answer shows it; {record} does)"
             return False, label
 
         seen, last, s_seen = until(shows, 120) if want_during else (True, "-", 0.0)
@@ -382,6 +384,7 @@ def drills(stack: Compose, checks: Checks, questions: list[str]) -> dict[str, An
         during=lambda o: False,
         allowed=lambda o: o in normal,
         happened=lambda: cache_failure_count() > cache_failures,
+        record="the gateway's failed or skipped cache calls (/metrics)",
     )
     with httpx.Client(timeout=CLIENT_TIMEOUT_S) as http:
         ask(http, questions[1], fresh=True)
