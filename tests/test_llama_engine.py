@@ -25,7 +25,7 @@ from asgi_lifespan import LifespanManager
 
 from gainrag.api import create_app
 from gainrag.config import Settings
-from gainrag.errors import OverloadedError
+from gainrag.errors import GainRAGError, OverloadedError, UpstreamError
 from gainrag.llm.interface import stream_reply
 from gainrag.llm.llamacpp_engine import LlamaCppGenerator, engine_key
 from gainrag.pipeline import Components, Pipeline
@@ -295,6 +295,44 @@ async def test_close_stops_the_server_and_a_crash_is_503(
     finally:
         await comps.close()
     assert wait_gone(pid)
+
+
+class _DyingServer:
+    """A server whose killed process shows as exited only after ``reaped_after`` seconds, as
+    a real one does: the kernel drops its connections before its exit can be collected."""
+
+    parallel = 1
+
+    def __init__(self, reaped_after: float) -> None:
+        self.reaped_at = time.monotonic() + reaped_after
+
+    def failure(self) -> str | None:
+        return (
+            "the llama.cpp engine exited (code -9)" if time.monotonic() >= self.reaped_at else None
+        )
+
+
+def _generator_on(server: _DyingServer) -> LlamaCppGenerator:
+    gen = object.__new__(LlamaCppGenerator)  # no engine: only the slot logic is under test
+    gen.server = server  # type: ignore[assignment]
+    gen._slots, gen._waiting, gen._max_queue = asyncio.Semaphore(1), 0, 4
+    return gen
+
+
+@pytest.mark.parametrize(("reaped_after", "status"), [(0.2, 503), (5.0, 502)])
+async def test_a_dropped_connection_is_503_once_the_process_is_reaped(
+    reaped_after: float, status: int
+) -> None:
+    """The race CI met: the in-flight request's connection drops (502 ``llm_error``) a moment
+    before the killed process can be reaped. Within EXIT_GRACE_S that is still a dead engine
+    (503 ``llm_down``); a process that stays alive makes it the upstream's own error."""
+    gen = _generator_on(_DyingServer(reaped_after))
+    with pytest.raises(GainRAGError) as info:
+        async with gen._slot():
+            raise UpstreamError("the llm failed: ReadError", code="llm_error")
+    assert info.value.status_code == status
+    assert info.value.code == ("llm_down" if status == 503 else "llm_error")
+    assert not gen._slots.locked()  # the slot is given back either way
 
 
 def _assert_llm_down(r: httpx.Response) -> None:

@@ -39,6 +39,9 @@ from gainrag.util import file_sha256
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+# How long a failed request waits for the engine's process to show as exited before the failure
+# counts as the upstream's own (502) rather than a dead engine (503): seconds, on error paths only.
+EXIT_GRACE_S = 1.0
 # PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. The
 # gateway builds its models in a worker thread (asyncio.to_thread), so the server is spawned from
 # this one long-lived thread, which lives as long as the process.
@@ -268,7 +271,7 @@ class LlamaCppGenerator:
         except GainRAGError as exc:
             # Killed mid-request: the client sees a dropped connection (502) or a refused one;
             # the cause is a dead engine: 503 with that reason, like any unreachable backend.
-            reason = self.failure()
+            reason = await self._failure_within(EXIT_GRACE_S)
             if reason is not None:
                 raise UnavailableError(reason, code="llm_down") from exc
             raise
@@ -316,6 +319,15 @@ class LlamaCppGenerator:
     def failure(self) -> str | None:
         """Why the engine cannot serve (its process exited), or None."""
         return self.server.failure()
+
+    async def _failure_within(self, seconds: float) -> str | None:
+        """``failure()``, waiting up to ``seconds`` for a dying process to be reapable: the
+        kernel closes a killed process's sockets before its exit can be collected, so the
+        dropped connection can reach us while ``poll()`` still says it runs."""
+        deadline = time.monotonic() + seconds
+        while (reason := self.failure()) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return reason
 
     async def chat(self, message: str, *, max_new_tokens: int) -> str:
         """Greedy reply to one user message (503 ``llm_down`` once the engine has died)."""
