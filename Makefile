@@ -207,7 +207,8 @@ wheelhouse: $(STAMP)
 
 # The CPU images: worker (also the cpu profile's gateway), the llama.cpp server with the default
 # reader, and the embedded gateway (built on those two, so last). BASE_IMAGE empty: the
-# Dockerfiles' default (python:3.11-slim); without Docker Hub: make docker-bases docker-images BASE_IMAGE=gainrag-base/python:bookworm
+# Dockerfiles' default (python:3.11-slim); without Docker Hub:
+#   make docker-bases docker-images BASE_IMAGE=gainrag-base/python:bookworm
 BASE_IMAGE ?=
 DOCKER_BUILD = docker build --network=host $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE))
 docker-images: wheelhouse
@@ -219,8 +220,8 @@ docker-images: wheelhouse
 # answers (root), picks the official base images or builds Debian ones, builds the worker and
 # llama.cpp images, brings the profile up and waits until every service is healthy
 # (var/compose/up.json); PROFILE=embedded brings up the single-process gateway instead (its image
-# built last, on the other two). compose-test (cpu profile) checks the API, Prometheus and failure drills on the
-# containers and compares /answer with make run's service: benchmarks/results/compose.{json,md}.
+# built last, on the other two). compose-test (cpu profile) checks the API, Prometheus and
+# failure drills on the containers and compares /answer with make run's service: benchmarks/results/compose.{json,md}.
 # Not part of `make test`: it needs root or a Docker daemon, and the first compose-up builds for
 # 13 minutes on an idle 2-core Zen 5, far longer on slower or busy hosts (deploy/README.md).
 PROFILE ?= cpu
