@@ -323,13 +323,9 @@ def down() -> None:
     env = json.loads(UP_JSON.read_text())["bases"] if UP_JSON.is_file() else {}
     stack = Compose((*PROFILES, "grafana"), env)
     ids = stack.run("ps", "-a", "-q").stdout.split()
+    inspected = json.loads(sh(["docker", "inspect", *ids]).stdout) if ids else []
     projects = {
-        str(
-            json.loads(sh(["docker", "inspect", i]).stdout)[0]["Config"]["Labels"].get(
-                "com.docker.compose.project", ""
-            )
-        )
-        for i in ids
+        str(c["Config"]["Labels"].get("com.docker.compose.project", "")) for c in inspected
     } - {""}
     stack.run("down", "--remove-orphans", capture=False)
     for project in sorted(projects):
