@@ -40,3 +40,12 @@ def test_fuse_rejects_weights_outside_zero_one(weight: float) -> None:
 def test_fuse_needs_one_retrieval_entry_per_candidate() -> None:
     with pytest.raises(ValueError, match="per candidate"):
         fuse([1.0, 2.0], [1.0], 0.5)
+
+
+def test_a_candidate_without_selector_score_gets_the_lowest_selector_part() -> None:
+    # pipeline.select_top=2: selector [3, 1] -> [1, 0] over the two scored passages, the others 0;
+    # retrieval normalised over all four: [1, 2/3, 1/3, 0]
+    fused = fuse([3.0, 1.0, None, None], [0.9, 0.8, 0.7, 0.6], 0.5)
+    assert fused == pytest.approx([1.0, 1 / 3, 1 / 6, 0.0])
+    # an unscored passage's retrieval part is below every scored passage's, so it ranks after
+    assert max(fused[2:]) < min(fused[:2])

@@ -363,6 +363,47 @@ async def test_retrieval_weight_mixes_normalised_selector_and_retrieval_scores(
     ]
 
 
+# select_top=2: only p0 and p1 (and the pseudo-passage) are scored: selector 0.5, 2, 2 -> minmax
+# 0, 1, 1 over them, p2 and p3 get 0; retrieval stays normalised over all four: 1, 2/3, 1/3, 0.
+@pytest.mark.parametrize(
+    ("weight", "order", "scores"),
+    [
+        (0.5, ["p1", "p0", PSEUDO_ID, "p2", "p3"], [5 / 6, 0.5, 0.5, 1 / 6, 0.0]),
+        # the selector's own scores; the unscored after the scored, with its lowest score
+        (0.0, ["p1", PSEUDO_ID, "p0", "p2", "p3"], [2.0, 2.0, 0.5, 0.5, 0.5]),
+    ],
+)
+@pytest.mark.parametrize("pipelined", [True, False])
+async def test_select_top_scores_the_retrievers_top_n_and_ranks_the_rest_after(
+    settings: Settings, weight: float, order: list[str], scores: list[float], pipelined: bool
+) -> None:
+    selector = _LoggingSelector(_TABLE)
+    pipe = _pipe(
+        settings,
+        selector,
+        _GatedGenerator(),
+        retrieval_weight=weight,
+        pipelined_selection=pipelined,
+        select_top=2,
+        pseudo_passage=True,
+    )
+    result = await pipe.answer("who got the first nobel prize", top_n=2)
+    scored = [["p0", "p1"], [PSEUDO_ID]] if pipelined else [["p0", "p1", PSEUDO_ID]]
+    assert sorted(selector.calls) == sorted(scored)
+    assert [c.passage.id for c in result.candidates] == order
+    assert [c.score for c in result.candidates] == pytest.approx(scores)
+    assert [c.selector_score for c in result.candidates] == [
+        None if i in ("p2", "p3") else _TABLE[i] for i in order
+    ]
+    assert [s.passage.id for s in result.selected] == order[:2]
+
+
+def test_select_top_is_in_the_answer_cache_key(settings: Settings) -> None:
+    every = _pipe(settings, _LoggingSelector(_TABLE), _GatedGenerator())
+    top = _pipe(settings, _LoggingSelector(_TABLE), _GatedGenerator(), select_top=2)
+    assert every._answer_key("q", 1) != top._answer_key("q", 1)
+
+
 def test_retrieval_weight_is_in_the_answer_cache_key(settings: Settings) -> None:
     alone = _pipe(settings, _LoggingSelector(_TABLE), _GatedGenerator())
     mixed = _pipe(settings, _LoggingSelector(_TABLE), _GatedGenerator(), retrieval_weight=0.5)

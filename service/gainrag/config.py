@@ -220,6 +220,14 @@ class PipelineSettings(BaseModel):
         "0.5: with the shipped selector +8.3 acc on nq_dev, level on squad_dev "
         "(docs/evaluation.md, 'Mixing in the retrieval score').",
     )
+    select_top: int = Field(
+        0,
+        ge=0,
+        description="Score only the retriever's top N of the k retrieved passages with the "
+        "selector (0 = all k). The others keep their retrieval scores in the mix (normalised "
+        "over all k, as when all are scored) and rank after every scored passage (at weight 0 "
+        "their score is the lowest scored one's).",
+    )
     pipelined_selection: bool = Field(
         True,
         description="Score the retrieved passages as soon as retrieval returns, while the "

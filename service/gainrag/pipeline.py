@@ -141,6 +141,18 @@ def _pseudo_passage(text: str) -> Passage:
     return Passage(PSEUDO_ID, "", text.strip(), pseudo=True)
 
 
+def _in_candidate_order(
+    retrieved: list[float] | GainRAGError | None,
+    pseudo: list[float] | GainRAGError | None,
+    n_retrieved: int,
+) -> list[float | None]:
+    """One selector score per candidate (retrieved passages, then the pseudo-passage), None for
+    the retrieved passages below ``pipeline.select_top``."""
+    own = retrieved if isinstance(retrieved, list) else []
+    tail = pseudo if isinstance(pseudo, list) else []
+    return [*own, *[None] * (n_retrieved - len(own)), *tail]
+
+
 class Pipeline:
     """GainRAG inference over a set of components."""
 
@@ -178,7 +190,7 @@ class Pipeline:
         versions.update(
             top_n=top_n,
             k=self.settings.retrieval.k if o.retrieve else 0,
-            pipeline=[o.retrieve, o.pseudo_passage, o.select, o.retrieval_weight],
+            pipeline=[o.retrieve, o.pseudo_passage, o.select, o.retrieval_weight, o.select_top],
             max_new_tokens=[llm.max_new_tokens_pseudo, llm.max_new_tokens_answer],
             max_passage_words=llm.max_passage_words,
         )
@@ -489,6 +501,11 @@ class Pipeline:
 
         failures: list[GainRAGError] = []
 
+        def to_score(retrieved: list[Retrieved]) -> list[Retrieved]:
+            # The retriever's top select_top only: the rest keep their retrieval scores and
+            # rank after them (fusion.fuse); docs/evaluation.md has what it costs in acc.
+            return retrieved[: o.select_top] if o.select_top else retrieved
+
         async def score(stage: str, passages: list[Passage]) -> list[float] | GainRAGError:
             """Score ``passages``; a failing selector is returned (fallback) or raised."""
             assert selector is not None
@@ -515,7 +532,9 @@ class Pipeline:
             arrived["retrieve"] = time.perf_counter()
             if not pipelined or not retrieved:
                 return retrieved, None
-            return retrieved, await score("select_retrieved", [r.passage for r in retrieved])
+            return retrieved, await score(
+                "select_retrieved", [r.passage for r in to_score(retrieved)]
+            )
 
         async def pseudo_branch() -> tuple[str, list[float] | GainRAGError | None]:
             text = await pseudo_aw
@@ -536,17 +555,28 @@ class Pipeline:
         if pseudo_kept:  # its score comes from the selector (settings require one)
             candidates.append(Scored(_pseudo_passage(pseudo_text), 0.0))
 
-        outcome: list[float] | GainRAGError | None = None
+        outcome: list[float | None] | GainRAGError | None = None
         if pipelined and (scored_r is not None or scored_p is not None):
             parts = [p for p in (scored_r, scored_p) if p is not None]
             failed = next((p for p in parts if isinstance(p, GainRAGError)), None)
             # retrieved passages' scores first, the pseudo-passage's last: the candidates' order
-            outcome = failed or [x for p in parts if isinstance(p, list) for x in p]
+            outcome = failed or _in_candidate_order(scored_r, scored_p, len(retrieved))
             elapsed = time.perf_counter() - max(arrived.values())
             timings["select"] = elapsed * 1000.0
             telemetry.STAGE_SECONDS.labels("select").observe(elapsed)
         elif not pipelined and selector is not None and candidates:
-            outcome = await score("select", [s.passage for s in candidates])
+            scored = to_score(retrieved)
+            together = await score(
+                "select",
+                [r.passage for r in scored] + [s.passage for s in candidates[len(retrieved) :]],
+            )
+            outcome = (
+                together
+                if isinstance(together, GainRAGError)
+                else _in_candidate_order(
+                    together[: len(scored)], together[len(scored) :] or None, len(retrieved)
+                )
+            )
 
         ranked = candidates  # retrieval order, the pseudo-passage last
         if isinstance(outcome, GainRAGError):
@@ -559,14 +589,16 @@ class Pipeline:
             if pseudo_kept:
                 candidates[-1].score = -1.0  # below any cosine of a retrieved passage
         elif outcome is not None:
-            ranking = outcome
-            if o.retrieval_weight > 0.0:
-                # Keep part of the retriever's judgement (selector.fusion says why).
-                ranking = fuse(outcome, [s.retrieval_score for s in candidates], o.retrieval_weight)
+            # Keep part of the retriever's judgement (selector.fusion says why); at weight 0 the
+            # same call ranks by the selector alone, unscored passages after the scored ones.
+            ranking = fuse(outcome, [s.retrieval_score for s in candidates], o.retrieval_weight)
+            if o.retrieval_weight == 0.0:  # the selector's own scores (unscored: its lowest)
+                lowest = min((x for x in outcome if x is not None), default=0.0)
+                ranking = [lowest if x is None else x for x in outcome]
             for s, x, r in zip(candidates, outcome, ranking, strict=True):
-                s.selector_score, s.score = float(x), float(r)
-            # Stable sort: ties keep retrieval order, the pseudo-passage last.
-            ranked = sorted(candidates, key=lambda s: -s.score)
+                s.selector_score, s.score = (None if x is None else float(x)), float(r)
+            # Stable sort: scored first; ties keep retrieval order, the pseudo-passage last.
+            ranked = sorted(candidates, key=lambda s: (s.selector_score is None, -s.score))
         return Context(
             question=question,
             selected=ranked[:top_n],

@@ -245,6 +245,8 @@ async def run_eval(
             "top_n": top_n or settings.pipeline.top_n,
             "llm": settings.llm.model,
             "retrieval_weight": settings.pipeline.retrieval_weight,
+            "select_top": settings.pipeline.select_top,
+            "selector_max_length": settings.selector.max_length,
         },
         "machine": machine_info(),
         "generation_memo": None

@@ -24,22 +24,27 @@ def minmax(values: Sequence[float]) -> list[float]:
 
 
 def fuse(
-    selector: Sequence[float], retrieval: Sequence[float | None], weight: float
+    selector: Sequence[float | None], retrieval: Sequence[float | None], weight: float
 ) -> list[float]:
     """(1 - weight) * minmax(selector) + weight * minmax(retrieval), one value per candidate.
 
-    A candidate without a retrieval score (the pseudo-passage) gets the lowest retrieval part, 0:
-    at weight 1 the order is the retrieval order with the pseudo-passage last, as when the
-    selector is down. The retrieval scores are normalised over the candidates that have one.
+    Each part is normalised over the candidates that have that score; a candidate without one
+    gets that part's lowest value, 0. Without a retrieval score (the pseudo-passage): at weight 1
+    the order is the retrieval order with the pseudo-passage last, as when the selector is down.
+    Without a selector score (a retrieved passage below ``pipeline.select_top``, never scored):
+    its retrieval part is below every scored passage's, so it ranks after all of them.
     """
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be in [0, 1], got {weight}")
     if len(selector) != len(retrieval):
         raise ValueError("one selector score and one retrieval score (or None) per candidate")
-    known = [r for r in retrieval if r is not None]
-    normed = iter(minmax(known))
-    retrieval_part = [0.0 if r is None else next(normed) for r in retrieval]
     return [
         (1.0 - weight) * s + weight * r
-        for s, r in zip(minmax(selector), retrieval_part, strict=True)
+        for s, r in zip(_minmax_known(selector), _minmax_known(retrieval), strict=True)
     ]
+
+
+def _minmax_known(values: Sequence[float | None]) -> list[float]:
+    """:func:`minmax` over the values that are not None; None becomes 0."""
+    normed = iter(minmax([v for v in values if v is not None]))
+    return [0.0 if v is None else next(normed) for v in values]
