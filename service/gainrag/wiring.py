@@ -170,6 +170,7 @@ def build_cross_encoder(settings: Settings) -> Selector:
         max_wait_s=s.max_wait_ms / 1000.0,
         max_queue=s.max_queue,
         dtype=s.dtype,
+        runtime=s.runtime,
     )
 
 

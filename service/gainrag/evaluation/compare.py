@@ -101,7 +101,7 @@ COMPARABLE_MODELS = (
     "generator_version",
     "prompt_version",
 )
-COMPARABLE_SETTINGS = ("k", "top_n", "llm")
+COMPARABLE_SETTINGS = ("k", "top_n", "llm", "retrieval_weight", "select_top", "selector_max_length")
 
 
 def differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list[Any]]:

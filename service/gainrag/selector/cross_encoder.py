@@ -8,18 +8,26 @@ forward pass pads as little as possible.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from gainrag.batching import MicroBatcher
+from gainrag.errors import ConfigurationError
 from gainrag.hardware import linear_shapes, resolve_dtype
+from gainrag.selector import openvino_runtime as ovr
+from gainrag.selector.openvino_runtime import OpenVINOModel
 from gainrag.types import Passage
 from gainrag.util import file_sha256
 
 Pair = tuple[str, str]
+log = logging.getLogger(__name__)
 
 
 def checkpoint_version(path: Path) -> str:
@@ -57,7 +65,11 @@ def _fp32_head(model: torch.nn.Module) -> None:
 
 
 class CrossEncoderScorer:
-    """Synchronous scoring of (query, passage) pairs; one logit per pair."""
+    """Synchronous scoring of (query, passage) pairs; one logit per pair.
+
+    ``runtime``: ``torch``, ``openvino`` (CPU only) or ``auto`` (OpenVINO where it is installed
+    and passes this machine's check, :mod:`gainrag.selector.openvino_runtime`; else torch).
+    """
 
     def __init__(
         self,
@@ -67,6 +79,7 @@ class CrossEncoderScorer:
         batch_size: int = 0,
         device: str | None = None,
         dtype: str = "auto",
+        runtime: str = "torch",
     ) -> None:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -82,18 +95,92 @@ class CrossEncoderScorer:
         # a batch of ~128-token pairs, the selector's typical pass.
         shapes = linear_shapes(model.config, [self.batch_size * 128])
         self.dtype = resolve_dtype("selector", dtype, self.device, shapes)
+        self.checkpoint_version = checkpoint_version(path)
+        # the check's float32 reference (runtime auto), before the served copy changes dtype
+        auto_cpu = runtime == "auto" and self.device == "cpu"
+        fp32 = copy.deepcopy(model).float().eval() if auto_cpu else None
         model = model.to(self.dtype.torch_dtype)
         if self.dtype.dtype == "bfloat16":
             _fp32_head(model)
-        self.model = model.to(self.device).eval()
+        self.model: torch.nn.Module | None = model.to(self.device).eval()
+        self.openvino: OpenVINOModel | None = None
+        self.runtime_reason = "configured" if runtime == "torch" else f"{self.device}: torch"
+        if runtime != "torch" and self.device == "cpu":
+            self._try_openvino(path, runtime, dtype, fp32)
+
+    @property
+    def variant(self) -> str:
+        """What computes the scores, for versions and logs: ``bfloat16``, ``openvino-bf16``."""
+        if self.openvino is not None:
+            return f"openvino-{self.openvino.precision}"
+        return self.dtype.dtype
+
+    def _try_openvino(
+        self, path: Path, runtime: str, dtype: str, fp32: torch.nn.Module | None
+    ) -> None:
+        ovr.require(runtime)
+        precision = ovr.precision_for(dtype)
+        if precision is None or ovr.available() is None:
+            why = "not installed" if precision else f"no OpenVINO precision for dtype {dtype}"
+            if runtime == "openvino":
+                raise ConfigurationError(f"selector runtime openvino: {why}")
+            self.runtime_reason = f"torch: OpenVINO {why}"
+            log.info("selector runtime: %s", self.runtime_reason)
+            return
+        threads = torch.get_num_threads()
+        candidate = ovr.OpenVINOModel(path, self.checkpoint_version, precision, threads)
+        if runtime == "auto":
+            assert fp32 is not None and self.model is not None
+            served, reference = self.model, fp32
+
+            def run() -> ovr.RuntimeCheck:
+                probe = ovr.load_probe()
+                ref = probe.references.get(
+                    ovr.reference_key(self.checkpoint_version, self.max_length)
+                ) or [
+                    self._score([(q, d) for d in ds], reference.forward)
+                    for q, ds in probe.questions
+                ]
+                return ovr.compare(
+                    probe.questions,
+                    ref,
+                    lambda pairs: self._score(pairs, candidate.logits, tensors="np"),
+                    lambda pairs: self._score(pairs, served.forward),
+                    precision,
+                    self.dtype.dtype,
+                )
+
+            check = ovr.cached_check(
+                ovr.check_key(self.checkpoint_version, precision, threads, self.max_length), run
+            )
+            if not check.passed:
+                self.runtime_reason = f"torch: {check.describe()}"
+                log.info("selector runtime: %s", self.runtime_reason)
+                return
+            self.runtime_reason = check.describe()
+        self.openvino, self.model = candidate, None  # the torch weights are not needed now
+        log.info("selector runtime: openvino %s (%s)", precision, self.runtime_reason)
 
     def score_pairs(self, pairs: list[Pair]) -> list[float]:
         """Raw logits, in input order."""
         return self.score_pairs_counted(pairs)[0]
 
-    @torch.inference_mode()
     def score_pairs_counted(self, pairs: list[Pair]) -> tuple[list[float], list[int]]:
         """Raw logits and the number of (truncated) tokens of each pair, in input order."""
+        if self.openvino is not None:
+            return self._score_counted(pairs, self.openvino.logits, tensors="np")
+        assert self.model is not None
+        return self._score_counted(pairs, self.model.forward)
+
+    def _score(
+        self, pairs: list[Pair], forward: Callable[..., Any], tensors: str = "pt"
+    ) -> list[float]:
+        return self._score_counted(pairs, forward, tensors)[0]
+
+    @torch.inference_mode()
+    def _score_counted(
+        self, pairs: list[Pair], forward: Callable[..., Any], tensors: str = "pt"
+    ) -> tuple[list[float], list[int]]:
         if not pairs:
             return [], []
         # Tokenise once, unpadded, then sort by *token* length and pad each chunk to its own
@@ -110,9 +197,13 @@ class CrossEncoderScorer:
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             batch = self.tokenizer.pad(
-                {key: [enc[key][i] for i in idx] for key in enc}, return_tensors="pt"
-            ).to(self.device)
-            logits = self.model(**batch).logits.view(-1).float().cpu().tolist()
+                {key: [enc[key][i] for i in idx] for key in enc}, return_tensors=tensors
+            )
+            if tensors == "pt":
+                out = forward(**batch.to(self.device))
+                logits = out.logits.view(-1).float().cpu().tolist()
+            else:
+                logits = forward(dict(batch))
             for i, s in zip(idx, logits, strict=True):
                 scores[i] = s
         return scores, tokens
@@ -131,13 +222,16 @@ class CrossEncoderSelector:
         max_wait_s: float = 0.002,
         max_queue: int = 64,
         dtype: str = "auto",
+        runtime: str = "torch",
     ) -> None:
         self.scorer = CrossEncoderScorer(
-            path, max_length=max_length, batch_size=batch_size, dtype=dtype
+            path, max_length=max_length, batch_size=batch_size, dtype=dtype, runtime=runtime
         )
         self.name = f"cross-encoder:{path.name}"
-        # The dtype changes the scores (bf16 ~3 digits), so it is part of the cache keys.
-        self.version = f"{checkpoint_version(path)}-{self.scorer.dtype.dtype}"
+        # The dtype and runtime change the scores (bf16 ~3 digits), so they are in cache keys;
+        # the max length too, where it is not the default (it cuts long passages).
+        length = "" if max_length == 512 else f"-len{max_length}"
+        self.version = f"{self.scorer.checkpoint_version}-{self.scorer.variant}{length}"
         self.batcher: MicroBatcher[list[Pair], tuple[list[float], int]] = MicroBatcher(
             "selector",
             self._run,
