@@ -152,3 +152,15 @@ def test_openvino_configured_without_the_package_is_a_clear_error(
     # auto falls back to torch and says why
     scorer = CrossEncoderScorer(SELECTOR, runtime="auto")
     assert scorer.openvino is None and "not installed" in scorer.runtime_reason
+
+
+def test_an_unwritable_cache_costs_time_not_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setattr(ovr, "CACHE", blocker / "cache")  # every mkdir under it fails
+    made = ovr.RuntimeCheck("f32", 50, 1.0, 0.9999, 0.99995, 90.0, 50.0, "float32")
+    assert ovr.cached_check("k", lambda: made) == made
+    scorer = CrossEncoderScorer(SELECTOR, dtype="float32", runtime="openvino")
+    assert len(scorer.score_pairs([("q", "a passage"), ("q", "another one")])) == 2

@@ -74,18 +74,24 @@ class OpenVINOModel:
         self.precision = precision
         core = ov.Core()
         ir = CACHE.expanduser() / "ir" / f"{version}-ov{ov.__version__}" / "model.xml"
+        model: Any = None
         if not ir.exists():
-            ir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ir.with_name(f"tmp-{os.getpid()}.xml")
-            ov.save_model(_convert(path), tmp, compress_to_fp16=False)
-            tmp.with_suffix(".bin").rename(ir.with_suffix(".bin"))
-            tmp.rename(ir)  # the .xml last: its presence means the pair is complete
+            model = _convert(path)
+            try:
+                ir.parent.mkdir(parents=True, exist_ok=True)
+                tmp = ir.with_name(f"tmp-{os.getpid()}.xml")
+                ov.save_model(model, tmp, compress_to_fp16=False)
+                tmp.with_suffix(".bin").rename(ir.with_suffix(".bin"))
+                tmp.rename(ir)  # the .xml last: its presence means the pair is complete
+            except OSError as exc:  # a read-only home: convert at every start instead
+                log.warning("selector runtime: cannot cache the converted model (%s)", exc)
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": precision,
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": threads,
         }
-        self.compiled = core.compile_model(core.read_model(ir), "CPU", config)
+        source = model if model is not None else core.read_model(ir)
+        self.compiled = core.compile_model(source, "CPU", config)
         self.names = [p.get_any_name() for p in self.compiled.inputs]
         self.request = self.compiled.create_infer_request()
         self.output = self.compiled.output(0)
@@ -235,10 +241,13 @@ def cached_check(key: str, run: Callable[[], RuntimeCheck]) -> RuntimeCheck:
     except (OSError, ValueError, TypeError):
         pass
     result = run()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result.__dict__, indent=2) + "\n")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(result.__dict__, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as exc:  # a read-only home: the check runs again at the next start
+        log.warning("selector runtime: cannot cache the check's outcome (%s)", exc)
     return result
 
 
