@@ -226,20 +226,23 @@ def test_eval_tables_versus_compares_a_slice_with_another_run(tmp_path: Path) ->
     assert "| `retrieval` | em | 10 | 50.0 | 40.0 | 2 | 1 | 1.000 |" in out.stdout, out.stdout
 
 
-def test_make_eval_qwen_runs_the_eval_loop_with_qwen_into_its_own_directory() -> None:
+def _make_n(*args: str) -> str:
     out = subprocess.run(
-        ["make", "-n", "eval-qwen", "EVAL_SETS=nq_dev", "EVAL_PRESETS=gainrag"],
-        cwd=BENCH.parent,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        ["make", "-n", *args], cwd=BENCH.parent, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
-    loop = " ".join(out.stdout.replace("\\\n", " ").split())  # continuations joined
+    return " ".join(out.stdout.replace("\\\n", " ").split())  # continuations joined
+
+
+def test_make_eval_qwen_runs_the_eval_loop_with_qwen_into_its_own_directory() -> None:
+    loop = _make_n("eval-qwen", "EVAL_SETS=nq_dev", "EVAL_PRESETS=gainrag")
     assert "GAINRAG_LLM__MODEL=qwen2.5-coder-0.5b .venv/bin/gainrag prepare" in loop  # converts it
-    assert "GAINRAG_LLM__MODEL=qwen2.5-coder-0.5b GAINRAG_RETRIEVAL__K=20" in loop
     assert "--limit 200" in loop and "for p in gainrag" in loop
     assert "--output benchmarks/results/qwen/eval_" in loop
+    # the serving k unless EVAL_K is given (EVAL_K=20: the published k = 20 tables)
+    assert "GAINRAG_RETRIEVAL__K" not in loop
+    loop20 = _make_n("eval-qwen", "EVAL_SETS=nq_dev", "EVAL_PRESETS=gainrag", "EVAL_K=20")
+    assert "GAINRAG_LLM__MODEL=qwen2.5-coder-0.5b GAINRAG_RETRIEVAL__K=20" in loop20
 
 
 def test_gain_signal_stats_by_hand(tmp_path: Path) -> None:
