@@ -120,10 +120,18 @@ bench-venv: $(BENCH_STAMP)
 # Every stage benchmark, each a side-by-side measurement in one run, written to
 # benchmarks/results/<name>.{json,md} with the command and the machine; then the summary table.
 # They run as modules of the `benchmarks` package (from the repository root, no sys.path edits).
-# About 1 h on 2 CPU cores (selector ~25 min, retrieval ~25 min with the 1M-vector indexes).
+# About 1 h 20 min on 2 CPU cores (selector ~25 min, retrieval ~25 min with the 1M-vector
+# indexes, answers/s of 567a7db's default vs today's ~12 min, selector runtimes ~5 min).
 BENCH_RETRIEVAL_ARGS ?=
+# docs/performance.md 1e: 567a7db's default, today's, and today's with settings changed
+BENCH_THROUGHPUT_ARGS ?= --modes baseline,new,top50-torch,k50-all,k20-all \
+  --variant top50-torch:GAINRAG_SELECTOR__RUNTIME=torch \
+  --variant k50-all:GAINRAG_RETRIEVAL__K=50,GAINRAG_PIPELINE__SELECT_TOP=0,GAINRAG_SELECTOR__RUNTIME=torch \
+  --variant k20-all:GAINRAG_RETRIEVAL__K=20,GAINRAG_PIPELINE__SELECT_TOP=0,GAINRAG_SELECTOR__RUNTIME=torch
 bench: prepare $(BENCH_STAMP)
 	scripts/system-deps.sh bench
+	$(BIN)/python -m benchmarks.bench_throughput $(BENCH_THROUGHPUT_ARGS)
+	$(BIN)/python -m benchmarks.bench_selector_runtime --per-set 50 --k 50 --name selector_runtime_top50
 	$(BIN)/python -m benchmarks.bench_answer
 	$(BIN)/python -m benchmarks.bench_stream
 	$(BIN)/python -m benchmarks.bench_gateway
