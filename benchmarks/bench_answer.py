@@ -22,13 +22,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from benchmarks.common import LOG_DIR, QUESTIONS, START_S, question_texts, rel, write_result
+from benchmarks.common import (
+    LOG_DIR,
+    QUESTIONS,
+    START_S,
+    ask_answers,
+    question_texts,
+    rel,
+    write_result,
+)
 from gainrag.evaluation.qa_metrics import percentile
 from gainrag_harness import gainrag_service, running
 
@@ -38,29 +43,8 @@ MODES = {"on": "true", "off": "false"}  # pipelined selection
 
 
 async def run(url: str, questions: list[str], concurrency: int) -> list[dict[str, Any]]:
-    sem = asyncio.Semaphore(concurrency)
-    out: list[dict[str, Any]] = []
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-
-        async def one(q: str) -> None:
-            async with sem:
-                t = time.perf_counter()
-                r = await client.post(
-                    "/answer", json={"question": q}, headers={"cache-control": "no-cache"}
-                )
-                wall = (time.perf_counter() - t) * 1000
-            body = r.json()
-            out.append(
-                {
-                    "status": r.status_code,
-                    "client_ms": wall,
-                    "timings_ms": body.get("timings_ms"),
-                    "question": q,
-                }
-            )
-
-        await asyncio.gather(*(one(q) for q in questions))
-    return out
+    out, _ = await ask_answers(url, questions, concurrency)
+    return [{**r, "timings_ms": r["body"].get("timings_ms")} for r in out]
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from benchmarks.common import (
     LOG_DIR,
     QUESTIONS,
     START_S,
+    ask_answers,
     matmul_peak,
     pct,
     question_texts,
@@ -69,26 +69,9 @@ MODES: dict[str, dict[str, str]] = {"old": OLD, "new": {}}
 
 
 async def ask(url: str, questions: list[str], concurrency: int) -> dict[str, Any]:
-    """Every question once with ``concurrency`` in flight; responses and wall time."""
-    sem = asyncio.Semaphore(concurrency)
-    out: list[dict[str, Any]] = []
-    async with httpx.AsyncClient(base_url=url, timeout=900) as client:
-
-        async def one(q: str) -> None:
-            async with sem:
-                t = time.perf_counter()
-                r = await client.post(
-                    "/answer",
-                    json={"question": q, "return_candidates": True},
-                    headers={"cache-control": "no-cache"},
-                )
-                ms = (time.perf_counter() - t) * 1000
-            body = r.json()
-            out.append({"status": r.status_code, "client_ms": ms, "question": q, "body": body})
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(q) for q in questions))
-        wall = time.perf_counter() - t0
+    """Every question once with ``concurrency`` in flight (candidates returned: the floor's
+    selection terms need them); responses and wall time."""
+    out, wall = await ask_answers(url, questions, concurrency, {"return_candidates": True})
     return {"responses": out, "wall_s": wall, "concurrency": concurrency}
 
 

@@ -27,14 +27,22 @@ import io
 import statistics
 import subprocess
 import tarfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from benchmarks.common import LOG_DIR, ROOT, START_S, pct, question_texts, table, write_result
+from benchmarks.common import (
+    LOG_DIR,
+    ROOT,
+    START_S,
+    ask_answers,
+    pct,
+    question_texts,
+    table,
+    write_result,
+)
 from gainrag_harness import gainrag_service
 
 NAME = "throughput"
@@ -71,33 +79,17 @@ def questions(n: int) -> list[str]:
 
 async def ask(url: str, qs: list[str], concurrency: int) -> dict[str, Any]:
     """Every question once with ``concurrency`` in flight; per-request records and wall time."""
-    sem = asyncio.Semaphore(concurrency)
-    out: list[dict[str, Any]] = []
-    async with httpx.AsyncClient(base_url=url, timeout=900) as client:
-
-        async def one(q: str) -> None:
-            async with sem:
-                t = time.perf_counter()
-                r = await client.post(
-                    "/answer", json={"question": q}, headers={"cache-control": "no-cache"}
-                )
-                ms = (time.perf_counter() - t) * 1000
-            body = r.json()
-            out.append(
-                {
-                    "status": r.status_code,
-                    "client_ms": ms,
-                    "timings_ms": body.get("timings_ms") or {},
-                    "error": (body.get("error") or {}).get("type")
-                    if r.status_code != 200
-                    else None,
-                }
-            )
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(q) for q in qs))
-        wall = time.perf_counter() - t0
-    return {"records": out, "wall_s": wall}
+    out, wall = await ask_answers(url, qs, concurrency)
+    records = [
+        {
+            "status": r["status"],
+            "client_ms": r["client_ms"],
+            "timings_ms": r["body"].get("timings_ms") or {},
+            "error": None if r["status"] == 200 else (r["body"].get("error") or {}).get("type"),
+        }
+        for r in out
+    ]
+    return {"records": records, "wall_s": wall}
 
 
 def summarize(run: dict[str, Any], concurrency: int) -> dict[str, Any]:

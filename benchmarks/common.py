@@ -5,12 +5,15 @@ the command, the machine, the figures, the targets and what bounds each figure).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from gainrag.config import REPO_ROOT
 from gainrag.evaluation.qa_metrics import percentile
@@ -26,6 +29,32 @@ QUESTIONS = ROOT / "data" / "questions" / "nq_dev.jsonl"
 def question_texts(path: Path, limit: int | None = None) -> list[str]:
     """The question texts of the first ``limit`` rows (benchmarks only ask; no answers needed)."""
     return [row["question"] for row in load_questions(path, limit, answers=False)]
+
+
+async def ask_answers(
+    url: str, questions: Sequence[str], concurrency: int, extra: dict[str, Any] | None = None
+) -> tuple[list[dict[str, Any]], float]:
+    """``POST /answer`` for every question, ``concurrency`` in flight, the cache bypassed: one
+    record per request (``status``, ``client_ms``, ``question``, ``body``) and the wall time
+    of them all in seconds. ``extra`` adds fields to each request body."""
+    sem = asyncio.Semaphore(concurrency)
+    out: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(base_url=url, timeout=900) as client:
+
+        async def one(q: str) -> None:
+            async with sem:
+                t = time.perf_counter()
+                r = await client.post(
+                    "/answer",
+                    json={"question": q, **(extra or {})},
+                    headers={"cache-control": "no-cache"},
+                )
+                ms = (time.perf_counter() - t) * 1000
+            out.append({"status": r.status_code, "client_ms": ms, "question": q, "body": r.json()})
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(q) for q in questions))
+        return out, time.perf_counter() - start
 
 
 def rel(path: Path) -> str:

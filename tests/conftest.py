@@ -101,12 +101,13 @@ def stack(
 
 
 def make_settings(index_dir: Path, small_corpus: Path, **overrides: object) -> Settings:
-    """Settings for tests: the small index, k=10, short generations, fp32 models (the exactness
-    tests compare against fp32 references on any machine; tests/test_dtype.py covers auto), the
-    in-process transformers LLM (tests/test_llama_engine.py covers the managed llama.cpp one)."""
+    """Settings for tests: the small index, k=10, short generations, fp32 torch models (the
+    exactness tests compare against fp32 references on any machine; tests/test_dtype.py covers
+    auto, tests/test_selector_runtime.py the OpenVINO selector), the in-process transformers LLM
+    (tests/test_llama_engine.py covers the managed llama.cpp one)."""
     base: dict[str, object] = {
         "retrieval": {"index_dir": index_dir, "corpus": small_corpus, "k": 10, "dtype": "float32"},
-        "selector": {"dtype": "float32"},
+        "selector": {"dtype": "float32", "runtime": "torch"},
         "llm": {
             "backend": "transformers",
             "model": "smollm2-135m",  # the llm_dir fixture's model, whatever the default reader
@@ -143,6 +144,7 @@ def keyed_gateway_env(
         "GAINRAG_RETRIEVAL__INDEX_DIR": str(index_dir),
         "GAINRAG_RETRIEVAL__CORPUS": str(small_corpus),
         "GAINRAG_RETRIEVAL__K": "5",
+        "GAINRAG_SELECTOR__RUNTIME": "torch",  # plumbing: no OpenVINO check at each start
         "GAINRAG_LLM__MAX_NEW_TOKENS_PSEUDO": str(pseudo_tokens),
         "GAINRAG_LLM__MAX_NEW_TOKENS_ANSWER": str(answer_tokens),
         "GAINRAG_API__KEYS_FILE": str(keys),
