@@ -1,0 +1,156 @@
+"""The reader prompt with the instruction before the passage, against the served layout (issue 25).
+
+With the instruction first, llama.cpp's slot cache reuses ~46 prompt tokens instead of ~31 (the
+chat template's head), so each answer prefills ~15 fewer tokens. This asks the default reader
+(Qwen2.5-Coder-1.5B Q4_K_M in a llama-server with the managed engine's flags) every question of
+both full dev sets with the passage the served default selected (read from an eval report of
+it), greedy, 32 new tokens, first line kept as the answer, and scores acc / EM / F1 against the
+report's own answers (paired sign test). Resumes from its JSONL output.
+
+    python -m benchmarks.prompt_layout   # --report-dir: another eval of the served default
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.common import LOG_DIR, ROOT, write_result
+from gainrag.config import Settings
+from gainrag.evaluation.qa_metrics import cover_em, exact_match, f1_score
+from gainrag.llm import prompts
+from gainrag.types import Passage
+from gainrag.weights import gguf_path
+from gainrag_harness import free_port
+
+REPORTS = ROOT / "benchmarks" / "results" / "full" / "k-100" / "mix-0.5" / "served-openvino"
+OUT = LOG_DIR / "prompt_layout.jsonl"
+SETS = ("nq_dev", "squad_dev")
+
+
+def instruction_first(question: str, passage: Passage, max_words: int) -> str:
+    """The served answer prompt's parts, the instruction moved before the passage."""
+    body = prompts.render_passages([passage], max_words)
+    return f"### Instruction:\n{prompts.ANSWER_INSTRUCTION}\n\n{body}\n\n### Input:\n{question}\n"
+
+
+def sign_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+async def ask_all(url: str, rows: list[tuple[str, dict[str, Any], Passage]], words: int) -> None:
+    done = {json.loads(x)["key"] for x in OUT.read_text().splitlines()} if OUT.exists() else set()
+    sem = asyncio.Semaphore(8)  # as the full-dev-set evals: 8 in flight on 4 slots
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        with OUT.open("a") as out:
+
+            async def one(name: str, rec: dict[str, Any], passage: Passage) -> None:
+                key = f"{name}:{rec['id']}"
+                if key in done:
+                    return
+                message = prompts.neutralize_control_text(
+                    instruction_first(rec["question"], passage, words)
+                )
+                payload = {
+                    "messages": [{"role": "user", "content": message}],
+                    "max_tokens": 32,
+                    "temperature": 0.0,
+                }
+                async with sem:
+                    body = (await client.post("/v1/chat/completions", json=payload)).json()
+                pred = prompts.clean_answer(body["choices"][0]["message"]["content"] or "")
+                t = body.get("timings", {})
+                row = {
+                    "key": key,
+                    "set": name,
+                    "prediction": pred,
+                    "acc": cover_em(pred, rec["answers"]),
+                    "em": exact_match(pred, rec["answers"]),
+                    "f1": f1_score(pred, rec["answers"]),
+                    "served": {m: rec[m] for m in ("acc", "em", "f1")},
+                    "prompt_n": t.get("prompt_n"),
+                    "cache_n": t.get("cache_n"),
+                }
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+
+            await asyncio.gather(*(one(*r) for r in rows))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--report-dir", type=Path, default=REPORTS)
+    a = ap.parse_args()
+    settings = Settings()
+    passages = {}
+    with settings.retrieval.index_dir.joinpath("passages.jsonl").open() as f:
+        for line in f:
+            d = json.loads(line)
+            passages[d["id"]] = Passage(d["id"], d["title"], d["text"])
+    rows = []
+    for name in SETS:
+        report = json.loads((a.report_dir / f"eval_{name}_gainrag-no-pseudo.json").read_text())
+        rows += [(name, r, passages[r["selected_ids"][0]]) for r in report["records"]]
+    port = free_port()
+    llm = settings.llm
+    cmd = [
+        str(llm.engine_bin),
+        "--model", str(gguf_path(llm.model, llm.models_dir.expanduser())),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--parallel", "4", "--ctx-size", "17024", "--threads", "2", "--threads-batch", "2",
+        "--jinja", "--no-webui", "--cache-ram", "0",
+    ]  # fmt: skip
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    with (LOG_DIR / "prompt_layout-llama.log").open("w") as log:
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            asyncio.run(asyncio.sleep(1))
+        asyncio.run(ask_all(url, rows, llm.max_passage_words))
+    finally:
+        server.terminate()
+    got = [json.loads(x) for x in OUT.read_text().splitlines()]
+    results: dict[str, Any] = {"report_dir": str(a.report_dir), "sets": {}}
+    lines = [
+        "| set | metric | served layout | instruction first | wins / losses (p) |",
+        "|---|---|---|---|---|",
+    ]
+    for name in SETS:
+        r = [x for x in got if x["set"] == name]
+        per: dict[str, Any] = {"n": len(r)}
+        for m in ("acc", "em", "f1"):
+            new = 100 * sum(x[m] for x in r) / len(r)
+            old = 100 * sum(x["served"][m] for x in r) / len(r)
+            wins = sum(x[m] > x["served"][m] for x in r)
+            losses = sum(x[m] < x["served"][m] for x in r)
+            per[m] = {"served": old, "instruction_first": new, "wins": wins, "losses": losses}
+            test = f"{wins} / {losses} (p = {sign_p(wins, losses):.3f})" if m != "f1" else ""
+            lines.append(f"| {name} (n = {len(r)}) | {m} | {old:.1f} | {new:.1f} | {test} |")
+        warm = [x["prompt_n"] for x in r if (x["cache_n"] or 0) >= 40]
+        per["uncached_prompt_tokens_mean"] = sum(warm) / len(warm) if warm else None
+        results["sets"][name] = per
+    write_result("prompt_layout", results, markdown="\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
