@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +22,9 @@ import httpx
 
 from benchmarks.common import LOG_DIR, ROOT, write_result
 from gainrag.config import Settings
-from gainrag.evaluation.qa_metrics import cover_em, exact_match, f1_score
+from gainrag.evaluation.qa_metrics import cover_em, exact_match, f1_score, sign_test_p
 from gainrag.llm import prompts
+from gainrag.llm.llamacpp_engine import LlamaServer, slot_context, usable_cores
 from gainrag.types import Passage
 from gainrag.weights import gguf_path
 from gainrag_harness import free_port
@@ -40,15 +38,6 @@ def instruction_first(question: str, passage: Passage, max_words: int) -> str:
     """The served answer prompt's parts, the instruction moved before the passage."""
     body = prompts.render_passages([passage], max_words)
     return f"### Instruction:\n{prompts.ANSWER_INSTRUCTION}\n\n{body}\n\n### Input:\n{question}\n"
-
-
-def sign_p(wins: int, losses: int) -> float:
-    """Two-sided exact sign test."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 async def ask_all(url: str, rows: list[tuple[str, dict[str, Any], Passage]], words: int) -> None:
@@ -104,31 +93,23 @@ def main() -> None:
     for name in SETS:
         report = json.loads((a.report_dir / f"eval_{name}_gainrag-no-pseudo.json").read_text())
         rows += [(name, r, passages[r["selected_ids"][0]]) for r in report["records"]]
-    port = free_port()
     llm = settings.llm
-    cmd = [
-        str(llm.engine_bin),
-        "--model", str(gguf_path(llm.model, llm.models_dir.expanduser())),
-        "--host", "127.0.0.1", "--port", str(port),
-        "--parallel", "4", "--ctx-size", "17024", "--threads", "2", "--threads-batch", "2",
-        "--jinja", "--no-webui", "--cache-ram", "0",
-    ]  # fmt: skip
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    with (LOG_DIR / "prompt_layout-llama.log").open("w") as log:
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    # the managed engine's own server: the same command line the service runs
+    server = LlamaServer(
+        llm.engine_bin,
+        gguf_path(llm.model, llm.models_dir.expanduser()),
+        alias=llm.model,
+        port=free_port(),
+        parallel=llm.engine_parallel,
+        slot_ctx=slot_context(llm),
+        threads=llm.engine_threads or usable_cores(),
+        log_path=LOG_DIR / "prompt_layout-llama.log",
+    )
+    server.start(llm.engine_startup_s)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            asyncio.run(asyncio.sleep(1))
-        asyncio.run(ask_all(url, rows, llm.max_passage_words))
+        asyncio.run(ask_all(server.url, rows, llm.max_passage_words))
     finally:
-        server.terminate()
+        server.stop()
     got = [json.loads(x) for x in OUT.read_text().splitlines()]
     results: dict[str, Any] = {"report_dir": str(a.report_dir), "sets": {}}
     lines = [
@@ -144,7 +125,7 @@ def main() -> None:
             wins = sum(x[m] > x["served"][m] for x in r)
             losses = sum(x[m] < x["served"][m] for x in r)
             per[m] = {"served": old, "instruction_first": new, "wins": wins, "losses": losses}
-            test = f"{wins} / {losses} (p = {sign_p(wins, losses):.3f})" if m != "f1" else ""
+            test = f"{wins} / {losses} (p = {sign_test_p(wins, losses):.3f})" if m != "f1" else ""
             lines.append(f"| {name} (n = {len(r)}) | {m} | {old:.1f} | {new:.1f} | {test} |")
         warm = [x["prompt_n"] for x in r if (x["cache_n"] or 0) >= 40]
         per["uncached_prompt_tokens_mean"] = sum(warm) / len(warm) if warm else None
