@@ -42,6 +42,7 @@ from gainrag.pipeline import Components
 from gainrag.retrieval.encoder import BiEncoder
 from gainrag.retrieval.index import build_index
 from gainrag.selector.cross_encoder import CrossEncoderScorer, CrossEncoderSelector
+from gainrag.selector.openvino_runtime import spearman
 from gainrag.training.gain import GainScorer
 from gainrag.types import Passage
 from gainrag.weights import resolve_encoder
@@ -183,13 +184,6 @@ def pool(questions: list[dict]) -> list[Passage]:
 def pool_vectors(encoder: BiEncoder, pool: list[Passage]) -> np.ndarray:
     assert encoder.dtype.dtype == "float32"  # the index side, as build_index makes it
     return encoder.encode([p.as_candidate_text() for p in pool])
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation (no ties in fp32 logits)."""
-    ra = np.argsort(np.argsort(a)).astype(float)
-    rb = np.argsort(np.argsort(b)).astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def test_bf16_selector_keeps_the_fp32_ranking(

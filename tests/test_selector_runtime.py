@@ -79,7 +79,7 @@ def test_openvino_keeps_the_torch_float32_ranking_of_real_candidates(
 def test_auto_runs_the_check_once_and_records_why(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     real, whole = ovr.compare, ovr.load_probe()
-    # the real check on a tenth of the probe (the whole one is ~26 s on 2 cores)
+    # the real check on a tenth of the probe (the whole one is ~20 s on 2 cores)
     monkeypatch.setattr(
         ovr,
         "load_probe",
@@ -97,6 +97,27 @@ def test_auto_runs_the_check_once_and_records_why(monkeypatch: pytest.MonkeyPatc
     assert first.variant == second.variant
     assert "on 5 probe questions" in first.runtime_reason  # what the check measured, for the log
     assert len(list(ovr.CACHE.glob("check-*.json"))) == 1
+
+
+def test_without_stored_references_the_check_computes_float32_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    whole = ovr.load_probe()
+    seen: list[list[list[float]]] = []
+    real = ovr.compare
+
+    def spy(questions: object, reference: list[list[float]], *rest: object) -> ovr.RuntimeCheck:
+        seen.append(reference)
+        return real(questions, reference, *rest)  # type: ignore[arg-type]
+
+    # a probe with no references for this checkpoint (as for a checkpoint of one's own)
+    monkeypatch.setattr(ovr, "load_probe", lambda: ovr.Probe(whole.questions[::10], {}))
+    monkeypatch.setattr(ovr, "compare", spy)
+    CrossEncoderScorer(SELECTOR, runtime="auto")
+    stored = whole.references[next(iter(whole.references))][::10]
+    assert len(seen) == 1
+    for ours, theirs in zip(seen[0], stored, strict=True):
+        assert np.max(np.abs(np.subtract(ours, theirs))) < 1e-3  # torch float32, as stored
 
 
 def test_a_failed_check_keeps_torch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,6 @@ forward pass pads as little as possible.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 from collections.abc import Callable
@@ -96,9 +95,6 @@ class CrossEncoderScorer:
         shapes = linear_shapes(model.config, [self.batch_size * 128])
         self.dtype = resolve_dtype("selector", dtype, self.device, shapes)
         self.checkpoint_version = checkpoint_version(path)
-        # the check's float32 reference (runtime auto), before the served copy changes dtype
-        auto_cpu = runtime == "auto" and self.device == "cpu"
-        fp32 = copy.deepcopy(model).float().eval() if auto_cpu else None
         model = model.to(self.dtype.torch_dtype)
         if self.dtype.dtype == "bfloat16":
             _fp32_head(model)
@@ -106,7 +102,7 @@ class CrossEncoderScorer:
         self.openvino: OpenVINOModel | None = None
         self.runtime_reason = "configured" if runtime == "torch" else f"{self.device}: torch"
         if runtime != "torch" and self.device == "cpu":
-            self._try_openvino(path, runtime, dtype, fp32)
+            self._try_openvino(path, runtime, dtype)
 
     @property
     def variant(self) -> str:
@@ -115,32 +111,29 @@ class CrossEncoderScorer:
             return f"openvino-{self.openvino.precision}"
         return self.dtype.dtype
 
-    def _try_openvino(
-        self, path: Path, runtime: str, dtype: str, fp32: torch.nn.Module | None
-    ) -> None:
-        ovr.require(runtime)
+    def _try_openvino(self, path: Path, runtime: str, dtype: str) -> None:
         precision = ovr.precision_for(dtype)
         if precision is None or ovr.available() is None:
-            why = "not installed" if precision else f"no OpenVINO precision for dtype {dtype}"
+            why = (
+                f"no OpenVINO precision for dtype {dtype}"
+                if precision is None
+                else "not installed (`pip install openvino`, in `make install`)"
+            )
             if runtime == "openvino":
-                raise ConfigurationError(f"selector runtime openvino: {why}")
+                raise ConfigurationError(f"GAINRAG_SELECTOR__RUNTIME=openvino: OpenVINO {why}")
             self.runtime_reason = f"torch: OpenVINO {why}"
             log.info("selector runtime: %s", self.runtime_reason)
             return
         threads = torch.get_num_threads()
         candidate = ovr.OpenVINOModel(path, self.checkpoint_version, precision, threads)
         if runtime == "auto":
-            assert fp32 is not None and self.model is not None
-            served, reference = self.model, fp32
+            assert self.model is not None
+            served = self.model
 
             def run() -> ovr.RuntimeCheck:
                 probe = ovr.load_probe()
-                ref = probe.references.get(
-                    ovr.reference_key(self.checkpoint_version, self.max_length)
-                ) or [
-                    self._score([(q, d) for d in ds], reference.forward)
-                    for q, ds in probe.questions
-                ]
+                key = ovr.reference_key(self.checkpoint_version, self.max_length)
+                ref = probe.references.get(key) or self._fp32_logits(path, probe.questions)
                 return ovr.compare(
                     probe.questions,
                     ref,
@@ -160,6 +153,12 @@ class CrossEncoderScorer:
             self.runtime_reason = check.describe()
         self.openvino, self.model = candidate, None  # the torch weights are not needed now
         log.info("selector runtime: openvino %s (%s)", precision, self.runtime_reason)
+
+    def _fp32_logits(self, path: Path, questions: list[tuple[str, list[str]]]) -> list[list[float]]:
+        """torch float32's logits for the check, where the probe has none for this checkpoint and
+        max length (only then is a float32 copy loaded)."""
+        fp32 = AutoModelForSequenceClassification.from_pretrained(path).float().eval()
+        return [self._score([(q, d) for d in docs], fp32.forward) for q, docs in questions]
 
     def score_pairs(self, pairs: list[Pair]) -> list[float]:
         """Raw logits, in input order."""
