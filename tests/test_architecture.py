@@ -12,6 +12,9 @@ Rules (each a test; ``make lint`` runs them directly, ``python tests/test_archit
    state, request dependencies or schemas, nor the pipeline or the cache. What a worker loads is
    its module-level imports, its own function-level ones, the parent packages' ``__init__`` and
    the lazy imports inside the functions it imports by name (``wiring.build_cross_encoder``).
+5. The gateway's route modules do not import each other (what they share, the request skeleton,
+   is ``gainrag.api.answering``), and its wire models (pydantic models) live in
+   ``gainrag.api.schemas`` alone.
 
 Importing ``a.b.c`` runs ``a/__init__.py`` and ``a/b/__init__.py`` first: closures include them.
 A last test checks rule 4 at run time, in a fresh interpreter.
@@ -41,14 +44,15 @@ PIPELINE_MAY_IMPORT = {
     "gainrag.llm.interface",
     "gainrag.llm.prompts",
     "gainrag.retrieval.interface",
-    "gainrag.selector.fusion",
     "gainrag.selector.interface",
+    "gainrag.selector.ranking",
     "gainrag.telemetry",
     "gainrag.textcheck",
     "gainrag.types",
 }
 GATEWAY = {
     "gainrag.api.admission",
+    "gainrag.api.answering",
     "gainrag.api.app",
     "gainrag.api.deps",
     "gainrag.api.playground",
@@ -330,6 +334,48 @@ def test_a_worker_process_loads_no_gateway_module() -> None:
     assert not loaded & GATEWAY, f"a worker process loaded {sorted(loaded & GATEWAY)}"
 
 
+ROUTE_MODULES = ("gainrag.api.routes", "gainrag.api.openai_compat")
+WIRE_MODELS = "gainrag.api.schemas"
+
+
+def _base_name(base: ast.expr) -> str:
+    """``BaseModel`` for ``BaseModel``, ``pydantic.BaseModel`` and ``RootModel[int]`` alike."""
+    if isinstance(base, ast.Subscript):
+        base = base.value
+    if isinstance(base, ast.Attribute):
+        return base.attr
+    return base.id if isinstance(base, ast.Name) else ""
+
+
+def _classes(m: Module) -> list[ast.ClassDef]:
+    return [n for n in ast.walk(ast.parse(m.path.read_text())) if isinstance(n, ast.ClassDef)]
+
+
+def test_route_modules_share_no_imports_and_wire_models_live_in_schemas() -> None:
+    mods = modules()
+    assert {*ROUTE_MODULES, WIRE_MODELS} <= mods.keys()
+    crossed = [
+        f"{a} imports {b} (line {r.line})"
+        for a in ROUTE_MODULES
+        for r in mods[a].refs
+        for b in ROUTE_MODULES
+        if b != a and _in_package(r.target, b)
+    ]
+    assert not crossed, f"route modules import each other (share via api.answering): {crossed}"
+    # Pydantic's bases, and the schemas' own models (a model may extend another).
+    bases = {"BaseModel", "RootModel"} | {c.name for c in _classes(mods[WIRE_MODELS])}
+    elsewhere = [
+        f"{name}.{c.name}"
+        for name, m in sorted(mods.items())
+        if _in_package(name, "gainrag.api")
+        and not _in_package(name, "gainrag.api.workers")  # the workers' are in gainrag.wire
+        and not _in_package(name, WIRE_MODELS)
+        for c in _classes(m)
+        if any(_base_name(b) in bases for b in c.bases)
+    ]
+    assert not elsewhere, f"wire models outside {WIRE_MODELS}: {elsewhere}"
+
+
 # The source rules (``make lint``): no imports, no models, well under a second.
 RULES = (
     test_the_source_is_where_expected,
@@ -337,6 +383,7 @@ RULES = (
     test_model_packages_do_not_reach_the_web_layer,
     test_pipeline_names_no_concrete_backend,
     test_workers_load_nothing_of_the_gateway,
+    test_route_modules_share_no_imports_and_wire_models_live_in_schemas,
 )
 
 

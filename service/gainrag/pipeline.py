@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from gainrag import telemetry
@@ -46,8 +46,8 @@ from gainrag.errors import (
 from gainrag.llm import prompts
 from gainrag.llm.interface import Generator, prompt_tokens, stream_reply
 from gainrag.retrieval.interface import Retriever
-from gainrag.selector.fusion import fuse
 from gainrag.selector.interface import Selector
+from gainrag.selector.ranking import rank
 from gainrag.textcheck import check_text, is_blank
 from gainrag.types import PSEUDO_ID, AnswerResult, Degradation, Passage, Retrieved, Scored
 
@@ -86,6 +86,21 @@ class Context:
     degraded: list[Degradation]
     start: float  # perf_counter at the start of the request
     cached: bool = False
+
+    @classmethod
+    def of(cls, result: AnswerResult, question: str, start: float) -> Context:
+        """The context of a finished (cached) result: what it was based on, ``cached`` set."""
+        return cls(
+            question=question,
+            selected=result.selected,
+            candidates=result.candidates,
+            retrieved=result.retrieved,
+            pseudo_passage=result.pseudo_passage,
+            timings_ms=dict(result.timings_ms),
+            degraded=result.degraded,
+            start=start,
+            cached=True,
+        )
 
     def result(self, answer: str) -> AnswerResult:
         """The complete result with ``answer``; stamps the total time."""
@@ -315,20 +330,17 @@ class Pipeline:
         or a raw question that is checked here. ``use_cache=False`` (the client's
         ``Cache-Control: no-cache``) skips cache reads but stores the fresh result.
         """
-        o = self.options
         q = question if isinstance(question, CheckedQuery) else self.check(question, top_n)
-        key, hit = await self._cached(q, use_cache)
-        if hit is not None:
-            return hit
-        try:
-            async with asyncio.timeout(o.timeout_s):
-                result = await self._answer(q.question, q.top_n, read_cache=use_cache)
-        except TimeoutError as exc:
-            raise self._timeout() from exc
-        await self._finish(result, key)
+        # The same events as answer_stream, the LLM asked for its whole reply at once (one
+        # request, and a reply the evaluation memo records); only the last event is kept.
+        result: AnswerResult | None = None
+        async for event in self._events(q, use_cache, stream=False):
+            if isinstance(event, AnswerResult):
+                result = event
+        assert result is not None  # _events always ends with the result or raises
         return result
 
-    async def answer_stream(
+    def answer_stream(
         self, q: CheckedQuery, *, use_cache: bool = True
     ) -> AsyncGenerator[StreamEvent, None]:
         """:meth:`answer` as events: the :class:`Context` (the citation, before any token), then
@@ -340,26 +352,23 @@ class Pipeline:
         the iterator (the client left) closes the generator's stream, which stops decoding.
         The pipeline deadline covers each step, not the consumer's time between them.
         """
-        o = self.options
+        return self._events(q, use_cache, stream=True)
+
+    async def _events(
+        self, q: CheckedQuery, use_cache: bool, *, stream: bool
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """The one answer path of :meth:`answer` and :meth:`answer_stream` (as vLLM's serving
+        layer has one result generator for both): cache, context, generation, result, caching.
+        ``stream`` only chooses how the LLM is asked: token by token, or for its whole reply."""
         start = time.perf_counter()
         key, hit = await self._cached(q, use_cache, start)
         if hit is not None:
-            yield Context(
-                question=q.question,
-                selected=hit.selected,
-                candidates=hit.candidates,
-                retrieved=hit.retrieved,
-                pseudo_passage=hit.pseudo_passage,
-                timings_ms=dict(hit.timings_ms),
-                degraded=hit.degraded,
-                start=start,
-                cached=True,
-            )
+            yield Context.of(hit, q.question, start)
             if hit.answer:
                 yield hit.answer
             yield hit
             return
-        deadline = asyncio.get_running_loop().time() + o.timeout_s
+        deadline = asyncio.get_running_loop().time() + self.options.timeout_s
         try:
             async with asyncio.timeout_at(deadline):
                 ctx = await self._context(q.question, q.top_n, read_cache=use_cache)
@@ -367,40 +376,51 @@ class Pipeline:
             raise self._timeout() from exc
         yield ctx
         cleaner = prompts.AnswerCleaner()
-        gen_start = time.perf_counter()
-        deltas = stream_reply(
-            self.c.generator,
-            self._answer_prompt(ctx),
-            max_new_tokens=self.settings.llm.max_new_tokens_answer,
+        async for text in self._generate(ctx, cleaner, deadline, stream=stream):
+            yield text
+        result = ctx.result(cleaner.sent)
+        await self._finish(result, key)
+        yield result
+
+    async def _generate(
+        self, ctx: Context, cleaner: prompts.AnswerCleaner, deadline: float, *, stream: bool
+    ) -> AsyncGenerator[str, None]:
+        """The answer's cleaned text as it arrives (``cleaner.sent`` holds all of it after);
+        timed as ``generate``; unexpected backend errors become a safe 502, as in
+        :meth:`_timed`; the deadline bounds each wait for the LLM."""
+        g, budget = self.c.generator, self.settings.llm.max_new_tokens_answer
+        prompt = self._answer_prompt(ctx)
+        raw = (
+            stream_reply(g, prompt, max_new_tokens=budget)
+            if stream
+            else _one_delta(g.chat(prompt, max_new_tokens=budget))
         )
+        start = time.perf_counter()
         try:
             while not cleaner.complete:
                 try:
                     async with asyncio.timeout_at(deadline):
-                        raw = await anext(deltas)
+                        delta = await anext(raw)
                 except StopAsyncIteration:
                     break
                 except TimeoutError as exc:
                     raise self._timeout() from exc
                 except GainRAGError:
                     raise
-                except Exception as exc:  # as _timed does for the non-streaming path
+                except Exception as exc:
                     log.exception("stage generate failed")
                     raise UpstreamError(
                         "the generate stage failed", code="generate_failed"
                     ) from exc
-                if text := cleaner.feed(raw):
+                if text := cleaner.feed(delta):
                     yield text
         finally:
-            await deltas.aclose()  # also when our consumer left: stops the decoding
-            elapsed = time.perf_counter() - gen_start
+            await raw.aclose()  # also when our consumer left: stops the decoding
+            elapsed = time.perf_counter() - start
             ctx.timings_ms["generate"] = elapsed * 1000.0
             telemetry.STAGE_SECONDS.labels("generate").observe(elapsed)
         if rest := cleaner.finish():
             yield rest
-        result = ctx.result(cleaner.sent)
-        await self._finish(result, key)
-        yield result
 
     def _timeout(self) -> UpstreamTimeoutError:
         o = self.options
@@ -438,21 +458,10 @@ class Pipeline:
         if self.c.cache is not None and key is not None and not result.degraded:
             await self.c.cache.set("answer", key, result.to_cache())
 
-    def _degrade(self, degraded: list[Degradation], kind: str, message: str) -> None:
-        log.warning("degraded answer (%s): %s", kind, message)
-        telemetry.FALLBACKS.labels(kind).inc()
-        degraded.append(Degradation(kind, message))
-
-    async def _answer(self, question: str, top_n: int, *, read_cache: bool) -> AnswerResult:
-        ctx = await self._context(question, top_n, read_cache=read_cache)
-        answer = await self._timed(
-            "generate",
-            ctx.timings_ms,
-            self.c.generator.chat(
-                self._answer_prompt(ctx), max_new_tokens=self.settings.llm.max_new_tokens_answer
-            ),
-        )
-        return ctx.result(prompts.clean_answer(answer))
+    def _degrade(self, degraded: list[Degradation], degradation: Degradation) -> None:
+        log.warning("degraded answer (%s): %s", degradation.kind, degradation.message)
+        telemetry.FALLBACKS.labels(degradation.kind).inc()
+        degraded.append(degradation)
 
     def _answer_prompt(self, ctx: Context) -> str:
         return prompts.answer_prompt(
@@ -460,152 +469,162 @@ class Pipeline:
         )
 
     async def _context(self, question: str, top_n: int, *, read_cache: bool) -> Context:
-        """Everything before generation: (retrieve || pseudo-passage) -> select -> ``selected``."""
+        """Everything before generation: gather the candidates and their scores
+        (:meth:`_gather`), rank them (:func:`gainrag.selector.ranking.rank`, pure), select."""
         o = self.options
-        timings = dict.fromkeys(STAGES, 0.0)
-        degraded: list[Degradation] = []
-        start = time.perf_counter()
-
-        async def no_retrieval() -> list[Retrieved]:
-            return []
-
-        async def no_pseudo() -> str:
-            return ""
-
-        async def retrieve(retriever: Retriever) -> list[Retrieved]:
-            aw = retriever.retrieve(question, self.settings.retrieval.k)
-            try:
-                return await self._timed("retrieve", timings, aw)
-            except _DEPENDENCY_FAILURES as exc:
-                if not o.fallback:
-                    raise
-                # The pseudo-passage keeps going: it is the answer's only context now.
-                basis = "the pseudo-passage alone" if o.pseudo_passage else "no passage"
-                self._degrade(degraded, "retrieval_down", f"{exc.message}; answered from {basis}")
-                return []
-
-        retrieve_aw = (
-            retrieve(self.c.retriever)
-            if o.retrieve and self.c.retriever is not None
-            else no_retrieval()
-        )
-        pseudo_aw = (
-            self._timed("pseudo", timings, self._pseudo(question, read_cache))
-            if o.pseudo_passage
-            else no_pseudo()
-        )
-        selector = self.c.selector if o.select else None
-        pipelined = o.pipelined_selection and selector is not None
-        # When each input arrived (perf_counter), for the critical-path selection time.
-        arrived: dict[str, float] = {}
-
-        failures: list[GainRAGError] = []
-
-        def to_score(retrieved: list[Retrieved]) -> list[Retrieved]:
-            # The retriever's top select_top only: the rest keep their retrieval scores and
-            # rank after them (fusion.fuse); docs/evaluation.md has what it costs in acc.
-            return retrieved[: o.select_top] if o.select_top else retrieved
-
-        async def score(stage: str, passages: list[Passage]) -> list[float] | GainRAGError:
-            """Score ``passages``; a failing selector is returned (fallback) or raised."""
-            assert selector is not None
-            if failures:  # the other part already found the selector down: do not wait on it
-                return failures[0]
-            try:
-                scores = await self._timed(
-                    stage, timings, selector.score(question, passages), failure="select"
-                )
-                if not all(math.isfinite(x) for x in scores):
-                    # e.g. fp16 overflow in a cross-encoder: ranking on NaN would be silently wrong
-                    raise UpstreamError(
-                        "the selector returned non-finite scores", code="select_failed"
-                    )
-            except _DEPENDENCY_FAILURES as exc:
-                if not o.fallback:
-                    raise  # gather_or_cancel then cancels the sibling branch
-                failures.append(exc)
-                return exc
-            return scores
-
-        async def retrieved_branch() -> tuple[list[Retrieved], list[float] | GainRAGError | None]:
-            retrieved = await retrieve_aw
-            arrived["retrieve"] = time.perf_counter()
-            if not pipelined or not retrieved:
-                return retrieved, None
-            return retrieved, await score(
-                "select_retrieved", [r.passage for r in to_score(retrieved)]
-            )
-
-        async def pseudo_branch() -> tuple[str, list[float] | GainRAGError | None]:
-            text = await pseudo_aw
-            arrived["pseudo"] = time.perf_counter()
-            if not pipelined or not o.pseudo_passage or prompts.is_not_available(text):
-                return text, None
-            return text, await score("select_pseudo", [_pseudo_passage(text)])
-
-        (retrieved, scored_r), (pseudo_text, scored_p) = await gather_or_cancel(
-            retrieved_branch(), pseudo_branch()
-        )
-
-        candidates: list[Scored] = [
-            Scored(r.passage, r.score, retrieval_rank=r.rank, retrieval_score=r.score)
-            for r in retrieved
-        ]
+        g = _Gathering(question, read_cache)
+        retrieved, pseudo_text, scores = await self._gather(g)
         pseudo_kept = o.pseudo_passage and not prompts.is_not_available(pseudo_text)
-        if pseudo_kept:  # its score comes from the selector (settings require one)
-            candidates.append(Scored(_pseudo_passage(pseudo_text), 0.0))
-
-        outcome: list[float | None] | GainRAGError | None = None
-        if pipelined and (scored_r is not None or scored_p is not None):
-            parts = [p for p in (scored_r, scored_p) if p is not None]
-            failed = next((p for p in parts if isinstance(p, GainRAGError)), None)
-            # retrieved passages' scores first, the pseudo-passage's last: the candidates' order
-            outcome = failed or _in_candidate_order(scored_r, scored_p, len(retrieved))
-            elapsed = time.perf_counter() - max(arrived.values())
-            timings["select"] = elapsed * 1000.0
-            telemetry.STAGE_SECONDS.labels("select").observe(elapsed)
-        elif not pipelined and selector is not None and candidates:
-            scored = to_score(retrieved)
-            together = await score(
-                "select",
-                [r.passage for r in scored] + [s.passage for s in candidates[len(retrieved) :]],
-            )
-            outcome = (
-                together
-                if isinstance(together, GainRAGError)
-                else _in_candidate_order(
-                    together[: len(scored)], together[len(scored) :] or None, len(retrieved)
-                )
-            )
-
-        ranked = candidates  # retrieval order, the pseudo-passage last
-        if isinstance(outcome, GainRAGError):
-            self._degrade(
-                degraded,
-                "selector_down",
-                f"{outcome.message}; candidates kept in retrieval order (scores are "
-                "retrieval scores; the pseudo-passage ranks last)",
-            )
-            if pseudo_kept:
-                candidates[-1].score = -1.0  # below any cosine of a retrieved passage
-        elif outcome is not None:
-            # Keep part of the retriever's judgement (selector.fusion says why); at weight 0 the
-            # same call ranks by the selector alone, unscored passages after the scored ones.
-            ranking = fuse(outcome, [s.retrieval_score for s in candidates], o.retrieval_weight)
-            if o.retrieval_weight == 0.0:  # the selector's own scores (unscored: its lowest)
-                lowest = min((x for x in outcome if x is not None), default=0.0)
-                ranking = [lowest if x is None else x for x in outcome]
-            for s, x, r in zip(candidates, outcome, ranking, strict=True):
-                s.selector_score, s.score = (None if x is None else float(x)), float(r)
-            # Stable sort: scored first; ties keep retrieval order, the pseudo-passage last.
-            ranked = sorted(candidates, key=lambda s: (s.selector_score is None, -s.score))
+        failure = scores.message if isinstance(scores, GainRAGError) else None
+        ranking = rank(
+            retrieved,
+            _pseudo_passage(pseudo_text) if pseudo_kept else None,
+            None if isinstance(scores, GainRAGError) else scores,
+            weight=o.retrieval_weight,
+            selector_failure=failure,
+        )
+        for degradation in ranking.degraded:
+            self._degrade(g.degraded, degradation)
         return Context(
             question=question,
-            selected=ranked[:top_n],
-            candidates=ranked,
+            selected=ranking.candidates[:top_n],
+            candidates=ranking.candidates,
             retrieved=retrieved,
             pseudo_passage=pseudo_text.strip() if o.pseudo_passage else None,
-            timings_ms=timings,
-            degraded=degraded,
-            start=start,
+            timings_ms=g.timings,
+            degraded=g.degraded,
+            start=g.start,
         )
+
+    async def _gather(
+        self, g: _Gathering
+    ) -> tuple[list[Retrieved], str, list[float | None] | GainRAGError | None]:
+        """(retrieve -> select the retrieved) || (pseudo-passage -> select it): the retrieved
+        passages, the pseudo-passage's text ("" without one) and the selector's scores in
+        candidate order (None: no selection; an error: the selector failed, fallback on)."""
+        o = self.options
+        pipelined = o.pipelined_selection and self._selector is not None
+        (retrieved, scored_r), (pseudo_text, scored_p) = await gather_or_cancel(
+            self._retrieved_branch(g, pipelined), self._pseudo_branch(g, pipelined)
+        )
+        pseudo_kept = o.pseudo_passage and not prompts.is_not_available(pseudo_text)
+        if pipelined:
+            parts = [p for p in (scored_r, scored_p) if p is not None]
+            if not parts:
+                return retrieved, pseudo_text, None
+            # The critical path's selection: what the retrieved passages' scoring did not hide
+            # behind the pseudo-passage, plus the pseudo-passage's own scoring.
+            elapsed = time.perf_counter() - max(g.arrived.values())
+            g.timings["select"] = elapsed * 1000.0
+            telemetry.STAGE_SECONDS.labels("select").observe(elapsed)
+            failed = next((p for p in parts if isinstance(p, GainRAGError)), None)
+            return (
+                retrieved,
+                pseudo_text,
+                failed or _in_candidate_order(scored_r, scored_p, len(retrieved)),
+            )
+        if self._selector is None or not (retrieved or pseudo_kept):
+            return retrieved, pseudo_text, None
+        scored = self._to_score(retrieved)
+        pseudo = [_pseudo_passage(pseudo_text)] if pseudo_kept else []
+        together = await self._score(g, "select", [r.passage for r in scored] + pseudo)
+        if isinstance(together, GainRAGError):
+            return retrieved, pseudo_text, together
+        n = len(scored)
+        return (
+            retrieved,
+            pseudo_text,
+            _in_candidate_order(together[:n], together[n:] or None, len(retrieved)),
+        )
+
+    @property
+    def _selector(self) -> Selector | None:
+        return self.c.selector if self.options.select else None
+
+    def _to_score(self, retrieved: list[Retrieved]) -> list[Retrieved]:
+        """The retriever's top ``select_top`` only: the rest keep their retrieval scores and
+        rank after them (docs/evaluation.md has what it costs in acc)."""
+        n = self.options.select_top
+        return retrieved[:n] if n else retrieved
+
+    async def _retrieve(self, g: _Gathering) -> list[Retrieved]:
+        o = self.options
+        if not o.retrieve or self.c.retriever is None:
+            return []
+        aw = self.c.retriever.retrieve(g.question, self.settings.retrieval.k)
+        try:
+            return await self._timed("retrieve", g.timings, aw)
+        except _DEPENDENCY_FAILURES as exc:
+            if not o.fallback:
+                raise
+            # The pseudo-passage keeps going: it is the answer's only context now.
+            basis = "the pseudo-passage alone" if o.pseudo_passage else "no passage"
+            message = f"{exc.message}; answered from {basis}"
+            self._degrade(g.degraded, Degradation("retrieval_down", message))
+            return []
+
+    async def _score(
+        self, g: _Gathering, stage: str, passages: list[Passage]
+    ) -> list[float] | GainRAGError:
+        """Score ``passages``; a failing selector is returned (fallback) or raised."""
+        selector = self._selector
+        assert selector is not None
+        if g.failures:  # the other branch already found the selector down: do not wait on it
+            return g.failures[0]
+        try:
+            scores = await self._timed(
+                stage, g.timings, selector.score(g.question, passages), failure="select"
+            )
+            if not all(math.isfinite(x) for x in scores):
+                # e.g. fp16 overflow in a cross-encoder: ranking on NaN would be silently wrong
+                raise UpstreamError("the selector returned non-finite scores", code="select_failed")
+        except _DEPENDENCY_FAILURES as exc:
+            if not self.options.fallback:
+                raise  # gather_or_cancel then cancels the sibling branch
+            g.failures.append(exc)
+            return exc
+        return scores
+
+    async def _retrieved_branch(
+        self, g: _Gathering, pipelined: bool
+    ) -> tuple[list[Retrieved], list[float] | GainRAGError | None]:
+        retrieved = await self._retrieve(g)
+        g.arrived["retrieve"] = time.perf_counter()
+        if not pipelined or not retrieved:
+            return retrieved, None
+        passages = [r.passage for r in self._to_score(retrieved)]
+        return retrieved, await self._score(g, "select_retrieved", passages)
+
+    async def _pseudo_branch(
+        self, g: _Gathering, pipelined: bool
+    ) -> tuple[str, list[float] | GainRAGError | None]:
+        o = self.options
+        if not o.pseudo_passage:
+            g.arrived["pseudo"] = time.perf_counter()
+            return "", None
+        text = await self._timed("pseudo", g.timings, self._pseudo(g.question, g.read_cache))
+        g.arrived["pseudo"] = time.perf_counter()
+        if not pipelined or prompts.is_not_available(text):
+            return text, None
+        return text, await self._score(g, "select_pseudo", [_pseudo_passage(text)])
+
+
+@dataclass
+class _Gathering:
+    """One request's state while its candidates are gathered: timings, degradations, the
+    selector failure one branch saw (the other then does not wait on it), arrival times."""
+
+    question: str
+    read_cache: bool
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    degraded: list[Degradation] = field(default_factory=list)
+    failures: list[GainRAGError] = field(default_factory=list)
+    arrived: dict[str, float] = field(default_factory=dict)
+    start: float = field(default_factory=time.perf_counter)
+
+
+async def _one_delta(reply: Awaitable[str]) -> AsyncGenerator[str, None]:
+    """A whole reply as a stream of one delta (none when it is empty)."""
+    text = await reply
+    if text:
+        yield text
