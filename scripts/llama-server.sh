@@ -2,8 +2,8 @@
 # Builds llama.cpp's C++ `llama-server` (parallel slots, continuous batching, /health, /metrics,
 # /tokenize, /slots): the managed LLM engine of the embedded default (GAINRAG_LLM__BACKEND=llamacpp).
 # The sources are the llama.cpp vendored in the llama-cpp-python sdist pinned in
-# constraints-llama.txt, so both llama.cpp builds are one version; the CPU flags are the same as
-# the wheel's (scripts/llama-flags.sh: per-/proc/cpuinfo, GGML_NATIVE=OFF, AMX off). Static
+# constraints-llama.txt; the CPU flags come from scripts/llama-flags.sh (per-/proc/cpuinfo,
+# GGML_NATIVE=OFF, AMX off). Static
 # (BUILD_SHARED_LIBS=OFF: one binary), no web UI, no curl/openssl (it never downloads models).
 # The build is cached per key (version + CPU flags) in ~/.cache/gainrag/llama-server/<key>/ and
 # installed into var/llama-server/ (binary + KEY) with the key as the stamp: a no-op when it

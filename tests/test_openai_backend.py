@@ -1,4 +1,4 @@
-"""The OpenAI-compatible LLM client against a real server: llama-cpp-python's, on the bundled
+"""The OpenAI-compatible LLM client against a real server: llama.cpp's llama-server, on the bundled
 SmolLM2 GGUF (the same API vLLM serves)."""
 
 from __future__ import annotations

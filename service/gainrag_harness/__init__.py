@@ -9,7 +9,6 @@ from gainrag.evaluation.questions import load_questions
 from gainrag_harness.process import REQUIRED, Service, free_port, missing, running
 from gainrag_harness.stack import (
     DEPENDENCIES,
-    LLAMA_PYTHON,
     LLM_ALIAS,
     deployment,
     gainrag_service,
@@ -20,7 +19,6 @@ from gainrag_harness.stack import (
 
 __all__ = [
     "DEPENDENCIES",
-    "LLAMA_PYTHON",
     "LLM_ALIAS",
     "REQUIRED",
     "Service",

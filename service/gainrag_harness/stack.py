@@ -1,20 +1,20 @@
 """The services gainrag runs with, as :class:`~gainrag_harness.process.Service` objects (not yet
-started): redis-server, llama.cpp's OpenAI-compatible server, gainrag's gateway and workers, and
-the whole distributed deployment."""
+started): redis-server, llama.cpp's OpenAI-compatible ``llama-server``, gainrag's gateway and
+workers, and the whole distributed deployment."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gainrag.config import REPO_ROOT
+from gainrag.config import Settings
+from gainrag.llm.llamacpp_engine import LlamaServer
 from gainrag.weights import package_dir
 from gainrag_harness.process import Service, free_port, missing
 
-# llama-cpp-python lives in its own venv (``make llm-venv``): it is built for this CPU.
-LLAMA_PYTHON = REPO_ROOT / ".venv-llama" / "bin" / "python"
 LLM_ALIAS = "smollm2-135m"
 
 
@@ -42,21 +42,30 @@ def llama_service(
     gguf: Path | None = None,
     alias: str = LLM_ALIAS,
     threads: int = 1,
+    parallel: int = 2,
 ) -> Service:
-    """llama-cpp-python's OpenAI-compatible server on a GGUF (default: the bundled SmolLM2,
-    served as ``smollm2-135m``; the API is under ``url + "/v1"``)."""
-    if not LLAMA_PYTHON.exists():
-        missing("llama-cpp-python's server", "`make llm-venv` builds it into .venv-llama")
+    """llama.cpp's C++ ``llama-server`` (``make llm-engine``, the embedded default's engine) on a
+    GGUF (default: the bundled SmolLM2, served as ``smollm2-135m``; the OpenAI API is under
+    ``url + "/v1"``), with the managed engine's own command line (``LlamaServer.command``):
+    ``parallel`` slots of 4096 tokens each, ``threads`` threads."""
+    binary = Settings().llm.engine_bin
+    if not os.access(binary, os.X_OK):
+        missing("llama.cpp's llama-server", "`make llm-engine` builds it into var/llama-server")
     port = port or free_port()
-    cmd = [
-        str(LLAMA_PYTHON), "-m", "llama_cpp.server",
-        "--model", str(gguf or smollm2_gguf()), "--model_alias", alias,
-        "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", "4096", "--n_threads", str(threads), "--verbose", "false",
-    ]  # fmt: skip
+    server = LlamaServer(
+        binary,
+        gguf or smollm2_gguf(),
+        alias=alias,
+        port=port,
+        parallel=parallel,
+        slot_ctx=4096,
+        threads=threads,
+        log_path=log_dir / "llm.log",
+    )
     # Passive OpenMP waits: spinning threads starve the other processes on 2 cores.
     env = {"OMP_WAIT_POLICY": "PASSIVE"}
-    return Service("llm", cmd, port, log_dir, env=env, probe="/v1/models")
+    # /health answers 200 once the model is loaded (503 while it loads).
+    return Service("llm", server.command(), port, log_dir, env=env, probe="/health")
 
 
 def gainrag_service(
