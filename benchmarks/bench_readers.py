@@ -3,8 +3,9 @@ passage to the reader) on the first N questions of each dev set.
 
 Each model runs in the managed llama.cpp engine (``GAINRAG_LLM__BACKEND=llamacpp``) on its
 bundled GGUF, greedy, the engine the embedded default serves with. Reports are written per
-(model, dataset) to ``benchmarks/results/readers/`` and an existing report is reused (the run
-resumes at that granularity); ``--force`` recomputes. The summary
+(model, dataset) to ``benchmarks/results/readers/`` (``<model>__<set>.json`` and its records in
+``<model>__<set>.questions.jsonl.gz``) and an existing report is reused (the run resumes at that
+granularity); ``--force`` recomputes. The summary
 (``benchmarks/results/readers.{json,md}``) is rebuilt from the reports every time.
 
     python -m benchmarks.bench_readers [--limit 300] [--models a,b] [--datasets nq_dev,squad_dev]
@@ -24,6 +25,7 @@ from benchmarks.common import RESULTS, ROOT, table, write_result
 from gainrag.config import Settings
 from gainrag.evaluation import qa_metrics
 from gainrag.evaluation.harness import run_eval
+from gainrag.evaluation.report import load_report, write_report
 from gainrag.weights import BUNDLED_LLMS
 
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
@@ -84,7 +86,7 @@ def main() -> None:
             if path.exists() and not a.force:
                 continue
             report = asyncio.run(evaluate(model, d, a.limit, a.concurrency))
-            path.write_text(json.dumps(report, indent=1) + "\n")
+            write_report(path, report)
             print(model, d, json.dumps(summarize(report)))
     rows, results = [], {}
     for model in MODELS:
@@ -92,7 +94,7 @@ def main() -> None:
             path = OUT / f"{model}__{d}.json"
             if not path.exists():
                 continue
-            s = summarize(json.loads(path.read_text()))
+            s = summarize(load_report(path))
             results[f"{model}/{d}"] = s
             rows.append(
                 [model, d, s["n"], f"{100 * s['acc']:.1f}", f"{100 * s['em']:.1f}",

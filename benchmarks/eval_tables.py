@@ -1,4 +1,5 @@
-"""Print the README's quality tables from <dir>/eval_<set>_<preset>.json.
+"""Print the README's quality tables from <dir>/eval_<set>_<preset>.json (and its records in
+eval_<set>_<preset>.questions.jsonl.gz, or inline in an older report).
 
 Under each table, the trained selectors are compared with the baselines question by question, on
 acc (GainRAG's cover-EM) and on EM: how many questions each preset gets right where the baseline
@@ -10,12 +11,12 @@ the questions both answered (e.g. top_n 5 on a slice against the full top_n 1 ru
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from gainrag.evaluation.harness import PRESETS, format_table
 from gainrag.evaluation.qa_metrics import paired_em, record_acc
+from gainrag.evaluation.report import load_report
 
 RESULTS = Path(__file__).parent / "results"
 ORDER = [
@@ -116,7 +117,7 @@ def load_reports(directory: Path, name: str) -> dict[str, dict[str, Any]]:
     for preset in ORDER:
         path = directory / f"eval_{name}_{preset}.json"
         if path.exists():
-            reports[preset] = json.loads(path.read_text())
+            reports[preset] = load_report(path)
     return reports
 
 

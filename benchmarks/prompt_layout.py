@@ -23,6 +23,7 @@ import httpx
 from benchmarks.common import LOG_DIR, ROOT, write_result
 from gainrag.config import Settings
 from gainrag.evaluation.qa_metrics import cover_em, exact_match, f1_score, sign_test_p
+from gainrag.evaluation.report import load_report
 from gainrag.llm import prompts
 from gainrag.llm.llamacpp_engine import LlamaServer, slot_context, usable_cores
 from gainrag.types import Passage
@@ -91,7 +92,7 @@ def main() -> None:
             passages[d["id"]] = Passage(d["id"], d["title"], d["text"])
     rows = []
     for name in SETS:
-        report = json.loads((a.report_dir / f"eval_{name}_gainrag-no-pseudo.json").read_text())
+        report = load_report(a.report_dir / f"eval_{name}_gainrag-no-pseudo.json")
         rows += [(name, r, passages[r["selected_ids"][0]]) for r in report["records"]]
     llm = settings.llm
     # the managed engine's own server: the same command line the service runs

@@ -19,6 +19,7 @@ import torch
 from benchmarks import bench_llm, bench_retrieval, bench_selector
 
 from gainrag.evaluation.qa_metrics import cover_em
+from gainrag.evaluation.report import load_report, records_path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -169,7 +170,7 @@ def _eval_tables(results: Path, *extra: str) -> subprocess.CompletedProcess[str]
 
 
 def test_eval_tables_reads_the_directory_it_is_given(tmp_path: Path) -> None:
-    report = json.loads((BENCH / "results" / "eval_nq_dev_retrieval.json").read_text())
+    report = load_report(BENCH / "results" / "eval_nq_dev_retrieval.json")
     report["em"], report["n"] = 0.5, 7  # not the committed figures: proves this file was read
     (tmp_path / "eval_nq_dev_retrieval.json").write_text(json.dumps(report))
     out = _eval_tables(tmp_path)
@@ -186,7 +187,7 @@ def test_eval_tables_reads_the_directory_it_is_given(tmp_path: Path) -> None:
 
 
 def test_eval_tables_pairs_presets_question_by_question(tmp_path: Path) -> None:
-    base = json.loads((BENCH / "results" / "eval_nq_dev_retrieval.json").read_text())
+    base = load_report(BENCH / "results" / "eval_nq_dev_retrieval.json")
     other = json.loads(json.dumps(base))
     other["preset"] = "rerank"
     right = [r for r in other["records"] if r["em"] == 1.0]
@@ -205,7 +206,7 @@ def test_eval_tables_pairs_presets_question_by_question(tmp_path: Path) -> None:
 
 
 def test_eval_tables_versus_compares_a_slice_with_another_run(tmp_path: Path) -> None:
-    full = json.loads((BENCH / "results" / "eval_nq_dev_retrieval.json").read_text())
+    full = load_report(BENCH / "results" / "eval_nq_dev_retrieval.json")
     for i, r in enumerate(full["records"]):  # a known pattern: every third question right
         r["em"] = 1.0 if i % 3 == 0 else 0.0
         r["prediction"], r["answers"] = ("yes", ["yes"]) if i % 3 == 0 else ("no", ["yes"])
@@ -224,6 +225,30 @@ def test_eval_tables_versus_compares_a_slice_with_another_run(tmp_path: Path) ->
     assert f"| preset | metric | questions | this run | {label} |" in out.stdout, out.stdout
     assert "| `retrieval` | acc | 10 | 50.0 | 40.0 | 2 | 1 | 1.000 |" in out.stdout, out.stdout
     assert "| `retrieval` | em | 10 | 50.0 | 40.0 | 2 | 1 | 1.000 |" in out.stdout, out.stdout
+
+
+def test_compress_results_converts_old_reports_losslessly(tmp_path: Path) -> None:
+    from benchmarks import compress_results
+
+    base = load_report(BENCH / "results" / "eval_nq_dev_retrieval.json")
+    other = {**base, "preset": "rerank", "records": base["records"][::-1][:50]}
+    old = {"eval_nq_dev_retrieval.json": base, "eval_nq_dev_rerank.json": other}
+    for name, report in old.items():  # the old layout: records inline
+        (tmp_path / name).write_text(json.dumps(report, indent=2))
+    (tmp_path / "compare_x.json").write_text('{"a": "rerank"}')  # not a report: left alone
+    tables = _eval_tables(tmp_path).stdout
+    assert compress_results.main(["--check", str(tmp_path)]) == 1  # inline records are flagged
+    assert compress_results.main([str(tmp_path)]) == 0
+    for name, report in old.items():
+        assert isinstance(json.loads((tmp_path / name).read_text())["records"], dict)
+        assert records_path(tmp_path / name).is_file()
+        assert json.dumps(load_report(tmp_path / name)) == json.dumps(report)
+    assert (tmp_path / "compare_x.json").read_text() == '{"a": "rerank"}'
+    assert _eval_tables(tmp_path).stdout == tables  # the same tables and sign tests
+    files = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    assert compress_results.main([str(tmp_path)]) == 0  # again: nothing to do, nothing changes
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == files
+    assert compress_results.main(["--check", str(tmp_path)]) == 0
 
 
 def _make_n(*args: str) -> str:

@@ -11,6 +11,7 @@ from gainrag.cli import main
 from gainrag.config import REPO_ROOT, Settings
 from gainrag.evaluation.harness import PRESETS, apply_preset, summarize
 from gainrag.evaluation.qa_metrics import cover_em
+from gainrag.evaluation.report import load_report, records_path
 
 
 @pytest.fixture
@@ -108,7 +109,11 @@ def test_eval_writes_a_report(
         )
         == 0
     )
-    report = json.loads(out.read_text())
+    # the summary is small and readable; the records are in the gzipped file beside it
+    summary = json.loads(out.read_text())
+    assert summary["records"] == {**summary["records"], "file": "r.questions.jsonl.gz", "n": 2}
+    assert records_path(out).is_file()
+    report = load_report(out)
     assert report["n"] == 2 and report["preset"] == preset
     assert 0.0 <= report["em"] <= report["f1"] <= 1.0  # an exact match is also a full F1
     assert report["em"] <= report["acc"] <= 1.0  # an exact match is also covered

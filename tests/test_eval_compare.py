@@ -1,4 +1,5 @@
-"""``gainrag compare``: wins and losses of two eval reports, bucketed, on hand-made records."""
+"""``gainrag compare``: wins and losses of two eval reports, bucketed, on hand-made records; and
+the report files it reads (a summary .json with gzipped records, or an older inline report)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 import pytest
 
 from gainrag.cli import main
+from gainrag.errors import ConfigurationError
 from gainrag.evaluation.compare import compare, format_comparison, wrong_bucket
+from gainrag.evaluation.report import load_report, records_path, write_report
 
 
 def rec(qid: str, prediction: str, **kw: Any) -> dict[str, Any]:
@@ -120,3 +123,61 @@ def test_compare_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "**`gainrag` vs `rerank`** on acc, 6 shared questions" in capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["losses"]["wrong_side"]["distractor with the answer string"] == 1
+
+
+def on_disk(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` as JSON gives it back (integer keys become strings)."""
+    return json.loads(json.dumps(report))
+
+
+def test_a_report_round_trips_through_the_compressed_layout(tmp_path: Path) -> None:
+    # U+2028 is a line break to str.splitlines but not to JSONL: it must not split a record
+    records = [rec("q1", "Paris"), rec("q2", "Lyon\u2028or Nice"), rec("q3", "Röntgen")]
+    report = on_disk({"preset": "gainrag", "n": 3, "records": records, "command": "gainrag eval"})
+    path = tmp_path / "eval_nq_dev_gainrag.json"
+    out = write_report(path, report)
+    assert out == records_path(path) == tmp_path / "eval_nq_dev_gainrag.questions.jsonl.gz"
+    summary = json.loads(path.read_text())
+    assert list(summary) == list(report)  # the records' reference sits where the records were
+    assert summary["records"]["file"] == out.name and summary["records"]["n"] == 3
+    assert "Lyon" not in path.read_text()  # the answers are in the gzipped file only
+    assert json.dumps(load_report(path)) == json.dumps(report)  # key order included
+    first = (path.read_bytes(), out.read_bytes())
+    assert first[1][4:8] == bytes(4)  # gzip mtime 0: the bytes do not depend on the clock
+    write_report(path, load_report(path))
+    assert (path.read_bytes(), out.read_bytes()) == first  # re-writing leaves git clean
+
+
+def test_old_inline_reports_still_load_and_compare_as_the_new_layout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    for name, r in (("a.json", A), ("b.json", B)):
+        (old / name).write_text(json.dumps(r, indent=2))
+        write_report(new / name, on_disk(r))
+    assert load_report(old / "a.json") == on_disk(A) == load_report(new / "a.json")
+    outputs = []
+    for a, b in ((old, old), (new, old), (old, new), (new, new)):
+        json_out = tmp_path / f"{a.name}-{b.name}.json"
+        args = [str(a / "a.json"), str(b / "b.json"), "--output", str(json_out)]
+        assert main(["compare", *args]) == 0
+        outputs.append((capsys.readouterr().out, json_out.read_text()))
+    assert "**`gainrag` vs `rerank`** on acc, 6 shared questions" in outputs[0][0]
+    assert all(o == outputs[0] for o in outputs)
+
+
+def test_a_records_file_that_is_not_the_summarys_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    write_report(a, on_disk(A))
+    write_report(b, on_disk(B))
+    records_path(a).write_bytes(records_path(b).read_bytes())  # e.g. half of a merge
+    with pytest.raises(ConfigurationError, match="sha256"):
+        load_report(a)
+    assert main(["compare", str(a), str(b)]) == 2
+    assert "is not the records file of" in capsys.readouterr().err
+    records_path(a).unlink()
+    assert main(["compare", str(a), str(b)]) == 2
+    assert "cannot read its records" in capsys.readouterr().err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 import time
@@ -134,6 +133,7 @@ def _keys(settings: Settings, args: argparse.Namespace) -> None:
 
 def _eval(settings: Settings, args: argparse.Namespace) -> None:
     from gainrag.evaluation.harness import format_table, run_eval
+    from gainrag.evaluation.report import write_report
 
     report = asyncio.run(
         run_eval(
@@ -149,9 +149,8 @@ def _eval(settings: Settings, args: argparse.Namespace) -> None:
     report["command"] = " ".join(["gainrag", *sys.argv[1:]])
     print(format_table([report]))
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.output}")
+        records = write_report(args.output, report)
+        print(f"wrote {args.output} and its records {records}")
 
 
 def _train(settings: Settings, args: argparse.Namespace) -> None:
@@ -212,7 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="first N questions")
     e.add_argument("--top-n", type=int, help="passages given to the generator")
     e.add_argument("--concurrency", type=int, default=8, help="questions in flight")
-    e.add_argument("--output", type=Path, help="write the JSON report here")
+    e.add_argument(
+        "--output",
+        type=Path,
+        help="write the report summary here (X.json) and its records beside it "
+        "(X.questions.jsonl.gz)",
+    )
     e.add_argument(
         "--generation-memo",
         type=Path,

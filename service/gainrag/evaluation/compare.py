@@ -33,6 +33,7 @@ from typing import Any
 
 from gainrag.evaluation.qa_metrics import record_acc, sign_test_p
 from gainrag.evaluation.questions import load_questions
+from gainrag.evaluation.report import load_report
 
 WRONG_BUCKETS = (
     "pseudo-passage chosen",
@@ -217,8 +218,8 @@ def format_comparison(c: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``gainrag compare``."""
-    parser.add_argument("a", type=Path, help="eval report JSON (the preset judged)")
-    parser.add_argument("b", type=Path, help="eval report JSON (the baseline)")
+    parser.add_argument("a", type=Path, help="eval report .json (the preset judged)")
+    parser.add_argument("b", type=Path, help="eval report .json (the baseline)")
     parser.add_argument("--metric", choices=["acc", "em"], default="acc")
     parser.add_argument(
         "--questions", type=Path, help="question file with gold_ids (for older reports)"
@@ -229,7 +230,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     """``gainrag compare``."""
-    a, b = (json.loads(p.read_text()) for p in (args.a, args.b))
+    # either layout: a summary with its .questions.jsonl.gz, or an older report with inline records
+    a, b = (load_report(p) for p in (args.a, args.b))
     gold: dict[str, set[str]] = {}
     if args.questions:
         gold = {
