@@ -251,6 +251,13 @@ def test_compress_results_converts_old_reports_losslessly(tmp_path: Path) -> Non
     assert compress_results.main(["--check", str(tmp_path)]) == 0
 
 
+def test_committed_eval_reports_are_compressed() -> None:
+    # A report committed with inline records (~600 KB a run) would grow the repository again.
+    from benchmarks import compress_results
+
+    assert compress_results.main(["--check", str(BENCH / "results")]) == 0
+
+
 def _make_n(*args: str) -> str:
     out = subprocess.run(
         ["make", "-n", *args], cwd=BENCH.parent, capture_output=True, text=True, timeout=120
