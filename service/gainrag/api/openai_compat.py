@@ -15,93 +15,28 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from gainrag.api.cancel import until_disconnect
 from gainrag.api.deps import PipelineDep, PrincipalDep, StateDep
 from gainrag.api.routes import passage_out
+from gainrag.api.schemas import MODEL_ID, ChatCompletionRequest, ModelCard, ModelList
 from gainrag.api.streaming import SSE_HEADERS, AnswerStream, error_body, guarded, sse
 from gainrag.errors import ValidationFailedError
 from gainrag.llm import prompts
 from gainrag.llm.interface import prompt_tokens
 from gainrag.pipeline import Pipeline
 from gainrag.types import AnswerResult, Scored
-from gainrag.wire import ErrorResponse, JsonInt
+from gainrag.wire import ErrorResponse
 
-MODEL_ID = "gainrag"
 router = APIRouter(prefix="/v1", tags=["openai"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse}
     for code in (400, 401, 403, 404, 413, 415, 422, 429, 502, 503, 504)
 }
-
-
-class TextPart(BaseModel):
-    """A text part of a message's content array."""
-
-    type: Literal["text"]
-    text: StrictStr
-
-
-class ChatMessage(BaseModel):
-    """One message; only ``user`` messages are read."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    role: StrictStr
-    content: StrictStr | list[TextPart] | None = None
-
-    def text(self) -> str:
-        """The content as one string (text parts joined)."""
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
-
-
-class StreamOptions(BaseModel):
-    """OpenAI's ``stream_options``."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    include_usage: StrictBool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    """Body of ``POST /v1/chat/completions``. Sampling parameters (``temperature``,
-    ``max_tokens``, ...) are accepted and ignored: decoding is greedy with the service's budget."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    # Any name is accepted (chat front ends send their own defaults); responses say 'gainrag'.
-    model: StrictStr = Field(
-        ...,
-        description=f"'{MODEL_ID}' (see GET /v1/models); any name is "
-        "accepted and answered by the one pipeline.",
-    )
-    messages: list[ChatMessage] = Field(..., description="The last user message is the question.")
-    stream: StrictBool = False
-    stream_options: StreamOptions | None = None
-    top_n: JsonInt | None = Field(None, description="Extension: passages given to the generator.")
-
-
-class ModelCard(BaseModel):
-    """One entry of ``GET /v1/models``."""
-
-    id: str
-    object: Literal["model"] = "model"
-    created: int = 0
-    owned_by: str = "gainrag"
-
-
-class ModelList(BaseModel):
-    """Body of ``GET /v1/models``."""
-
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
 
 
 @router.get("/models", response_model=ModelList, responses=_ERRORS)

@@ -1,6 +1,9 @@
-"""Wire schemas of the public API (kept apart from internal types so either can evolve)."""
+"""Wire schemas of the public API (kept apart from internal types so either can evolve):
+``/answer``'s, then the OpenAI-compatible routes' (``/v1``)."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
@@ -98,3 +101,73 @@ class AnswerResponse(BaseModel):
         default_factory=list,
         description="Empty normally; lists each fallback used (see the README's failure policy).",
     )
+
+
+# --- OpenAI-compatible (``/v1``) --------------------------------------------------------------
+
+MODEL_ID = "gainrag"
+"""The one model name the OpenAI-compatible routes serve and answer with."""
+
+
+class TextPart(BaseModel):
+    """A text part of a message's content array."""
+
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    """One message; only ``user`` messages are read."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: StrictStr
+    content: StrictStr | list[TextPart] | None = None
+
+    def text(self) -> str:
+        """The content as one string (text parts joined)."""
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """Body of ``POST /v1/chat/completions``. Sampling parameters (``temperature``,
+    ``max_tokens``, ...) are accepted and ignored: decoding is greedy with the service's budget."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    # Any name is accepted (chat front ends send their own defaults); responses say 'gainrag'.
+    model: StrictStr = Field(
+        ...,
+        description=f"'{MODEL_ID}' (see GET /v1/models); any name is "
+        "accepted and answered by the one pipeline.",
+    )
+    messages: list[ChatMessage] = Field(..., description="The last user message is the question.")
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    top_n: JsonInt | None = Field(None, description="Extension: passages given to the generator.")
+
+
+class ModelCard(BaseModel):
+    """One entry of ``GET /v1/models``."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "gainrag"
+
+
+class ModelList(BaseModel):
+    """Body of ``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
