@@ -18,17 +18,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
 
-from gainrag.api.cancel import until_disconnect
+from gainrag.api.answering import Shape, answer_request, passage_out
 from gainrag.api.deps import PipelineDep, PrincipalDep, StateDep
-from gainrag.api.routes import passage_out
 from gainrag.api.schemas import MODEL_ID, ChatCompletionRequest, ModelCard, ModelList
-from gainrag.api.streaming import SSE_HEADERS, AnswerStream, error_body, guarded, sse
+from gainrag.api.streaming import AnswerStream, sse
 from gainrag.errors import ValidationFailedError
 from gainrag.llm import prompts
 from gainrag.llm.interface import prompt_tokens
-from gainrag.pipeline import Pipeline
+from gainrag.pipeline import CheckedQuery, Pipeline
 from gainrag.types import AnswerResult, Scored
 from gainrag.wire import ErrorResponse
 
@@ -103,24 +101,38 @@ async def chat_completions(
 ) -> Response:
     """An OpenAI chat completion whose answer comes from the GainRAG pipeline."""
     question = _question(body)
-    checked = pipeline.check(question, body.top_n)  # 422s before the request takes a slot
-    completion_id = f"chatcmpl-{request.state.request_id}"
-    created = int(time.time())
-    head = {"id": completion_id, "created": created, "model": MODEL_ID}
-    if body.stream:
-        stream = await AnswerStream.open(
-            request, state, principal, "/v1/chat/completions", checked, use_cache=True
-        )
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        chunks = _chunks(stream, head, pipeline, checked.question, include_usage)
-        return StreamingResponse(
-            guarded(chunks, lambda exc: sse(error_body(exc))),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
-    async with state.admission.slot(principal, "/v1/chat/completions"):
-        result = await until_disconnect(request, pipeline.answer(checked))
-    completion = {
+    head = {
+        "id": f"chatcmpl-{request.state.request_id}",
+        "created": int(time.time()),
+        "model": MODEL_ID,
+    }
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    shape = Shape(
+        body=lambda checked, result: _json(_completion(head, pipeline, checked, result)),
+        events=lambda checked, stream: _chunks(
+            stream, head, pipeline, checked.question, include_usage
+        ),
+        error_event=None,  # a bare data: line, as OpenAI's streams send errors
+        stream_x_cache=False,
+    )
+    return await answer_request(
+        request,
+        state,
+        principal,
+        shape,
+        route="/v1/chat/completions",
+        question=question,
+        top_n=body.top_n,
+        stream=body.stream,
+        cache_control=None,  # not honoured here (docs/api.md): Cache-Control is /answer's
+    )
+
+
+def _completion(
+    head: dict[str, Any], pipeline: Pipeline, checked: CheckedQuery, result: AnswerResult
+) -> dict[str, Any]:
+    """A ``chat.completion`` holding the answer, its usage and its citations."""
+    return {
         **head,
         "object": "chat.completion",
         "choices": [
@@ -134,13 +146,6 @@ async def chat_completions(
         "usage": _usage(pipeline, checked.question, result),
         "citations": _citations(result.selected),
     }
-    return Response(
-        _json(completion), media_type="application/json", headers={"x-cache": _x(result)}
-    )
-
-
-def _x(result: AnswerResult) -> str:
-    return "HIT" if result.cached else "MISS"
 
 
 def _json(data: Any) -> bytes:

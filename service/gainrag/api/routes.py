@@ -1,4 +1,5 @@
-"""Route handlers: thin wrappers that validate, call the pipeline and shape the response."""
+"""Route handlers: thin wrappers that shape the response of :mod:`gainrag.api.answering`'s
+request skeleton (``/answer``), and the health probes."""
 
 from __future__ import annotations
 
@@ -6,22 +7,16 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
-from gainrag.api.cancel import until_disconnect
-from gainrag.api.deps import CheckedQueryDep, PipelineDep, PrincipalDep, StateDep
-from gainrag.api.schemas import (
-    AnswerRequest,
-    AnswerResponse,
-    DegradationOut,
-    PassageOut,
-    Timings,
-)
-from gainrag.api.streaming import SSE_HEADERS, AnswerStream, error_body, guarded, sse
+from gainrag.api.answering import Shape, answer_request, passage_out
+from gainrag.api.deps import PipelineDep, PrincipalDep, StateDep
+from gainrag.api.schemas import AnswerRequest, AnswerResponse, DegradationOut, Timings
+from gainrag.api.streaming import AnswerStream, sse
 from gainrag.errors import UnavailableError
 from gainrag.llm.interface import generator_failure
 from gainrag.pipeline import Pipeline
-from gainrag.types import AnswerResult, Scored
+from gainrag.types import AnswerResult
 from gainrag.wire import ErrorResponse
 
 router = APIRouter()
@@ -29,20 +24,6 @@ router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 413, 415, 422, 429, 502, 503, 504)
 }
-
-
-def passage_out(s: Scored) -> PassageOut:
-    p = s.passage
-    return PassageOut(
-        id=p.id,
-        title=p.title,
-        text=p.text,
-        score=s.score,
-        pseudo=p.pseudo,
-        retrieval_rank=s.retrieval_rank,
-        retrieval_score=s.retrieval_score,
-        selector_score=s.selector_score,
-    )
 
 
 _SSE_200: dict[int | str, dict[str, Any]] = {
@@ -83,7 +64,6 @@ async def answer(
     principal: PrincipalDep,
     state: StateDep,
     pipeline: PipelineDep,
-    checked: CheckedQueryDep,
     cache_control: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Answer a question with GainRAG: retrieve || pseudo-passage, select, generate.
@@ -96,28 +76,21 @@ async def answer(
     Events: ``passages`` (the citation, before any token), ``token`` deltas, then ``done`` with
     this same response object, or ``error``.
     """
-    # Others' no-cache would be a cache-bypass lever on the expensive path: ignored, not refused.
-    use_cache = not (_no_cache(cache_control) and principal.can_refresh)
-    if wants_stream(request, body.stream):
-        stream = await AnswerStream.open(
-            request, state, principal, "/answer", checked, use_cache=use_cache
-        )
-        return StreamingResponse(
-            guarded(_answer_events(stream, request, body, pipeline), _error_event),
-            media_type="text/event-stream",
-            headers={**SSE_HEADERS, "x-cache": "HIT" if stream.context.cached else "MISS"},
-        )
-    # The slot is taken here, after every dependency: FastAPI raises body-validation errors only
-    # once all dependencies ran, so a slot taken in one would turn a burst of 422s into 429s.
-    async with state.admission.slot(principal, "/answer"):
-        result = await until_disconnect(request, pipeline.answer(checked, use_cache=use_cache))
-    out = answer_response(request, result, pipeline.models, body.return_candidates)
-    # Serialised here, once, in pydantic's Rust core: returning the model would make FastAPI
-    # validate it a second time against response_model (a measurable share of gateway CPU).
-    return Response(
-        out.model_dump_json(exclude_none=True),
-        media_type="application/json",
-        headers={"x-cache": "HIT" if result.cached else "MISS"},
+    shape = Shape(
+        body=lambda _, result: _answer_json(request, result, pipeline, body),
+        events=lambda _, stream: _answer_events(stream, request, body, pipeline),
+        error_event="error",
+    )
+    return await answer_request(
+        request,
+        state,
+        principal,
+        shape,
+        route="/answer",
+        question=body.question,
+        top_n=body.top_n,
+        stream=wants_stream(request, body.stream),
+        cache_control=cache_control,
     )
 
 
@@ -136,6 +109,16 @@ def answer_response(
         cached=result.cached,
         degraded=[DegradationOut(kind=d.kind, message=d.message) for d in result.degraded],
     )
+
+
+def _answer_json(
+    request: Request, result: AnswerResult, pipeline: Pipeline, body: AnswerRequest
+) -> str:
+    """The body of a successful ``/answer``, as JSON text."""
+    # Serialised here, once, in pydantic's Rust core: returning the model would make FastAPI
+    # validate it a second time against response_model (a measurable share of gateway CPU).
+    out = answer_response(request, result, pipeline.models, body.return_candidates)
+    return out.model_dump_json(exclude_none=True)
 
 
 async def _answer_events(
@@ -163,17 +146,6 @@ async def _answer_events(
         elif isinstance(event, AnswerResult):
             out = answer_response(request, event, pipeline.models, body.return_candidates)
             yield sse(out.model_dump_json(exclude_none=True), "done")
-
-
-def _error_event(exc: BaseException) -> bytes:
-    return sse(error_body(exc), "error")
-
-
-def _no_cache(header: str | None) -> bool:
-    if not header:
-        return False
-    directives = {d.strip().split("=", 1)[0].lower() for d in header.split(",")}
-    return bool(directives & {"no-cache", "no-store"})
 
 
 @router.get("/health")
