@@ -1,8 +1,8 @@
 """The gateway's request dependencies, as ``Annotated`` aliases for route signatures.
 
-``pipeline: PipelineDep`` is the loaded pipeline (503 until then), ``checked: CheckedQueryDep``
-the question after every check that needs no model (422 before the request takes a slot),
-``principal: PrincipalDep`` the authenticated caller (:mod:`gainrag.api.auth`).
+``pipeline: PipelineDep`` is the loaded pipeline (503 until then), ``principal: PrincipalDep``
+the authenticated caller (:mod:`gainrag.api.auth`). The question's checks (422 before the request
+takes a slot) run in the request skeleton, :func:`gainrag.api.answering.answer_request`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from gainrag.api.auth import ApiPrincipal
-from gainrag.api.schemas import AnswerRequest
 from gainrag.api.state import AppState
-from gainrag.pipeline import CheckedQuery, Pipeline
+from gainrag.pipeline import Pipeline
 
 
 # async although nothing here awaits: FastAPI runs a plain ``def`` dependency in its thread pool,
@@ -36,15 +35,5 @@ async def loaded_pipeline(state: StateDep) -> Pipeline:
 PipelineDep = Annotated[Pipeline, Depends(loaded_pipeline)]
 
 
-async def checked_query(body: AnswerRequest, pipeline: PipelineDep) -> CheckedQuery:
-    """Every 4xx that needs no model (text, length in tokens, top_n), before admission.
-
-    Async: the check is a tokenisation of at most a few hundred microseconds, cheaper on the
-    event loop than a hop to the thread pool.
-    """
-    return pipeline.check(body.question, body.top_n)
-
-
-CheckedQueryDep = Annotated[CheckedQuery, Depends(checked_query)]
 PrincipalDep = ApiPrincipal
 """The caller (every public route takes one; see :mod:`gainrag.api.auth`)."""
