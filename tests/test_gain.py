@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gainrag.llm.scoring import PackedReplies
+from gainrag.llm.packed import PackedReplies
 from gainrag.pipeline import Components
 from gainrag.training.gain import GainScorer, contrastive_ppl
 from gainrag.types import Passage

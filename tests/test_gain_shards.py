@@ -13,7 +13,7 @@ import torch
 
 from gainrag.cli import main
 from gainrag.llm import shared_prefix
-from gainrag.llm.scoring import PackedReplies
+from gainrag.llm.packed import PackedReplies
 from gainrag.llm.shared_prefix import SharedPrefixScorer, plan_prefixes
 from gainrag.pipeline import Components
 from gainrag.training.gain import GainItem, GainScorer

@@ -9,30 +9,19 @@ backend's model, tokenizer or chat template.
 the prompt with all its replies (a custom attention mask keeps the replies apart), so every reply
 position comes from one forward pass and the prompt is computed once; sequences are batched; the
 LM head is applied only at reply positions (a full-vocabulary logit tensor for every prompt token
-would cost ~50 MB per sequence for nothing).
+would cost ~50 MB per sequence for nothing). The sequences are :class:`PackedReplies`
+(``gainrag.llm.packed``, shared with the shared-prefix scorer).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from gainrag.llm.shared_prefix import SharedPrefixScorer
-
-
-@dataclass(frozen=True)
-class PackedReplies:
-    """One prompt followed by several replies (token ids), scored as one sequence."""
-
-    prompt: list[int]
-    replies: list[list[int]]
-
-    def __len__(self) -> int:
-        return len(self.prompt) + sum(len(a) for a in self.replies)
+from gainrag.llm.packed import PackedReplies
+from gainrag.llm.shared_prefix import SharedPrefixScorer
 
 
 class TeacherForcedScorer(Protocol):
@@ -131,8 +120,6 @@ class TransformersTeacherForcedScorer:
     def shared_prefix(self, *, token_budget: int = 2048) -> SharedPrefixScorer:
         """This model as a :class:`SharedPrefixScorer` (offline jobs that score many prompts
         sharing passages: each distinct prefix is computed once)."""
-        from gainrag.llm.shared_prefix import SharedPrefixScorer  # it imports this module
-
         return SharedPrefixScorer(self._model, token_budget=token_budget)
 
     def trainable_reply_logits(self, seqs: Sequence[PackedReplies]) -> list[list[torch.Tensor]]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gainrag.llm.scoring import PackedReplies
+from gainrag.llm.packed import PackedReplies
 
 # Per layer (keys, values), each (kv_heads, length, head_dim): one node's cache, no batch dim.
 KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]

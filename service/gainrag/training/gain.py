@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from gainrag.llm import prompts
-from gainrag.llm.scoring import PackedReplies, TeacherForcedScorer
+from gainrag.llm.packed import PackedReplies
+from gainrag.llm.scoring import TeacherForcedScorer
 from gainrag.types import Passage
 
 
