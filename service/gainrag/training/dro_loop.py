@@ -37,7 +37,8 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from gainrag.llm import prompts
 from gainrag.llm.lora import LoraAdapter, version_suffix
-from gainrag.llm.scoring import PackedReplies, TeacherForcedScorer
+from gainrag.llm.packed import PackedReplies
+from gainrag.llm.scoring import TeacherForcedScorer
 from gainrag.training.dro import (
     generator_loss,
     log_evidence,
@@ -47,7 +48,7 @@ from gainrag.training.dro import (
     sample_prefixes,
     weight_variance,
 )
-from gainrag.training.recipes.base import TrainArgs
+from gainrag.training.recipe_spec import TrainArgs
 from gainrag.training.trainer import init_cross_encoder, save_final
 from gainrag.types import Passage
 

@@ -2,7 +2,8 @@
 
 The library brings device placement (CUDA when present), mixed precision, gradient accumulation,
 multi-GPU (torchrun / DeepSpeed), checkpoints and resume; a recipe brings its data and its
-``group_loss``. What this module adds to ``Trainer``:
+``group_loss`` (``recipe_spec.GroupLoss``: this module never imports the recipes). What this
+module adds to ``Trainer``:
 
 * a group collator: each group's ``1 + len(neg)`` (query, passage) pairs, tokenised together,
   with the group sizes and, when every group has them, the teacher scores;
@@ -48,7 +49,7 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from gainrag.training.recipes.base import Recipe, TrainArgs
+from gainrag.training.recipe_spec import GroupLoss, TrainArgs
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class EpochShuffleSampler(Sampler[int]):
 class GroupTrainer(Trainer):
     """``Trainer`` with a recipe's group loss, data order and warmup."""
 
-    def __init__(self, recipe: Recipe, warmup_ratio: float, **kwargs: Any) -> None:
+    def __init__(self, recipe: GroupLoss, warmup_ratio: float, **kwargs: Any) -> None:
         self.recipe = recipe
         self.warmup_ratio = warmup_ratio
         super().__init__(**kwargs)
@@ -275,7 +276,7 @@ def training_arguments(args: TrainArgs, work: Path, n_groups: int, show_progress
 
 
 def train_selector(
-    recipe: Recipe,
+    recipe: GroupLoss,
     init: Path,
     groups: Sequence[dict[str, Any]],
     out: Path,

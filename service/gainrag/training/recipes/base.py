@@ -3,7 +3,7 @@
 Modelled on FlagEmbedding's ``abc/finetune/reranker`` split (arguments, dataset, modeling,
 runner). A recipe subclasses only what differs:
 
-* ``TrainArgs``: optimisation settings; the defaults here are GainRAG's reference recipe, and a
+* ``TrainArgs``: optimisation settings; its defaults are GainRAG's reference recipe, and a
   recipe's subclass changes a default by redeclaring the field;
 * ``inputs``: a dataclass of what the recipe reads (the starting checkpoint, its data);
 * ``load_groups`` / ``resolve_init``: groups in FlagEmbedding's reranker format
@@ -12,57 +12,24 @@ runner). A recipe subclasses only what differs:
 
 The runner scores each group's ``1 + len(neg)`` pairs with the cross-encoder and averages
 ``group_loss`` over the groups of a step; the optimisation loop is transformers' ``Trainer``.
+``TrainArgs`` lives in ``training/recipe_spec.py`` with what the runner needs of a recipe (the
+runners import that module, never this one); recipes take it from here.
 """
 
 from __future__ import annotations
 
 import argparse
 from abc import abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from gainrag.config import Settings
+from gainrag.training.recipe_spec import TRAIN_HELP, TrainArgs
 from gainrag.training.registry import Job, add_dataclass_arguments, from_args
 
 if TYPE_CHECKING:
     import torch
-
-TRAIN_HELP = {
-    "lr": "peak learning rate (AdamW, linear warmup and decay)",
-    "epochs": "passes over the groups",
-    "warmup_ratio": "share of the steps spent warming up the learning rate",
-    "weight_decay": "AdamW weight decay (not on biases and LayerNorm weights)",
-    "max_length": "tokens per (query, passage) pair",
-    "groups_per_step": "groups per device and forward pass",
-    "grad_accum": "forward passes per optimizer step (gradient accumulation)",
-    "precision": (
-        "training precision: fp32, or bf16/fp16 mixed precision (GPU; bf16 also on CPUs with"
-        " AVX-512 BF16 or AMX, ~12%% faster than fp32 for MiniLM on a Zen 5)"
-    ),
-    "seed": "seed of the head's init, dropout and the data order",
-    "save_every": "checkpoint every N optimizer steps (resumed from automatically)",
-    "fp16_output": "ship the final weights as fp16 safetensors",
-    "deepspeed": "DeepSpeed config JSON (launch with deepspeed or torchrun)",
-}
-
-
-@dataclass(kw_only=True)
-class TrainArgs:
-    """Optimisation settings (defaults: GainRAG's reference recipe); recorded with the model."""
-
-    lr: float = 6e-5
-    epochs: int = 2
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_length: int = 512
-    groups_per_step: int = 1
-    grad_accum: int = 1
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    seed: int = 0
-    save_every: int = 200
-    fp16_output: bool = True
-    deepspeed: Path | None = None
 
 
 class Recipe(Job):
