@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,8 @@ from gainrag.api.app import create_app
 from gainrag.api.playground import CSP
 from gainrag.config import REPO_ROOT, Settings
 from gainrag.evaluation.qa_metrics import has_answer
-from gainrag_harness import Service, gainrag_service, missing
+from gainrag_harness import Service, gainrag_service
+from gainrag_harness.browser import chromium, fill, screenshot, wait_for
 from tests.conftest import keyed_gateway_env, keys_file
 
 ARTIFACTS = REPO_ROOT / "var" / "test-artifacts"
@@ -103,62 +103,12 @@ def gateway(
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Headless Debian Chromium; the driver's path is given, so Selenium Manager never runs (it
-    would try to download a driver)."""
-    chromium, driver_exe = shutil.which("chromium"), shutil.which("chromedriver")
-    if chromium is None or driver_exe is None:
-        missing("chromium", "apt-get install chromium chromium-driver; scripts/system-deps.sh test")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service as DriverService
-    except ImportError:
-        missing("selenium", "pip install -e '.[dev]'")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",  # CI and the dev VMs run as root
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--window-size=1280,1000",
-        "--no-first-run",
-        "--disable-extensions",
-        "--disable-background-networking",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=DriverService(executable_path=driver_exe), options=options)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-def _wait(driver: Any, condition: Any, timeout_s: float) -> Any:
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout_s, poll_frequency=0.1).until(condition)
 
 
 def _state(driver: Any) -> str:
     return str(driver.find_element("id", "app").get_attribute("data-state"))
-
-
-def _fill(driver: Any, element_id: str, text: str) -> None:
-    field = driver.find_element("id", element_id)
-    field.clear()
-    field.send_keys(text)
-
-
-def _screenshot(driver: Any, path: Path) -> None:
-    """The whole page: the viewport is resized to the document's height first (DevTools)."""
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.execute_cdp_cmd(
-        "Emulation.setDeviceMetricsOverride",
-        {"width": 1280, "height": min(int(height), 4000), "deviceScaleFactor": 1, "mobile": False},
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(path))
 
 
 def _events(text: str) -> list[tuple[str, Any]]:
@@ -186,17 +136,17 @@ def test_playground_streams_an_answer_and_highlights_the_selected_passage(
     assert driver.find_element("id", "key-row").is_displayed()  # keys are on in this gateway
 
     # A wrong key: the 401 is shown with the API's message and code.
-    _fill(driver, "question", q["question"])
-    _fill(driver, "api-key", "gr-not-a-key")
+    fill(driver, "question", q["question"])
+    fill(driver, "api-key", "gr-not-a-key")
     driver.find_element("id", "submit").click()
-    _wait(driver, lambda d: _state(d) == "error", 30)
+    wait_for(driver, lambda d: _state(d) == "error", 30)
     assert driver.find_element("id", "error").is_displayed()
     assert driver.find_element("id", "error-message").text == "the API key is not valid"
     assert "401" in driver.find_element("id", "error-code").text
 
     # The real question, with its gold answer for the "contains answer" column.
-    _fill(driver, "api-key", key[1])
-    _fill(driver, "expected", " | ".join(q["answers"]))
+    fill(driver, "api-key", key[1])
+    fill(driver, "expected", " | ".join(q["answers"]))
     # Record every state the page goes through and the answer's text at each change.
     driver.execute_script(
         """
@@ -208,7 +158,7 @@ def test_playground_streams_an_answer_and_highlights_the_selected_passage(
         """
     )
     driver.find_element("id", "submit").click()
-    _wait(driver, lambda d: _state(d) in ("done", "error"), 240)
+    wait_for(driver, lambda d: _state(d) in ("done", "error"), 240)
     assert _state(driver) == "done", driver.find_element("id", "error-message").text
     assert not driver.find_element("id", "error").is_displayed()
     seen = driver.execute_script("return window.seen")
@@ -286,7 +236,7 @@ def test_playground_streams_an_answer_and_highlights_the_selected_passage(
     errors = [e for e in errors if "401" not in e["message"]]
     assert errors == [], json.dumps(errors, indent=1)
 
-    _screenshot(driver, ARTIFACTS / "playground.png")
+    screenshot(driver, ARTIFACTS / "playground.png")
     assert (ARTIFACTS / "playground.png").stat().st_size > 10_000
 
     # A degraded answer whose generation fails mid-stream, which this gateway cannot be made to
@@ -306,7 +256,7 @@ def test_playground_streams_an_answer_and_highlights_the_selected_passage(
         replay,
     )
     driver.find_element("id", "submit").click()
-    _wait(driver, lambda d: _state(d) == "error", 30)
+    wait_for(driver, lambda d: _state(d) == "error", 30)
     assert driver.find_element("id", "error-message").text == "the generate stage failed"
     assert "generate_failed" in driver.find_element("id", "error-code").text
     assert driver.find_element("id", "answer").text == "Wil"
