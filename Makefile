@@ -86,11 +86,11 @@ test:
 	echo "make test: $$(( $$(date +%s) - start )) s wall (installs, builds and pytest), exit $$rc"; \
 	exit $$rc
 
-# The inner loop: unit and API tests with stand-in models, no model servers, no LLM, no browser
-# (tests marked `servers` are left out); a few seconds to a minute.
+# The inner loop: unit and API tests (in-process small models), no child processes (model servers,
+# redis, browser: `servers`), no parity/training runs on real models (`models`), no `slow` ones.
 test-quick: install
 	@start=$$(date +%s); \
-	$(BIN)/python -m pytest -q -m "not servers" $(PYTEST_ARGS); rc=$$?; \
+	GAINRAG_TESTS_QUICK=1 $(BIN)/python -m pytest -q -m "not servers and not models and not slow" $(PYTEST_ARGS); rc=$$?; \
 	echo "make test-quick: $$(( $$(date +%s) - start )) s wall, exit $$rc"; exit $$rc
 
 lint: install

@@ -36,6 +36,43 @@ from gainrag.wiring import build_components
 from gainrag_harness import DEPENDENCIES, Service, deployment, running
 
 DATA = REPO_ROOT / "data"
+
+# Fixtures that start child processes (redis-server, llama-server, gainrag's gateway and workers,
+# a browser): a test that uses one is marked `servers`, and `make test-quick` leaves it out. A test that starts a process itself carries the mark by hand; under
+# GAINRAG_TESTS_QUICK=1 (make test-quick) the harness refuses to start one, so a missing mark
+# fails loudly instead of slowing the quick loop down.
+SERVER_FIXTURES = frozenset(
+    {"stack", "llm_server", "redis_server", "server", "engine", "service_url", "gateway", "sdk",
+     "processes", "browser", "worker"}
+)  # fmt: skip
+
+
+# Modules that compute with real models beyond a smoke test (numerical parity over real
+# candidates, training runs, signal jobs): marked `models`, also left out of `make test-quick`.
+MODEL_MODULES = frozenset(
+    {"test_dtype", "test_selector_runtime", "test_gain", "test_gain_shards", "test_radio_dro",
+     "test_selector_train", "test_training_data", "test_shipped_selector"}
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.servers)
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__.rsplit(".", 1)[-1] in MODEL_MODULES:
+            item.add_marker(pytest.mark.models)
+
+
+if os.environ.get("GAINRAG_TESTS_QUICK") == "1":
+
+    def _refuse(self: Service) -> Service:
+        raise RuntimeError(
+            f"this test starts {self.name} (a child process): mark it `servers` "
+            "(tests/conftest.py), make test-quick runs none"
+        )
+
+    Service.launch = _refuse  # type: ignore[method-assign]
 N_DEV = 8  # dev questions whose gold passages are in the small corpus
 N_OTHER = 240  # plus this many other passages
 

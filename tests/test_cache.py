@@ -65,6 +65,7 @@ async def test_get_set_ttl(redis_server: Service) -> None:
     await cache.close()
 
 
+@pytest.mark.servers  # starts its own process
 async def test_outage_is_a_miss_logged_once_then_recovers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -179,6 +179,7 @@ def test_connections_over_the_cap_get_503(server: Service) -> None:
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+@pytest.mark.servers  # starts its own process
 def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     svc = fake_gateway(tmp_path, "draining", {"GAINRAG_HTTP__DRAIN_S": "20"}).start(60)
     assert svc.proc is not None
@@ -213,6 +214,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
         svc.stop()
 
 
+@pytest.mark.servers  # starts its own process
 def test_the_drain_has_a_deadline(tmp_path: Path) -> None:
     svc = fake_gateway(tmp_path, "deadline", {"GAINRAG_HTTP__DRAIN_S": "1"}).start(60)
     assert svc.proc is not None

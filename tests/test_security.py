@@ -297,6 +297,7 @@ def test_keys_cli_prints_the_key_once_and_stores_its_hash(
     assert json.loads(text.splitlines()[0])["name"] == "web"
 
 
+@pytest.mark.servers  # starts its own process
 async def test_buckets_are_shared_through_redis_and_fall_back_without_it(
     tmp_path: Path,
 ) -> None:

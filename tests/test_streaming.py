@@ -159,6 +159,7 @@ async def test_openai_deltas_concatenate_to_the_chat_reply(llm_server: Service) 
         await llm.close()
 
 
+@pytest.mark.servers  # starts its own process
 async def test_openai_stream_error_mid_reply_is_a_domain_error(
     tmp_path: Path,
 ) -> None:
