@@ -12,6 +12,12 @@ rounds, gradient clipping at 1.0. A round's end is a checkpoint (``<out>.work/ro
 weights, optimizer, schedule, log); a rerun resumes after the last finished round. After the last
 round one more E-step measures the final estimate of log p(answer | question).
 
+:func:`train_dro` is those pieces in order, each a function of a :class:`DroRun` (what the rounds
+read and change): :func:`check_dro`, :func:`start_dro` (model, optimisers, schedules),
+:func:`resume_dro`, then per round :func:`dro_round` = :func:`sample` (the E-step, :func:`e_step`
+under autocast) + :func:`m_step` + :func:`save_round` (the checkpoint), and :func:`finish_dro`
+(the final E-step and the save). The ``dro`` recipe's ``train`` hook (``recipes/dro.py``) runs it.
+
 Optional generator update (DRO's joint training, :class:`GeneratorUpdate`): in the same M-step
 batches a LoRA adapter on the in-process reader is trained with the weighted NLL of the gold
 answer, -sum_s w_s log p(answer | question, z^s), its own AdamW and schedule; the next E-step
@@ -27,7 +33,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -245,9 +251,314 @@ def _optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer
     )
 
 
+@dataclass
+class DroRun:
+    """One DRO run: what every round reads (questions, reader, settings) and what it changes (the
+    selector, its AdamW and schedule, the generator update's, the log); a round's checkpoint is
+    the changing half, saved (:func:`save_round`)."""
+
+    questions: Sequence[DroQuestion]
+    reader: ReaderLikelihood
+    args: TrainArgs
+    cfg: DroSettings
+    work: Path
+    device: torch.device
+    tok: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: GeneratorUpdate | None = None
+    gen_opt: torch.optim.Optimizer | None = None
+    gen_sched: Any = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    next_round: int = 0  # the first round this process runs (after a resume: the one after)
+    log_ms: Sequence[int] = LOG_MS
+    show_progress: bool = True
+
+    @property
+    def draws(self) -> int:
+        """Selections drawn per question: the M-step's m, or more for the logged estimates."""
+        return max(self.cfg.samples, *self.log_ms)
+
+    @property
+    def ms(self) -> list[int]:
+        """The sample counts each round's statistics are logged for."""
+        return sorted({*self.log_ms, self.cfg.samples})
+
+    @property
+    def batches_per_round(self) -> int:
+        """Forward passes of one M-step (every question once per epoch)."""
+        return _batches_per_round(len(self.questions), self.args)
+
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast for the selector when asked (``--precision bf16``), else a no-op."""
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "bf16"
+        )
+
+
+def _batches_per_round(questions: int, args: TrainArgs) -> int:
+    return args.epochs * math.ceil(questions / args.groups_per_step)
+
+
+def check_dro(questions: Sequence[DroQuestion], args: TrainArgs, cfg: DroSettings) -> None:
+    """Refuse what the loop cannot run, before any model loads."""
+    if args.precision == "fp16" or args.deepspeed is not None:
+        raise ValueError("the DRO loop runs fp32 or bf16 autocast, without DeepSpeed")
+    if not questions:
+        raise ValueError("no training questions")
+    if cfg.temperature <= 0 or cfg.samples < 1 or cfg.top_n < 1 or cfg.rounds < 1:
+        raise ValueError(f"DRO needs temperature > 0 and samples, top_n, rounds >= 1: {cfg}")
+
+
+def start_dro(
+    init: Path,
+    questions: Sequence[DroQuestion],
+    reader: ReaderLikelihood,
+    args: TrainArgs,
+    cfg: DroSettings,
+    work: Path,
+    *,
+    generator: GeneratorUpdate | None = None,
+    log_ms: Sequence[int] = LOG_MS,
+    show_progress: bool = True,
+) -> DroRun:
+    """The run before its first round: the selector from ``init`` (seeded first: the head's init
+    draws from the global generator), AdamW and a linear schedule over all rounds, and the
+    generator update's own AdamW and schedule."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)
+    tok = AutoTokenizer.from_pretrained(init)
+    model: torch.nn.Module = init_cross_encoder(init)
+    model.to(device)
+    optimizer = _optimizer(model, args)
+    total_steps = cfg.rounds * math.ceil(_batches_per_round(len(questions), args) / args.grad_accum)
+    warmup = int(args.warmup_ratio * total_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    run = DroRun(
+        questions=questions,
+        reader=reader,
+        args=args,
+        cfg=cfg,
+        work=work,
+        device=device,
+        tok=tok,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generator=generator,
+        log_ms=log_ms,
+        show_progress=show_progress,
+    )
+    if generator is not None:
+        run.gen_opt = torch.optim.AdamW(
+            generator.adapter.parameters(), lr=generator.lr, weight_decay=0
+        )
+        run.gen_sched = get_linear_schedule_with_warmup(run.gen_opt, warmup, total_steps)
+    return run
+
+
 def _latest_round(work: Path) -> tuple[int, Path] | None:
     found = [(int(p.stem.split("-")[1]), p) for p in work.glob("round-*.pt")]
     return max(found) if found else None
+
+
+def resume_dro(run: DroRun) -> None:
+    """Continue after the last round checkpointed in ``run.work``, if any (a no-op otherwise)."""
+    resume = _latest_round(run.work)
+    if resume is None:
+        return
+    state = torch.load(resume[1], map_location=run.device, weights_only=False)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.history, run.next_round = state["history"], resume[0] + 1
+    if ("generator" in state) != (run.generator is not None):
+        raise ValueError(
+            f"{resume[1]} was written by a run {'with' if 'generator' in state else 'without'}"
+            " the generator update: rerun with the same options or remove the directory"
+        )
+    if run.generator is not None:
+        assert run.gen_opt is not None
+        run.generator.adapter.load_state_dict(state["generator"]["adapter"])
+        run.gen_opt.load_state_dict(state["generator"]["optimizer"])
+        run.gen_sched.load_state_dict(state["generator"]["scheduler"])
+    # the M-step's dropout draws from the global generator: restoring it makes a resumed run
+    # train exactly as an uninterrupted one (the E-step seeds its own generators)
+    torch.set_rng_state(state["rng"])
+    log.info("resuming DRO after round %d from %s", resume[0], resume[1])
+
+
+def save_round(run: DroRun, r: int) -> None:
+    """Checkpoint the end of round ``r`` (``round-r.pt``: written whole, then the older ones
+    removed: resume needs only the latest)."""
+    state: dict[str, Any] = {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "history": run.history,
+        "rng": torch.get_rng_state(),
+    }
+    if run.generator is not None:
+        assert run.gen_opt is not None
+        state["generator"] = {
+            "adapter": run.generator.adapter.state_dict(),
+            "optimizer": run.gen_opt.state_dict(),
+            "scheduler": run.gen_sched.state_dict(),
+        }
+    tmp = run.work / f"round-{r}.pt.tmp"
+    torch.save(state, tmp)
+    tmp.replace(run.work / f"round-{r}.pt")
+    for old in run.work.glob("round-*.pt"):
+        if old.name != f"round-{r}.pt":
+            old.unlink()
+
+
+def sample(run: DroRun, seed: int, desc: str) -> list[EStep]:
+    """The run's E-step: :func:`e_step` with the current selector and reader, under autocast."""
+    with run.autocast():
+        return e_step(
+            run.model,
+            run.tok,
+            run.questions,
+            run.reader,
+            run.cfg,
+            draws=run.draws,
+            seed=seed,
+            max_length=run.args.max_length,
+            device=run.device,
+            show_progress=run.show_progress,
+            desc=desc,
+        )
+
+
+def m_step(run: DroRun, estep: Sequence[EStep], r: int) -> tuple[list[float], list[float]]:
+    """Round ``r``'s M-step: ``epochs`` passes over the questions in a seeded order, the
+    weighted Plackett-Luce loss of each question's first m draws (and the generator's weighted
+    NLL); the losses of every batch, selector's and generator's."""
+    args, cfg = run.args, run.cfg
+    run.model.train()
+    losses: list[float] = []
+    gen_losses: list[float] = []
+    batch_no = 0
+    for epoch in range(args.epochs):
+        order = list(range(len(run.questions)))
+        random.Random(args.seed + 1000 * r + epoch).shuffle(order)
+        bar = tqdm(
+            range(0, len(order), args.groups_per_step),
+            desc=f"round {r + 1}/{cfg.rounds} M-step",
+            unit="step",
+            disable=not run.show_progress,
+        )
+        for start in bar:
+            idx = order[start : start + args.groups_per_step]
+            with run.autocast():
+                batch_loss = torch.stack(
+                    [
+                        mstep_loss(
+                            selector_scores(
+                                run.model, run.tok, run.questions[i], args.max_length, run.device
+                            ),
+                            estep[i].samples[: cfg.samples],
+                            normalized_weights(estep[i].log_likelihoods[: cfg.samples]),
+                            cfg.temperature,
+                        )
+                        for i in idx
+                    ]
+                ).mean()
+            (batch_loss / args.grad_accum).backward()
+            losses.append(batch_loss.item())
+            if run.generator is not None:
+                # outside the selector's autocast: the reader runs in its own dtype
+                gen_loss = _generator_batch_loss(run.reader, run.questions, estep, idx, cfg.samples)
+                (gen_loss / args.grad_accum).backward()
+                gen_losses.append(gen_loss.item())
+            batch_no += 1
+            if batch_no % args.grad_accum == 0 or batch_no == run.batches_per_round:
+                _optimizer_step(run)
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    return losses, gen_losses
+
+
+def _optimizer_step(run: DroRun) -> None:
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad()
+    if run.generator is not None:
+        assert run.gen_opt is not None
+        torch.nn.utils.clip_grad_norm_(run.generator.adapter.parameters(), 1.0)
+        run.gen_opt.step()
+        run.gen_sched.step()
+        run.gen_opt.zero_grad()
+
+
+def dro_round(run: DroRun, r: int) -> dict[str, Any]:
+    """Round ``r`` (0-based): E-step with the current selector (seed ``seed + 1000 r``), its
+    statistics, the M-step, the record (printed, appended to the log), the checkpoint."""
+    t0 = time.perf_counter()
+    estep = sample(run, run.args.seed + 1000 * r, f"round {r + 1}/{run.cfg.rounds} E-step")
+    stats = round_stats(estep, run.ms)
+    losses, gen_losses = m_step(run, estep, r)
+    record = {
+        "round": r + 1,
+        **stats,
+        "mstep_loss": sum(losses) / len(losses),
+        **({"generator_loss": sum(gen_losses) / len(gen_losses)} if gen_losses else {}),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    run.history.append(record)
+    print(_describe(record, run.cfg.samples))
+    save_round(run, r)
+    return record
+
+
+def finish_dro(
+    run: DroRun, init: Path, out: Path, started: float, extra_meta: dict[str, Any] | None
+) -> dict[str, Any]:
+    """After the last round: one more E-step (the final estimates), then ``out`` with its
+    metadata (and the generator's adapter); the work directory goes."""
+    cfg = run.cfg
+    final = sample(run, run.args.seed + 1000 * cfg.rounds, "final E-step")
+    final_stats = round_stats(final, run.ms)
+    print(_describe({"round": "final", **final_stats}, cfg.samples))
+    meta = {
+        "init": str(init),
+        "recipe": "dro",
+        "questions": len(run.questions),
+        "steps": run.scheduler.state_dict().get("last_epoch", 0),
+        "dro": {
+            "top_n": cfg.top_n,
+            "samples": cfg.samples,
+            "temperature": cfg.temperature,
+            "rounds": cfg.rounds,
+        },
+        "rounds": run.history,
+        "final": final_stats,
+        **(extra_meta or {}),
+        "seconds_this_run": round(time.perf_counter() - started, 1),
+    }
+    extra: Callable[[Path], None] | None = None
+    if run.generator is not None:
+        meta["generator_update"] = {
+            **run.generator.adapter.describe(),
+            "lr": run.generator.lr,
+            "loss": "weighted-nll",
+            "adapter": GENERATOR_ADAPTER_DIR,
+            # a hash of the weights in memory (a resumed run must reach the same one)
+            "fingerprint": run.generator.adapter.fingerprint(),
+        }
+        adapter = run.generator.adapter
+        record = meta["generator_update"]
+
+        def extra(directory: Path) -> None:
+            adapter.save(directory / GENERATOR_ADAPTER_DIR)
+            # the suffix serving appends to the generator's version (a hash of the saved file)
+            record["served_version"] = version_suffix(directory / GENERATOR_ADAPTER_DIR)
+
+    save_final(run.model, run.tok, out, meta, run.args.fp16_output, extra=extra)
+    shutil.rmtree(run.work, ignore_errors=True)
+    return meta
 
 
 def train_dro(
@@ -267,196 +578,25 @@ def train_dro(
     """Run ``cfg.rounds`` DRO rounds from ``init``; writes ``out``; returns its metadata.
 
     ``generator``: also train the reader (a LoRA adapter) in every M-step."""
-    if args.precision == "fp16" or args.deepspeed is not None:
-        raise ValueError("the DRO loop runs fp32 or bf16 autocast, without DeepSpeed")
-    if not questions:
-        raise ValueError("no training questions")
-    if cfg.temperature <= 0 or cfg.samples < 1 or cfg.top_n < 1 or cfg.rounds < 1:
-        raise ValueError(f"DRO needs temperature > 0 and samples, top_n, rounds >= 1: {cfg}")
+    check_dro(questions, args, cfg)
     work = work_dir or out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(args.seed)
-    tok = AutoTokenizer.from_pretrained(init)
-    model: torch.nn.Module = init_cross_encoder(init)
-    model.to(device)
-    optimizer = _optimizer(model, args)
-    batches_per_round = args.epochs * math.ceil(len(questions) / args.groups_per_step)
-    total_steps = cfg.rounds * math.ceil(batches_per_round / args.grad_accum)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(args.warmup_ratio * total_steps), total_steps
+    run = start_dro(
+        init,
+        questions,
+        reader,
+        args,
+        cfg,
+        work,
+        generator=generator,
+        log_ms=log_ms,
+        show_progress=show_progress,
     )
-    gen_opt: torch.optim.Optimizer | None = None
-    gen_sched: Any = None
-    if generator is not None:
-        gen_opt = torch.optim.AdamW(generator.adapter.parameters(), lr=generator.lr, weight_decay=0)
-        gen_sched = get_linear_schedule_with_warmup(
-            gen_opt, int(args.warmup_ratio * total_steps), total_steps
-        )
-    history: list[dict[str, Any]] = []
-    first = 0
-    resume = _latest_round(work)
-    if resume is not None:
-        state = torch.load(resume[1], map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, first = state["history"], resume[0] + 1
-        if ("generator" in state) != (generator is not None):
-            raise ValueError(
-                f"{resume[1]} was written by a run {'with' if 'generator' in state else 'without'}"
-                " the generator update: rerun with the same options or remove the directory"
-            )
-        if generator is not None:
-            assert gen_opt is not None
-            generator.adapter.load_state_dict(state["generator"]["adapter"])
-            gen_opt.load_state_dict(state["generator"]["optimizer"])
-            gen_sched.load_state_dict(state["generator"]["scheduler"])
-        # the M-step's dropout draws from the global generator: restoring it makes a resumed run
-        # train exactly as an uninterrupted one (the E-step seeds its own generators)
-        torch.set_rng_state(state["rng"])
-        log.info("resuming DRO after round %d from %s", resume[0], resume[1])
-    draws = max(cfg.samples, *log_ms)
-    ms = sorted({*log_ms, cfg.samples})
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    resume_dro(run)
     started = time.perf_counter()
-
-    def sample(seed: int, desc: str) -> list[EStep]:
-        with autocast:
-            return e_step(
-                model,
-                tok,
-                questions,
-                reader,
-                cfg,
-                draws=draws,
-                seed=seed,
-                max_length=args.max_length,
-                device=device,
-                show_progress=show_progress,
-                desc=desc,
-            )
-
-    for r in range(first, cfg.rounds):
-        t0 = time.perf_counter()
-        estep = sample(args.seed + 1000 * r, f"round {r + 1}/{cfg.rounds} E-step")
-        stats = round_stats(estep, ms)
-        model.train()
-        losses: list[float] = []
-        gen_losses: list[float] = []
-        batch_no = 0
-        for epoch in range(args.epochs):
-            order = list(range(len(questions)))
-            random.Random(args.seed + 1000 * r + epoch).shuffle(order)
-            bar = tqdm(
-                range(0, len(order), args.groups_per_step),
-                desc=f"round {r + 1}/{cfg.rounds} M-step",
-                unit="step",
-                disable=not show_progress,
-            )
-            for start in bar:
-                idx = order[start : start + args.groups_per_step]
-                with autocast:
-                    batch_loss = torch.stack(
-                        [
-                            mstep_loss(
-                                selector_scores(model, tok, questions[i], args.max_length, device),
-                                estep[i].samples[: cfg.samples],
-                                normalized_weights(estep[i].log_likelihoods[: cfg.samples]),
-                                cfg.temperature,
-                            )
-                            for i in idx
-                        ]
-                    ).mean()
-                (batch_loss / args.grad_accum).backward()
-                losses.append(batch_loss.item())
-                if generator is not None:
-                    # outside the selector's autocast: the reader runs in its own dtype
-                    gen_loss = _generator_batch_loss(reader, questions, estep, idx, cfg.samples)
-                    (gen_loss / args.grad_accum).backward()
-                    gen_losses.append(gen_loss.item())
-                batch_no += 1
-                if batch_no % args.grad_accum == 0 or batch_no == batches_per_round:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                    if generator is not None:
-                        assert gen_opt is not None
-                        torch.nn.utils.clip_grad_norm_(generator.adapter.parameters(), 1.0)
-                        gen_opt.step()
-                        gen_sched.step()
-                        gen_opt.zero_grad()
-                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-        record = {
-            "round": r + 1,
-            **stats,
-            "mstep_loss": sum(losses) / len(losses),
-            **({"generator_loss": sum(gen_losses) / len(gen_losses)} if gen_losses else {}),
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-        history.append(record)
-        print(_describe(record, cfg.samples))
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "history": history,
-            "rng": torch.get_rng_state(),
-        }
-        if generator is not None:
-            assert gen_opt is not None
-            state["generator"] = {
-                "adapter": generator.adapter.state_dict(),
-                "optimizer": gen_opt.state_dict(),
-                "scheduler": gen_sched.state_dict(),
-            }
-        tmp = work / f"round-{r}.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(work / f"round-{r}.pt")
-        for old in work.glob("round-*.pt"):  # resume needs only the latest
-            if old.name != f"round-{r}.pt":
-                old.unlink()
-    final = sample(args.seed + 1000 * cfg.rounds, "final E-step")
-    final_stats = round_stats(final, ms)
-    print(_describe({"round": "final", **final_stats}, cfg.samples))
-    meta = {
-        "init": str(init),
-        "recipe": "dro",
-        "questions": len(questions),
-        "steps": scheduler.state_dict().get("last_epoch", 0),
-        "dro": {
-            "top_n": cfg.top_n,
-            "samples": cfg.samples,
-            "temperature": cfg.temperature,
-            "rounds": cfg.rounds,
-        },
-        "rounds": history,
-        "final": final_stats,
-        **(extra_meta or {}),
-        "seconds_this_run": round(time.perf_counter() - started, 1),
-    }
-    extra: Callable[[Path], None] | None = None
-    if generator is not None:
-        meta["generator_update"] = {
-            **generator.adapter.describe(),
-            "lr": generator.lr,
-            "loss": "weighted-nll",
-            "adapter": GENERATOR_ADAPTER_DIR,
-            # a hash of the weights in memory (a resumed run must reach the same one)
-            "fingerprint": generator.adapter.fingerprint(),
-        }
-        adapter = generator.adapter
-        record = meta["generator_update"]
-
-        def extra(directory: Path) -> None:
-            adapter.save(directory / GENERATOR_ADAPTER_DIR)
-            # the suffix serving appends to the generator's version (a hash of the saved file)
-            record["served_version"] = version_suffix(directory / GENERATOR_ADAPTER_DIR)
-
-    save_final(model, tok, out, meta, args.fp16_output, extra=extra)
-    shutil.rmtree(work, ignore_errors=True)
-    return meta
+    for r in range(run.next_round, cfg.rounds):
+        dro_round(run, r)
+    return finish_dro(run, init, out, started, extra_meta)
 
 
 def _generator_batch_loss(

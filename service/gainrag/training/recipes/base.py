@@ -1,4 +1,4 @@
-"""The abstract selector recipe: arguments, data, loss; ``training.trainer`` is the runner.
+"""The abstract selector recipe: arguments, data, loss, runner (by default ``training.trainer``).
 
 Modelled on FlagEmbedding's ``abc/finetune/reranker`` split (arguments, dataset, modeling,
 runner). A recipe subclasses only what differs:
@@ -8,9 +8,13 @@ runner). A recipe subclasses only what differs:
 * ``inputs``: a dataclass of what the recipe reads (the starting checkpoint, its data);
 * ``load_groups`` / ``resolve_init``: groups in FlagEmbedding's reranker format
   ``{"query", "pos", "neg"[, "pos_scores", "neg_scores"]}`` and the checkpoint to start from;
-* ``group_loss``: the loss of one group's scores (positive first), the overridable method.
+* ``group_loss``: the loss of one group's scores (positive first), the overridable method;
+* ``check`` / ``train`` / ``report``: the runner's hooks, called by ``run`` in that order around
+  the data. ``train`` defaults to the group runner (``trainer.train_selector``); a recipe whose
+  targets the group loop cannot express overrides it with its own loop (``dro``: the rounds of
+  ``dro_loop.py``), ``check`` with the options that loop refuses, ``report`` with what it prints.
 
-The runner scores each group's ``1 + len(neg)`` pairs with the cross-encoder and averages
+The group runner scores each group's ``1 + len(neg)`` pairs with the cross-encoder and averages
 ``group_loss`` over the groups of a step; the optimisation loop is transformers' ``Trainer``.
 ``TrainArgs`` lives in ``training/recipe_spec.py`` with what the runner needs of a recipe (the
 runners import that module, never this one); recipes take it from here.
@@ -64,27 +68,52 @@ class Recipe(Job):
 
     def run(self, settings: Settings, args: argparse.Namespace) -> None:
         """Load the data, train, and write the checkpoint to ``--out``."""
-        from gainrag.training.trainer import train_selector  # torch + transformers: on use
-
         inputs: Any = from_args(self.inputs, args)
         targs = from_args(self.train_args, args)
+        self.check(inputs, targs, args.stop_after_steps)
         init = self.resolve_init(settings, inputs)  # before the data: fail fast on a bad --init
         groups, note = self.load_groups(settings, inputs, targs)
         print(note)
-        meta = train_selector(
-            self,
-            init,
-            groups,
-            args.out,
-            targs,
-            stop_after_steps=args.stop_after_steps,
-            extra_meta={"inputs": self.describe_inputs(inputs)},
+        meta = self.train(
+            settings, inputs, targs, init, groups, args.out, stop_after_steps=args.stop_after_steps
         )
         if meta is None:
             print(f"stopped after {args.stop_after_steps} steps; rerun the same command to resume")
             return
-        print(
-            f"selector checkpoint -> {args.out} ({meta['steps']} steps, loss "
+        print(self.report(meta, inputs, args.out))
+
+    def check(self, inputs: Any, args: TrainArgs, stop_after_steps: int | None) -> None:
+        """Refuse options the runner cannot honour, before any data is loaded (none here)."""
+
+    def train(
+        self,
+        settings: Settings,
+        inputs: Any,
+        args: TrainArgs,
+        init: Path,
+        groups: list[dict[str, Any]],
+        out: Path,
+        *,
+        stop_after_steps: int | None = None,
+    ) -> dict[str, Any] | None:
+        """The runner: train from ``init`` on ``groups`` into ``out``; the metadata written, or
+        None if stopped early (resumable). Here the group runner, ``trainer.train_selector``."""
+        from gainrag.training.trainer import train_selector  # torch + transformers: on use
+
+        return train_selector(
+            self,
+            init,
+            groups,
+            out,
+            args,
+            stop_after_steps=stop_after_steps,
+            extra_meta={"inputs": self.describe_inputs(inputs)},
+        )
+
+    def report(self, meta: dict[str, Any], inputs: Any, out: Path) -> str:
+        """What a finished run prints: where the checkpoint went and how the loss moved."""
+        return (
+            f"selector checkpoint -> {out} ({meta['steps']} steps, loss "
             f"{meta['loss_first_50']:.4f} -> {meta['loss_last_50']:.4f})"
         )
 

@@ -5,13 +5,14 @@ policy; the E-step samples ``--samples`` top-``--top-n`` selections and weights 
 reader's likelihood of the gold answer (self-normalised importance weights); the M-step maximises
 the weighted log-probability of the samples. Math in ``training/dro.py``, loop in
 ``training/dro_loop.py`` (DRO re-samples with the updated selector each round, which the group
-loop of ``trainer.py`` cannot do). ``--generator-lora`` also updates the reader in every M-step
-(weighted NLL of the gold answer through a LoRA adapter, saved in ``<out>/generator-lora/``).
+loop of ``trainer.py`` cannot do): the recipe's ``train`` hook runs it, ``check`` refuses
+``--stop-after-steps`` and ``report`` prints the estimates. ``--generator-lora`` also updates the
+reader in every M-step (weighted NLL of the gold answer through a LoRA adapter, saved in
+``<out>/generator-lora/``).
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,8 +119,24 @@ class Dro(Recipe):
             raise ValueError("the DRO loss needs the importance weights (teacher)")
         return -(teacher.float() * scores.float().log_softmax(dim=-1)).sum()
 
-    def run(self, settings: Settings, args: argparse.Namespace) -> None:
-        """Retrieve, load the reader, and run the DRO rounds (``training/dro_loop.py``)."""
+    def check(self, inputs: DroInputs, args: TrainArgs, stop_after_steps: int | None) -> None:
+        """The rounds are the checkpoints: no ``--stop-after-steps``."""
+        if stop_after_steps is not None:
+            raise ConfigurationError("dro checkpoints after every round; no --stop-after-steps")
+
+    def train(
+        self,
+        settings: Settings,
+        inputs: DroInputs,
+        args: TrainArgs,
+        init: Path,
+        groups: list[dict[str, Any]],
+        out: Path,
+        *,
+        stop_after_steps: int | None = None,
+    ) -> dict[str, Any]:
+        """Load the reader (and its LoRA adapter) and run the DRO rounds (``dro_loop.train_dro``:
+        per round the E-step, M-step and checkpoint)."""
         import torch
 
         from gainrag.llm.lora import LoraSpec, targets_from
@@ -131,16 +148,8 @@ class Dro(Recipe):
             ReaderLikelihood,
             train_dro,
         )
-        from gainrag.training.registry import from_args
         from gainrag.weights import prepare_llm
 
-        if args.stop_after_steps is not None:
-            raise ConfigurationError("dro checkpoints after every round; no --stop-after-steps")
-        inputs: DroInputs = from_args(self.inputs, args)
-        targs = from_args(self.train_args, args)
-        init = self.resolve_init(settings, inputs)
-        groups, note = self.load_groups(settings, inputs, targs)
-        print(note)
         llm = settings.llm
         # The likelihoods need the reader's token-level scores: the in-process model of the
         # settings (as gain-signals), whatever backend serves answers.
@@ -149,7 +158,7 @@ class Dro(Recipe):
         generator = None
         if inputs.generator_lora:
             spec = LoraSpec(inputs.lora_rank, inputs.lora_alpha, targets_from(inputs.lora_targets))
-            torch.manual_seed(targs.seed)  # the adapter's initial weights: reproducible runs
+            torch.manual_seed(args.seed)  # the adapter's initial weights: reproducible runs
             generator = GeneratorUpdate(gen.attach_lora(spec), lr=inputs.generator_lr)
         reader = ReaderLikelihood(
             gen.teacher_forced_scorer(), max_passage_words=llm.max_passage_words
@@ -161,28 +170,32 @@ class Dro(Recipe):
             rounds=inputs.rounds,
         )
         questions = [DroQuestion(g["query"], g["answers"], g["passages"]) for g in groups]
-        meta = train_dro(
+        return train_dro(
             init,
             questions,
             reader,
-            args.out,
-            targs,
+            out,
+            args,
             cfg,
             extra_meta={
-                "config": self.config(targs),
+                "config": self.config(args),
                 "inputs": self.describe_inputs(inputs),
                 "reader": reader_version,  # the base weights the adapter (if any) starts from
             },
             generator=generator,
         )
+
+    def report(self, meta: dict[str, Any], inputs: DroInputs, out: Path) -> str:
+        """The log p(a|q) estimate of the first round and the final one; the adapter, if any."""
         first, last = meta["rounds"][0], meta["final"]
         m = str(inputs.samples)
-        print(
-            f"selector checkpoint -> {args.out} ({len(meta['rounds'])} rounds, log p(a|q) "
+        lines = [
+            f"selector checkpoint -> {out} ({len(meta['rounds'])} rounds, log p(a|q) "
             f"m={m}: {first['log_evidence'][m]:.4f} -> {last['log_evidence'][m]:.4f})"
-        )
-        if generator is not None:
-            print(f"reader LoRA adapter -> {args.out / 'generator-lora'}")
+        ]
+        if "generator_update" in meta:
+            lines.append(f"reader LoRA adapter -> {out / 'generator-lora'}")
+        return "\n".join(lines)
 
 
 RECIPE = Dro()
