@@ -22,7 +22,6 @@ from gainrag.training.signals.gain_shards import (
     commit_pending,
     commit_shard,
     expand_rows,
-    publish,
 )
 from gainrag.types import PSEUDO_ID, Passage
 
@@ -210,13 +209,6 @@ def test_gain_shards_job_resumes_by_shard_and_feeds_selector_data(
     sel = ["train", "selector-data", "--input", str(out), "--output", str(groups)]
     assert main([*sel, "--group-size", "3"]) == 0
     assert len(groups.read_text().splitlines()) == 3
-
-
-def test_publish_never_overwrites_a_finished_shard(tmp_path: Path) -> None:
-    out = tmp_path / "shard-0000.jsonl"
-    assert publish(out, "first\n")
-    assert not publish(out, "second\n")  # another process got there first: theirs is kept
-    assert out.read_text() == "first\n" and sorted(tmp_path.iterdir()) == [out]
 
 
 def test_commit_shard_commits_only_that_file(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gainrag.cli import main
-from gainrag.training.signals.gain_signals import finished_ids
+from gainrag.training.shard_loop import finished_ids
 from gainrag.training.signals.selector_data import gain_label, make_group
 
 

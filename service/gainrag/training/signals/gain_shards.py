@@ -12,7 +12,8 @@ built to be continued by anyone, anywhere:
   question is scored: ids, candidate ids, retrieval rank and score, contrastive PPL, plain NLL,
   has_answer, the pseudo-passage text, and the scorer, its dtype, the generator and the model's
   sha256. A run skips the shards that exist, so a killed run loses at most the shard in flight,
-  and ``--commit`` commits each shard to git as soon as it is written.
+  and ``--commit`` commits each shard to git as soon as it is written. The loop over the shards
+  (``--shard I/N``, skip the files that exist, publish, progress) is ``training/shard_loop.py``'s.
 - ``--shards A-B`` and ``--shard I/N`` pick a subset (the 1.5B subset is the first shards; an
   Indexed Job's pod takes every N-th), and :func:`expand_rows` turns a shard directory back into
   full gain-signals rows (texts joined from the corpus) for ``selector-data``.
@@ -24,9 +25,7 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import subprocess
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -38,6 +37,7 @@ from gainrag.evaluation.qa_metrics import has_answer
 from gainrag.llm import prompts
 from gainrag.training.questions import question_args, training_questions
 from gainrag.training.registry import Job
+from gainrag.training.shard_loop import ShardLoop, publish
 from gainrag.training.signals.gain_signals import (
     add_gain_arguments,
     add_shard_argument,
@@ -223,23 +223,6 @@ def check_rows(directory: Path, n: int, meta: dict[str, Any]) -> None:
         return
 
 
-def publish(out: Path, text: str) -> bool:
-    """Write ``out`` whole, only if no other process has: a unique temp file, then a hard link
-    (which fails if ``out`` exists). Returns whether this call wrote it."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, out)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        os.unlink(tmp)
-
-
 def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
 
@@ -355,12 +338,13 @@ def run_shards(
     lo, hi = shard_range or (0, n - 1)
     if lo >= n:
         raise ConfigurationError(f"shard {lo} is past the last shard ({n - 1})")
-    i, every = shard
-    chosen = [s for s in range(lo, min(hi, n - 1) + 1)][i::every]
-    todo = [s for s in chosen if not shard_path(directory, s).exists()]
-    stats: dict[str, Any] = {"shards": len(chosen), "skipped": len(chosen) - len(todo)}
+    # a shard is done when its file exists (written whole, by this run or any other)
+    loop = ShardLoop(
+        range(lo, min(hi, n - 1) + 1), lambda s: shard_path(directory, s).exists(), shard=shard
+    )
+    stats: dict[str, Any] = {"shards": len(loop.items), "skipped": loop.skipped}
     stats["written"] = 0
-    if todo:
+    if loop.todo:
         stats.update(
             asyncio.run(
                 _score(
@@ -368,7 +352,7 @@ def run_shards(
                     directory,
                     manifest,
                     files,
-                    todo,
+                    loop,
                     alpha=alpha,
                     pseudo_passage=pseudo_passage,
                     scorer_model=scorer_model or settings.llm.model,
@@ -387,7 +371,7 @@ async def _score(
     directory: Path,
     manifest: dict[str, Any],
     files: list[Path],
-    todo: list[int],
+    loop: ShardLoop[int],
     *,
     alpha: float,
     pseudo_passage: bool,
@@ -432,10 +416,9 @@ async def _score(
     done_q = 0
     spent = 0.0
     try:
-        for pos, s in enumerate(todo):
+        # one shard at a time; a shard another process finished meanwhile is not yielded
+        for pos, (s,) in loop.batches(1):
             out = shard_path(directory, s)
-            if out.exists():  # another process finished it since this run started
-                continue
             t0 = time.perf_counter()
             qs = [by_id[qid] for qid in manifest["shards"][s]]
             texts = [q["question"] for q in qs]
@@ -474,12 +457,10 @@ async def _score(
                 continue
             done_q += len(qs)
             spent += t2 - t0
-            left = len(todo) - pos - 1
             print(
                 f"shard {s}: {len(qs)} questions in {t2 - t0:.0f} s "
                 f"(pseudo {timing['pseudo_seconds']} s, scoring {timing['score_seconds']} s, "
-                f"{(t2 - t0) / len(qs):.1f} s/question); {left} shards left, "
-                f"~{left * spent / (pos + 1) / 60:.0f} min",
+                f"{(t2 - t0) / len(qs):.1f} s/question); {loop.eta(pos, spent, 'shards')}",
                 flush=True,
             )
             if commit:

@@ -7,22 +7,18 @@ answers with a teacher-forced scorer on the reader's weights in torch (``--score
 default the settings' model; a bundled model's weights are its GGUF de-quantised once by
 ``gainrag.weights.prepare_llm``). Each row records the pseudo-passage writer, the scorer, its
 dtype and where its weights came from. Output is JSONL, one question per line, appended as it
-goes; a rerun skips finished ids, so an interrupted job resumes where it stopped.
+goes; a rerun skips finished ids, so an interrupted job resumes where it stopped (the loop is
+``training/shard_loop.py``'s, shared with the other signal jobs).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any
 
 from gainrag.config import Settings
 from gainrag.evaluation.qa_metrics import has_answer
@@ -30,47 +26,11 @@ from gainrag.llm import prompts
 from gainrag.llm.interface import Generator
 from gainrag.training.questions import question_args, training_questions
 from gainrag.training.registry import Job
+from gainrag.training.shard_loop import ShardLoop, row_id
 from gainrag.types import PSEUDO_ID, Passage
 
 if TYPE_CHECKING:
     from gainrag.training.gain import GainScorer
-
-
-@contextmanager
-def locked(f: IO[str]) -> Iterator[None]:
-    """An exclusive lock on an open output file, taken by every shard's reads and writes."""
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def finished_ids(path: Path) -> set[str]:
-    """Ids already in an output file; drops a torn last line left by an interrupted write.
-
-    Reads and repairs under the same lock the writers take, in place (same inode), so a shard
-    appending from another process neither shows up half-written nor loses later lines.
-    """
-    if not path.exists():
-        return set()
-    ids: set[str] = set()
-    with path.open("r+", encoding="utf-8") as f, locked(f):
-        good: list[str] = []
-        torn = False
-        for line in f.read().splitlines():
-            try:
-                row = json.loads(line)
-                ids.add(str(row["id"]))
-                good.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                torn = True
-        if torn:  # rewrite without the broken line so appends start on a clean line
-            f.seek(0)
-            f.write("".join(line + "\n" for line in good))
-            f.truncate()
-            f.flush()
-    return ids
 
 
 def scorer_weights(path: Path) -> dict[str, Any]:
@@ -111,24 +71,18 @@ def synthesize(
     can append to the same output (each line is written under an exclusive file lock).
     ``scorer_model`` / ``scorer_dtype`` default to the settings' LLM model and dtype.
     """
-    i, n = shard
-    if not 0 <= i < n:
-        raise ValueError(f"shard index {i} is outside 0..{n - 1}")
-    questions = questions[i::n]
-    done = finished_ids(out)
-    todo = [q for q in questions if str(q["id"]) not in done]
+    loop = ShardLoop.over_jsonl(questions, out, row_id, shard=shard)
     stats: dict[str, Any] = {
-        "questions": len(questions),
-        "skipped": len(questions) - len(todo),
+        "questions": len(loop.items),
+        "skipped": loop.skipped,
         "written": 0,
     }
-    if not todo:  # nothing to do: load no model
+    if not loop.todo:  # nothing to do: load no model
         return stats
     return asyncio.run(
         _synthesize(
             settings,
-            todo,
-            len(questions),
+            loop,
             out,
             stats,
             k=k,
@@ -171,8 +125,7 @@ async def load_gain_models(
 
 async def _synthesize(
     settings: Settings,
-    todo: list[dict[str, Any]],
-    total: int,
+    loop: ShardLoop[dict[str, Any]],
     out: Path,
     stats: dict[str, Any],
     *,
@@ -205,21 +158,10 @@ async def _synthesize(
         "index_version": retriever.version,
         "prompt_version": prompts.PROMPT_VERSION,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        with (
-            out.open("a", encoding="utf-8") as f,
-            tqdm(
-                total=total,
-                initial=total - len(todo),
-                desc="gain signals",
-                unit="q",
-                disable=not show_progress,
-            ) as bar,
-        ):
-            for start in range(0, len(todo), batch_questions):
-                batch = todo[start : start + batch_questions]
+        with loop.appending(out, desc="gain signals", show_progress=show_progress) as sink:
+            for _, batch in loop.batches(batch_questions):
                 texts = [q["question"] for q in batch]
                 retrieved = retriever.search_many(texts, k)
                 pseudos = (
@@ -231,11 +173,8 @@ async def _synthesize(
                     t0 = time.perf_counter()
                     row = _label(q, hits, pseudo, scorer, alpha, with_pseudo=gen is not None)
                     row.update(meta, score_seconds=round(time.perf_counter() - t0, 2))
-                    with locked(f):  # shards of other processes append here too
-                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                        f.flush()  # a crash loses at most the question being written
-                    stats["written"] += 1
-                    bar.update(1)
+                    sink.append(row)  # shards of other processes append here too
+        stats["written"] = sink.written
     finally:
         if gen is not None:
             await gen.close()

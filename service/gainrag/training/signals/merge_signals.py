@@ -15,6 +15,7 @@ from pathlib import Path
 from gainrag.config import Settings
 from gainrag.errors import ConfigurationError
 from gainrag.training.registry import Job
+from gainrag.training.shard_loop import jsonl_rows, replacing, row_id
 
 
 def merge_signals(inputs: list[Path], out: Path, *, expect: int | None = None) -> dict[str, int]:
@@ -27,22 +28,17 @@ def merge_signals(inputs: list[Path], out: Path, *, expect: int | None = None) -
     seen: set[str] = set()
     torn = duplicates = 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with replacing(out) as f:
         for path in inputs:
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                    qid = str(row["id"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    torn += 1
-                    continue
+            rows, torn_here = jsonl_rows(path)
+            torn += torn_here
+            for row in rows:
+                qid = row_id(row)
                 if qid in seen:
                     duplicates += 1
                     continue
                 seen.add(qid)
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(out)
     return {"shards": len(inputs), "questions": len(seen), "torn": torn, "duplicates": duplicates}
 
 

@@ -5,25 +5,25 @@ For each training question: retrieve the top-k passages, ask the configured gene
 prompt, ``training/radio.py``), embed "question answer rationale" with the project's bi-encoder
 and store each passage's dot product with it (``rationale_score``) beside its retrieval score.
 The ``radio`` recipe mixes the two with its ``--alpha`` (so the ablation needs no new job).
-Output is JSONL appended as it goes; resumable and shardable like ``gain-signals``.
+Output is JSONL appended as it goes; resumable and shardable like ``gain-signals`` (the same
+loop, ``training/shard_loop.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm import tqdm
 
 from gainrag.config import Settings
 from gainrag.training.questions import question_args, training_questions
 from gainrag.training.radio import rationale_prompt, rationale_query
 from gainrag.training.registry import Job
-from gainrag.training.signals.gain_signals import add_shard_argument, finished_ids, locked
+from gainrag.training.shard_loop import ShardLoop, row_id
+from gainrag.training.signals.gain_signals import add_shard_argument
 from gainrag.types import Retrieved
 
 if TYPE_CHECKING:
@@ -43,13 +43,13 @@ def _passage_vectors(retriever: LocalRetriever, hits: list[Retrieved]) -> np.nda
 
 async def _write(
     settings: Settings,
-    todo: list[dict[str, Any]],
+    loop: ShardLoop[dict[str, Any]],
     out: Path,
     *,
     k: int,
     max_new_tokens: int,
     batch_questions: int,
-    bar: tqdm[Any],
+    show_progress: bool,
 ) -> int:
     # Models load here, not at import: the CLI imports every job to build its parser.
     from gainrag.retrieval.encoder import BiEncoder
@@ -67,11 +67,9 @@ async def _write(
         "encoder": encoder.version,
         "index": retriever.version,
     }
-    written = 0
     try:
-        with out.open("a", encoding="utf-8") as f:
-            for start in range(0, len(todo), batch_questions):
-                batch = todo[start : start + batch_questions]
+        with loop.appending(out, desc="rationales", show_progress=show_progress) as sink:
+            for _, batch in loop.batches(batch_questions):
                 hits = retriever.search_many([q["question"] for q in batch], k)
                 answers = [q["answers"][0].strip() for q in batch]
                 # concurrent calls: the in-process backend batches them, a server serves them
@@ -110,15 +108,11 @@ async def _write(
                         ],
                         **meta,
                     }
-                    with locked(f):  # shards of other processes append here too
-                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                        f.flush()
-                    written += 1
-                    bar.update(1)
+                    sink.append(row)  # shards of other processes append here too
+        return sink.written
     finally:
         await gen.close()
         await retriever.close()
-    return written
 
 
 def synthesize(
@@ -133,32 +127,20 @@ def synthesize(
     shard: tuple[int, int] = (0, 1),
 ) -> dict[str, int]:
     """Append a rationale row for every question of shard ``shard`` not yet in ``out``."""
-    i, n = shard
-    if not 0 <= i < n:
-        raise ValueError(f"shard index {i} is outside 0..{n - 1}")
-    questions = questions[i::n]
-    done = finished_ids(out)
-    todo = [q for q in questions if str(q["id"]) not in done]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tqdm(
-        total=len(questions),
-        initial=len(questions) - len(todo),
-        desc="rationales",
-        unit="q",
-        disable=not show_progress,
-    ) as bar:
-        written = asyncio.run(
-            _write(
-                settings,
-                todo,
-                out,
-                k=k,
-                max_new_tokens=max_new_tokens,
-                batch_questions=batch_questions,
-                bar=bar,
-            )
+    loop = ShardLoop.over_jsonl(questions, out, row_id, shard=shard)
+    # unlike gain-signals, the models start even when nothing is left (kept as it was)
+    written = asyncio.run(
+        _write(
+            settings,
+            loop,
+            out,
+            k=k,
+            max_new_tokens=max_new_tokens,
+            batch_questions=batch_questions,
+            show_progress=show_progress,
         )
-    return {"questions": len(questions), "skipped": len(questions) - len(todo), "written": written}
+    )
+    return {"questions": len(loop.items), "skipped": loop.skipped, "written": written}
 
 
 class Rationales(Job):

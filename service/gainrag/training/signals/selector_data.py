@@ -23,6 +23,7 @@ from gainrag.evaluation.qa_metrics import cover_em
 from gainrag.llm import prompts
 from gainrag.llm.interface import Generator
 from gainrag.training.registry import Job
+from gainrag.training.shard_loop import replacing
 from gainrag.types import Passage
 
 
@@ -166,12 +167,10 @@ def write_groups(
         log.write_text("".join(json.dumps(v, ensure_ascii=False) + "\n" for v in verdicts))
         kept = [r for r, v in zip(rows, verdicts, strict=True) if v["acc"] > 0]
     n = 0
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with replacing(out) as f:  # a rerun rewrites it whole: never half a file
         for group in iter_groups(kept, group_size, seed):
             f.write(json.dumps(group, ensure_ascii=False) + "\n")
             n += 1
-    tmp.replace(out)
     return {"questions": len(rows), "kept": len(kept), "groups": n}
 
 
