@@ -38,9 +38,10 @@ from gainrag_harness import DEPENDENCIES, Service, deployment, running
 DATA = REPO_ROOT / "data"
 
 # Fixtures that start child processes (redis-server, llama-server, gainrag's gateway and workers,
-# a browser): a test that uses one is marked `servers`, and `make test-quick` leaves it out. A test that starts a process itself carries the mark by hand; under
-# GAINRAG_TESTS_QUICK=1 (make test-quick) the harness refuses to start one, so a missing mark
-# fails loudly instead of slowing the quick loop down.
+# a browser): a test that uses one is marked `servers`, and `make test-quick` leaves it out. A
+# test that starts a process itself carries the mark by hand; under GAINRAG_TESTS_QUICK=1 (make
+# test-quick) the harness refuses to start one, so a missing mark fails loudly instead of slowing
+# the quick loop down.
 SERVER_FIXTURES = frozenset(
     {"stack", "llm_server", "redis_server", "server", "engine", "service_url", "gateway", "sdk",
      "processes", "browser", "worker"}
