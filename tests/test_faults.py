@@ -10,7 +10,7 @@ answers normally again without being restarted. The counts by (dependency, fault
 ``faults.{json,md}`` in the test's tmp dir, and to ``benchmarks/results/`` when
 ``GAINRAG_WRITE_FAULT_TABLE=1``.
 
-About 2-3 minutes on 2 CPU cores; deselect with ``-m "not faults"``.
+About 1.5 minutes on 2 CPU cores (with the stack's start); deselect with ``-m "not faults"``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,20 @@ DEADLINE_SLACK_S = 4.0
 CLIENT_TIMEOUT_S = PIPELINE_TIMEOUT_S + 12.0
 CLIENTS = 2  # a few: more would only queue on 2 cores and blur which fault caused what
 KILLED_S = 1.0  # how long a killed dependency stays down before its restart begins
-PAUSED_S = max(WORKER_TIMEOUT_S, LLM_TIMEOUT_S) + 1.0  # in-flight calls must time out
+# How long the gateway waits on each dependency before giving up on a call.
+CALL_TIMEOUT_S = {
+    "redis": REDIS_TIMEOUT_MS / 1000,
+    "llm": LLM_TIMEOUT_S,
+    "retriever": WORKER_TIMEOUT_S,
+    "selector": WORKER_TIMEOUT_S,
+}
+# How long a paused dependency stays paused: its in-flight calls must time out (Redis' give up
+# after 0.2 s, so its pause is 1.2 s where the LLM's is 7 s). A probe sent during the pause must
+# see the fault's outcome first, so a pause lasts at least that probe (_inject).
+PAUSED_S = {dep: timeout + 1.0 for dep, timeout in CALL_TIMEOUT_S.items()}
+BASELINE_S = 1.0  # load with everything up before the first fault (clients' requests in flight)
+AFTER_S = 1.0  # load after the last recovery (each recovery is already asserted by its probes)
+CACHE_ERROR_WAIT_S = 15.0  # bound on waiting for a failed answer-cache call while Redis is out
 RECOVERY_S = 60.0  # bound on "answers normally again" after a dependency is back
 MAX_REQUESTS = 600  # the load is bounded in count as well as in time
 
@@ -179,6 +192,21 @@ def _metric(url: str, name: str, labels: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _answer_cache_errors(url: str) -> float:
+    """The gateway's count of failed answer-cache calls."""
+    return _metric(url, "gainrag_cache_requests_total", 'kind="answer",result="error"')
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll ``condition`` until it holds or ``timeout_s`` has passed; whether it held."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def _recovered(dep: str, gateway: Service, http: httpx.Client, questions: Iterator[str]) -> Outcome:
     """One probe: does the gateway answer normally through ``dep`` again? (``code == "ok"``)"""
     q = next(questions)
@@ -202,7 +230,7 @@ EXPECTED: dict[str, Callable[[str], bool]] = {
 }
 
 
-def _inject(service: Service, fault: str, during: Callable[[], None]) -> None:
+def _inject(dep: str, service: Service, fault: str, during: Callable[[], None]) -> None:
     """Kill (and restart) or pause (and resume) ``service``; ``during()`` runs while it is out.
 
     ``during`` sends a request of its own: whether one of the clients' requests happens to
@@ -218,7 +246,7 @@ def _inject(service: Service, fault: str, during: Callable[[], None]) -> None:
         service.pause()
         start = time.monotonic()
         during()
-        time.sleep(max(0.0, PAUSED_S - (time.monotonic() - start)))
+        time.sleep(max(0.0, PAUSED_S[dep] - (time.monotonic() - start)))
         service.resume()
 
 
@@ -240,16 +268,16 @@ def test_faults_under_load(
             t.start()
         phases: list[dict[str, Any]] = []
         try:
-            time.sleep(3.0)  # the baseline: everything up
+            time.sleep(BASELINE_S)  # the baseline: everything up
             for dep in DEPENDENCIES:
                 for fault in FAULTS:
-                    cache_errors = _metric(
-                        gw.url, "gainrag_cache_requests_total", 'kind="answer",result="error"'
-                    )
+                    cache_errors = _answer_cache_errors(gw.url)
                     load.phase = (dep, fault)
                     t0 = time.monotonic()
 
-                    def probe_while_out(phase: tuple[str, str] = (dep, fault)) -> None:
+                    def probe_while_out(
+                        phase: tuple[str, str] = (dep, fault), errors_before: float = cache_errors
+                    ) -> None:
                         # Up to 3 tries: on a loaded machine the LLM (which every request also
                         # needs) can fail a probe first; the fault stays on while probing.
                         for _ in range(3):
@@ -257,9 +285,18 @@ def test_faults_under_load(
                             with load.lock:
                                 load.outcomes.append(out)
                             if EXPECTED[phase[0]](out.code):
-                                return
+                                break
+                        if phase[0] == "redis":
+                            # Redis out must cost answer-cache calls (asserted below). The
+                            # probe's own store can be skipped (a failed pseudo-passage call
+                            # skips the cache for 1 s) and the clients' lookups come every few
+                            # seconds: wait for the count, bounded, rather than a long pause.
+                            _wait_until(
+                                lambda: _answer_cache_errors(gw.url) > errors_before,
+                                CACHE_ERROR_WAIT_S,
+                            )
 
-                    _inject(stack[dep], fault, probe_while_out)
+                    _inject(dep, stack[dep], fault, probe_while_out)
                     back = time.monotonic()
                     probes = 0
                     while (probe := _recovered(dep, gw, http, probe_qs)).code != "ok":
@@ -277,16 +314,11 @@ def test_faults_under_load(
                             "fault_s": round(back - t0, 1),
                             "recovered_after_s": round(time.monotonic() - back, 1),
                             "probes": probes + 1,
-                            "cache_errors": _metric(
-                                gw.url,
-                                "gainrag_cache_requests_total",
-                                'kind="answer",result="error"',
-                            )
-                            - cache_errors,
+                            "cache_errors": _answer_cache_errors(gw.url) - cache_errors,
                         }
                     )
             load.phase = ("none", "after")
-            time.sleep(2.0)
+            time.sleep(AFTER_S)
         finally:
             load.stop.set()
             for t in threads:
