@@ -121,14 +121,26 @@ def schemathesis_run(service: Service, examples: int, report_dir: Path, *args: s
 AUTH = ("--header", f"Authorization: Bearer {ADMIN_TOKEN}")
 
 
+# Each process's run: its test, examples per operation, extra arguments.
+PLAN: dict[str, tuple[str, int, tuple[str, ...]]] = {
+    "retrieval": ("test_retrieval_worker_openapi", WORKER_EXAMPLES, AUTH),
+    "selector": ("test_selector_worker_openapi", WORKER_EXAMPLES, AUTH),
+    "gateway": ("test_gateway_openapi", GATEWAY_EXAMPLES, ()),
+}
+
+
 @pytest.fixture(scope="module")
-def runs(processes: dict[str, Service], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
-    """The three schemathesis runs, side by side (the gateway's also calls both workers: its
-    requests and the workers' own fuzzing share them, as a deployment's clients would)."""
+def runs(
+    request: pytest.FixtureRequest,
+    processes: dict[str, Service],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Run]:
+    """The schemathesis runs of this module's selected tests, side by side (the gateway's also
+    calls both workers: its requests and the workers' own fuzzing share them, as a deployment's
+    clients would)."""
+    selected = {getattr(i, "originalname", i.name) for i in request.session.items}
     plan = {
-        "retrieval": (WORKER_EXAMPLES, AUTH),
-        "selector": (WORKER_EXAMPLES, AUTH),
-        "gateway": (GATEWAY_EXAMPLES, ()),
+        name: (examples, args) for name, (test, examples, args) in PLAN.items() if test in selected
     }
     with ThreadPoolExecutor(len(plan)) as pool:
         futures = {
