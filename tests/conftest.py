@@ -25,6 +25,11 @@ os.environ.setdefault("GAINRAG_PIPELINE__PSEUDO_PASSAGE", "true")
 # selector alone so that their expected orders are the selector's (and the pseudo-passage, whose
 # retrieval part is 0, can still win); tests of the mix set the weight themselves.
 os.environ.setdefault("GAINRAG_PIPELINE__RETRIEVAL_WEIGHT", "0")
+# The shipped selector runtime is `auto`: a parity-and-speed check of OpenVINO against torch at
+# the first start on a machine (~20 s, then cached; tests/test_selector_runtime.py covers it).
+# Every other test, and every process a test starts, scores with torch: on a fresh machine the
+# first worker of the suite would otherwise pay that check (and the model conversion) at its start.
+os.environ.setdefault("GAINRAG_SELECTOR__RUNTIME", "torch")
 
 from gainrag.config import REPO_ROOT, Settings
 from gainrag.keys import KeyRecord, append_key, hash_key, new_key

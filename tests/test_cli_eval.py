@@ -55,6 +55,14 @@ def test_the_shipped_ranking_mixes_in_the_retrieval_score(monkeypatch: pytest.Mo
     assert apply_preset(s, PRESETS["radio"]).pipeline.retrieval_weight == 0.5
 
 
+def test_the_shipped_selector_runtime_is_chosen_at_run_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # conftest pins torch for the other tests; the shipped default checks OpenVINO first
+    monkeypatch.delenv("GAINRAG_SELECTOR__RUNTIME")
+    assert Settings().selector.runtime == "auto"
+
+
 def test_presets_switch_the_pipeline() -> None:
     s = Settings()
     closed = apply_preset(s, PRESETS["closed-book"]).pipeline
