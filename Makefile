@@ -79,10 +79,15 @@ run: prepare
 
 # GAINRAG_REQUIRE_SERVICES=1: tests that need redis-server, the LLM server or chromium fail, never skip.
 # The wall time of the whole target (installs and builds included) is printed at the end.
+# TEST_WORKERS pytest processes (pytest-xdist), each taking whole modules (their module-scoped
+# servers start once): on 2 cores the suite leaves ~40% of the CPU idle waiting on its child
+# processes, and 2 workers took it from 503 s to 407 s (docs/hardware.md). TEST_WORKERS=0: one.
+TEST_WORKERS ?= 2
 test:
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory install llm-engine && scripts/system-deps.sh test \
-	  && GAINRAG_REQUIRE_SERVICES=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	  && GAINRAG_REQUIRE_SERVICES=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+	     $(PYTEST_ARGS); rc=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s wall (installs, builds and pytest), exit $$rc"; \
 	exit $$rc
 
@@ -90,7 +95,8 @@ test:
 # redis, browser: `servers`), no parity/training runs on real models (`models`), no `slow` ones.
 test-quick: install
 	@start=$$(date +%s); \
-	GAINRAG_TESTS_QUICK=1 $(BIN)/python -m pytest -q -m "not servers and not models and not slow" $(PYTEST_ARGS); rc=$$?; \
+	GAINRAG_TESTS_QUICK=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+	  -m "not servers and not models and not slow" $(PYTEST_ARGS); rc=$$?; \
 	echo "make test-quick: $$(( $$(date +%s) - start )) s wall, exit $$rc"; exit $$rc
 
 lint: install
