@@ -61,12 +61,13 @@ def fill(driver: Any, element_id: str, text: str) -> None:
     field.send_keys(text)
 
 
-def screenshot(driver: Any, path: Path) -> None:
-    """The whole page: the viewport is resized to the document's height first (DevTools)."""
+def screenshot(driver: Any, path: Path, max_height: int = 4000) -> None:
+    """The whole page, or its top ``max_height`` pixels: the viewport is resized to the
+    document's height first (DevTools)."""
     height = driver.execute_script("return document.documentElement.scrollHeight")
+    size = {"width": WIDTH, "height": min(int(height), max_height)}
     driver.execute_cdp_cmd(
-        "Emulation.setDeviceMetricsOverride",
-        {"width": WIDTH, "height": min(int(height), 4000), "deviceScaleFactor": 1, "mobile": False},
+        "Emulation.setDeviceMetricsOverride", {**size, "deviceScaleFactor": 1, "mobile": False}
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(path))

@@ -3,7 +3,7 @@
 Starts ``gainrag serve`` with the default settings (nothing overridden but the port: the default
 reader, index, selector and pipeline options of this checkout; run ``make prepare`` first), asks
 one dev question in headless Chromium with its gold answers in the "expected" field, waits for
-the streamed answer and saves the whole page:
+the streamed answer and saves the top of the page:
 
     python -m gainrag_harness.playground_shot [--out docs/img/playground.png] [--question ID]
 
@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "img" / "playground.png")
     p.add_argument("--question", default="nq-00000", help="a question id of nq_dev")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for start and answer")
+    # The default k = 100 lists 100 candidates: the top of the page shows the answer, the
+    # selected passage, the timings and the first ~20 of them.
+    p.add_argument("--height", type=int, default=1400, help="pixels of the page, from the top")
     args = p.parse_args(argv)
     q = _question(args.question)
     logs = Path(tempfile.mkdtemp(prefix="playground-shot-"))
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_for(driver, lambda d: state(d) in ("done", "error"), args.timeout)
         if state(driver) != "done":
             raise SystemExit(f"the page shows an error: {driver.find_element('id', 'error').text}")
-        screenshot(driver, args.out)
+        screenshot(driver, args.out, max_height=args.height)
         print(f"answer: {driver.find_element('id', 'answer').text!r}")
         print(f"models: {driver.find_element('id', 'models').text}")
     print(f"wrote {args.out} (gateway log: {gateway.log_path})")
