@@ -90,31 +90,24 @@ class Context:
     @classmethod
     def of(cls, result: AnswerResult, question: str, start: float) -> Context:
         """The context of a finished (cached) result: what it was based on, ``cached`` set."""
+        basis = {name: getattr(result, name) for name in _BASIS}
         return cls(
             question=question,
-            selected=result.selected,
-            candidates=result.candidates,
-            retrieved=result.retrieved,
-            pseudo_passage=result.pseudo_passage,
             timings_ms=dict(result.timings_ms),
-            degraded=result.degraded,
             start=start,
             cached=True,
+            **basis,
         )
 
     def result(self, answer: str) -> AnswerResult:
         """The complete result with ``answer``; stamps the total time."""
         self.timings_ms["total"] = (time.perf_counter() - self.start) * 1000.0
-        return AnswerResult(
-            answer=answer,
-            selected=self.selected,
-            candidates=self.candidates,
-            retrieved=self.retrieved,
-            pseudo_passage=self.pseudo_passage,
-            timings_ms=self.timings_ms,
-            degraded=self.degraded,
-            cached=self.cached,
-        )
+        basis = {name: getattr(self, name) for name in _BASIS}
+        return AnswerResult(answer=answer, timings_ms=self.timings_ms, cached=self.cached, **basis)
+
+
+# What a context and its result share, field for field (the rest: the answer, timings, flags).
+_BASIS = ("selected", "candidates", "retrieved", "pseudo_passage", "degraded")
 
 
 StreamEvent = Context | str | AnswerResult
