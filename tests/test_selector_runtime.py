@@ -214,3 +214,23 @@ def test_an_unwritable_cache_costs_time_not_the_start(
     assert ovr.cached_check("k", lambda: made) == made
     scorer = CrossEncoderScorer(SELECTOR, dtype="float32", runtime="openvino")
     assert len(scorer.score_pairs([("q", "a passage"), ("q", "another one")])) == 2
+
+
+def test_the_converted_model_cache_names_the_conversion_and_its_tools(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import openvino
+    import torch
+
+    first = ovr.ir_path("abc123")
+    assert first.name == "model.xml" and first.parent.name.startswith("abc123-c")
+    ov = openvino.__version__.replace("/", "_")  # one directory, whatever the version says
+    assert f"ov{ov}" in first.parent.name and f"torch{torch.__version__}" in first.parent.name
+    # a changed conversion, or a checkpoint of another version, is converted anew
+    monkeypatch.setattr(ovr, "CONVERSION", ovr.CONVERSION + 1)
+    assert ovr.ir_path("abc123") != first
+    assert ovr.ir_path("def456") != ovr.ir_path("abc123")
+    # and its run-time check is redone
+    key = ovr.check_key("abc123", "bf16", 2, 512)
+    monkeypatch.setattr(ovr, "CONVERSION", ovr.CONVERSION + 1)
+    assert ovr.check_key("abc123", "bf16", 2, 512) != key

@@ -59,11 +59,29 @@ def precision_for(dtype: str) -> Precision | None:
     return {"bfloat16": "bf16", "float32": "f32"}.get(dtype)  # type: ignore[return-value]
 
 
+# What _convert produces: bump it when the conversion changes (inputs, shapes, precision), so a
+# machine's cached IR of the same checkpoint is not reused for the new conversion.
+CONVERSION = 1
+
+
+def ir_path(version: str) -> Path:
+    """Where the converted model (IR) of checkpoint ``version`` is cached: keyed by everything
+    the conversion's output depends on (the weights, this module's conversion, OpenVINO, and
+    the torch and transformers that trace the model)."""
+    import openvino as ov
+    import torch
+    import transformers
+
+    tools = f"ov{ov.__version__}-torch{torch.__version__}-tf{transformers.__version__}"
+    tools = tools.replace("/", "_")  # OpenVINO's version names its release branch: a/b
+    return CACHE.expanduser() / "ir" / f"{version}-c{CONVERSION}-{tools}" / "model.xml"
+
+
 class OpenVINOModel:
     """A sequence-classification checkpoint compiled for OpenVINO's CPU plugin; one logit each.
 
     The model is converted from the torch checkpoint in float32 once and the IR cached under
-    ``CACHE`` by checkpoint version (conversion traces the model: ~5 s); ``precision`` is the
+    ``CACHE`` (:func:`ir_path`; conversion traces the model: ~5 s); ``precision`` is the
     plugin's inference precision (``bf16``: its bf16 kernels, f32 accumulation).
     """
 
@@ -72,7 +90,7 @@ class OpenVINOModel:
 
         self.precision = precision
         core = ov.Core()
-        ir = CACHE.expanduser() / "ir" / f"{version}-ov{ov.__version__}" / "model.xml"
+        ir = ir_path(version)
         model: Any = None
         if not ir.exists():
             model = _convert(path)
@@ -230,7 +248,10 @@ def compare(
 def check_key(version: str, precision: str, threads: int, max_length: int) -> str:
     """What the check's outcome depends on: weights, length, precision, runtime, CPU, threads."""
     f = cpu_features()
-    raw = f"{version}|{max_length}|{precision}|{available()}|{f.model}|{sorted(f.flags)}|{threads}"
+    raw = (
+        f"{version}|{max_length}|{precision}|{available()}|c{CONVERSION}|{f.model}|"
+        f"{sorted(f.flags)}|{threads}"
+    )
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
