@@ -7,7 +7,7 @@ worker (``gainrag worker retrieval``) on a free loopback port, for each batch si
 - ``concurrent``: b single-query requests at once, batched together by the worker's batcher;
 
 and, in this process on the same batches, the split of the work: ``BiEncoder.encode``,
-``DenseIndex.search`` and the JSON encoding of the response model.
+``PassageIndex.search`` and the JSON encoding of the response model.
 
 Part 2, synthetic: ``--synthetic-n`` unit vectors of dimension 384 (seeded), ``clustered``
 (a Gaussian mixture around 1000 random centroids, closer to real embeddings) and/or ``uniform``
@@ -163,12 +163,12 @@ def split_in_process(
     """encode / search / response-JSON time of the worker's work, in this process."""
     from gainrag.config import Settings
     from gainrag.retrieval.encoder import BiEncoder
-    from gainrag.retrieval.index import DenseIndex
+    from gainrag.retrieval.index import PassageIndex
     from gainrag.retrieval.wire import Hit, RetrieveResponse
 
     r = Settings().retrieval
     encoder = BiEncoder.from_settings(r)
-    index = DenseIndex.load(r.index_dir, use_gpu=r.use_gpu == "auto")
+    index = PassageIndex.load(r.index_dir, use_gpu=r.use_gpu == "auto")
     out: dict[str, Any] = {
         "passages": len(index.passages),
         "index_type": index.manifest["index_type"],

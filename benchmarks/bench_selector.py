@@ -62,7 +62,7 @@ def build_workload(questions: list[str], k: int) -> Workload:
     """Top-k passages of each question from the shipped index, plus one pseudo-like passage."""
     from gainrag.config import Settings
     from gainrag.retrieval.encoder import BiEncoder
-    from gainrag.retrieval.index import DenseIndex, read_manifest
+    from gainrag.retrieval.index import PassageIndex, read_manifest
 
     r = Settings().retrieval
     if read_manifest(r.index_dir) is None:
@@ -70,7 +70,7 @@ def build_workload(questions: list[str], k: int) -> Workload:
             f"no index at {r.index_dir}: run `make prepare` (or `.venv/bin/gainrag index build`)"
         )
     encoder = BiEncoder.from_settings(r)
-    index = DenseIndex.load(r.index_dir, use_gpu=False)
+    index = PassageIndex.load(r.index_dir, use_gpu=False)
     hits = index.search(encoder.encode(questions), k)
     workload: Workload = []
     for q, row in zip(questions, hits, strict=True):

@@ -57,6 +57,7 @@ GATEWAY = {
     "gainrag.api.answering",
     "gainrag.api.app",
     "gainrag.api.deps",
+    "gainrag.api.documents",
     "gainrag.api.playground",
     "gainrag.api.routes",
     "gainrag.api.schemas",

@@ -17,7 +17,7 @@ from gainrag.errors import UpstreamError
 from gainrag.llm import prompts
 from gainrag.pipeline import Components, Pipeline
 from gainrag.retrieval.encoder import BiEncoder
-from gainrag.retrieval.index import DenseIndex
+from gainrag.retrieval.index import PassageIndex
 from gainrag.selector.cosine import CosineSelector
 from gainrag.selector.interface import Selector
 from gainrag.types import PSEUDO_ID, Passage, Retrieved
@@ -461,7 +461,7 @@ async def test_pipelined_scores_equal_all_together_with_the_shipped_cross_encode
 async def test_pipelined_scores_equal_all_together_with_the_cosine_selector(
     settings: Settings, components: Components, encoder: BiEncoder, index_dir: Path
 ) -> None:
-    selector = CosineSelector(encoder, DenseIndex.load(index_dir))
+    selector = CosineSelector(encoder, PassageIndex.load(index_dir))
     try:
         await _equal_to_scoring_all_together(settings, components.retriever, selector, 8)
     finally:

@@ -11,7 +11,7 @@ import pytest
 from gainrag.cli import main
 from gainrag.errors import ConfigurationError
 from gainrag.retrieval.encoder import BiEncoder
-from gainrag.retrieval.index import DenseIndex, build_index, read_manifest
+from gainrag.retrieval.index import PassageIndex, build_index, read_manifest
 from gainrag.retrieval.local import LocalRetriever
 from gainrag.util import file_sha256
 
@@ -37,7 +37,7 @@ def test_manifest_describes_the_index(index_dir: Path, small_corpus: Path) -> No
 
 
 def test_search_scores_are_cosine_and_sorted(index_dir: Path, encoder: BiEncoder) -> None:
-    idx = DenseIndex.load(index_dir)
+    idx = PassageIndex.load(index_dir)
     q = encoder.encode(["who got the first nobel prize in physics"])
     (hits,) = idx.search(q, 5)
     assert [h.rank for h in hits] == list(range(5))
@@ -50,7 +50,7 @@ def test_search_scores_are_cosine_and_sorted(index_dir: Path, encoder: BiEncoder
 async def test_gold_passages_are_retrieved(
     index_dir: Path, encoder: BiEncoder, dev_questions: list[dict]
 ) -> None:
-    retriever = LocalRetriever(encoder, DenseIndex.load(index_dir))
+    retriever = LocalRetriever(encoder, PassageIndex.load(index_dir))
     found = 0
     for q in dev_questions:
         hits = await retriever.retrieve(q["question"], 10)
@@ -64,7 +64,7 @@ async def test_gold_passages_are_retrieved(
 async def test_concurrent_queries_share_one_search(index_dir: Path, encoder: BiEncoder) -> None:
     import asyncio
 
-    retriever = LocalRetriever(encoder, DenseIndex.load(index_dir))
+    retriever = LocalRetriever(encoder, PassageIndex.load(index_dir))
     qs = ["nobel prize physics", "deadpool release", "hops in the us", "greys anatomy crash"]
     together = await asyncio.gather(*(retriever.retrieve(q, 3) for q in qs))
     assert retriever.batcher.stats.batches < len(qs)
@@ -100,4 +100,4 @@ def test_bad_corpus_and_missing_index_fail_clearly(tmp_path: Path, encoder: BiEn
     with pytest.raises(ConfigurationError, match="duplicate"):
         build_index(dup, tmp_path / "i", encoder, show_progress=False)
     with pytest.raises(ConfigurationError, match="gainrag index build"):
-        DenseIndex.load(tmp_path / "nowhere")
+        PassageIndex.load(tmp_path / "nowhere")

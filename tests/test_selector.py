@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from gainrag.retrieval.encoder import BiEncoder
-from gainrag.retrieval.index import DenseIndex
+from gainrag.retrieval.index import PassageIndex
 from gainrag.selector.cosine import CosineSelector
 from gainrag.selector.cross_encoder import CrossEncoderSelector
 from gainrag.types import Passage
@@ -82,7 +82,7 @@ async def test_relevance_selector_is_cosine(encoder: BiEncoder) -> None:
 
 
 async def test_relevance_reuses_index_vectors(encoder: BiEncoder, index_dir: Path) -> None:
-    index = DenseIndex.load(index_dir)
+    index = PassageIndex.load(index_dir)
     with_index = CosineSelector(encoder, index)
     without = CosineSelector(encoder)
     cands = [*index.passages[:5], CANDIDATES[2]]

@@ -234,11 +234,11 @@ def test_relevance_groups_use_gold_positives_and_safe_negatives(
     index_dir: Path, encoder: object, dev_questions: list[dict]
 ) -> None:
     from gainrag.evaluation.qa_metrics import has_answer
-    from gainrag.retrieval.index import DenseIndex
+    from gainrag.retrieval.index import PassageIndex
     from gainrag.retrieval.local import LocalRetriever
     from gainrag.training.relevance_data import relevance_groups
 
-    retriever = LocalRetriever(encoder, DenseIndex.load(index_dir))  # type: ignore[arg-type]
+    retriever = LocalRetriever(encoder, PassageIndex.load(index_dir))  # type: ignore[arg-type]
     qs = [*dev_questions, {"question": "no gold here", "answers": ["x"], "gold_ids": ["nope"]}]
     groups = relevance_groups(retriever, qs, group_size=4, k=20)
     assert len(groups) == len(dev_questions)  # the question without an indexed gold is skipped

@@ -125,6 +125,7 @@ def _keys(settings: Settings, args: argparse.Namespace) -> None:
         burst=args.burst,
         max_in_flight=args.max_in_flight,
         can_refresh=args.can_refresh,
+        can_write=args.can_write,
     )
     append_key(path, record)
     print(key)
@@ -243,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ka.add_argument(
         "--can-refresh", action="store_true", help="may bypass the cache (Cache-Control: no-cache)"
+    )
+    ka.add_argument(
+        "--can-write", action="store_true", help="may add and delete documents (/v1/documents)"
     )
     k.add_parser("hash", help="print the sha256 of a key read from stdin (for a keys file)")
 

@@ -41,6 +41,23 @@ class RetrievalSettings(BaseModel):
         description="Torch dtype of query encoding: 'auto' = fp16 on CUDA, bf16 on CPUs where "
         "it measures faster (docs/hardware.md), else fp32. Index building is always fp32.",
     )
+    mode: Literal["dense", "hybrid"] = Field(
+        "dense",
+        description="'dense': the bi-encoder's FAISS search; 'hybrid': fused with BM25 over the "
+        "same passages (docs/evaluation.md, 'Hybrid retrieval').",
+    )
+    fusion: Literal["rrf", "mix"] = Field(
+        "rrf",
+        description="How hybrid retrieval fuses the two lists: reciprocal rank fusion, or a "
+        "min-max mix of their scores weighted by `lexical_weight`.",
+    )
+    rrf_c: int = Field(60, ge=1, description="RRF's constant: 1 / (c + rank) per list.")
+    lexical_weight: float = Field(
+        0.3, ge=0.0, le=1.0, description="BM25's weight in the 'mix' fusion."
+    )
+    fusion_depth: int = Field(
+        100, ge=1, le=1000, description="Hits each list contributes before fusing (at least k)."
+    )
 
 
 class SelectorSettings(BaseModel):
@@ -354,6 +371,33 @@ class RedisSettings(BaseModel):
     prefix: str = Field("gainrag:", description="Key prefix (share one Redis between services).")
 
 
+class DocumentSettings(BaseModel):
+    """The documents API (``/v1/documents``): splitting and limits."""
+
+    enabled: bool = Field(True, description="Serve /v1/documents (the in-process index only).")
+    passage_words: int = Field(
+        100, ge=10, le=400, description="Target passage length in words (the corpus's is 100)."
+    )
+    collection: str = Field("default", description="Collection of documents posted without one.")
+    max_documents: int = Field(256, ge=1, description="Documents per POST /v1/documents.")
+    max_document_chars: int = Field(
+        1_000_000, ge=1, description="Longest document text accepted (characters)."
+    )
+    max_metadata_bytes: int = Field(
+        8192, ge=2, description="Largest metadata object of one document (JSON bytes)."
+    )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest POST /v1/documents body."
+    )
+    encode_batch: int = Field(32, ge=1, description="Passages per encoder pass when ingesting.")
+    max_queue: int = Field(
+        64, ge=1, description="Document writes waiting for the writer before 429 (one at a time)."
+    )
+    timeout_s: float = Field(
+        600.0, gt=0, description="Deadline of a documents call to the retrieval worker."
+    )
+
+
 class WorkerSettings(BaseModel):
     """The retrieval and selector workers."""
 
@@ -402,6 +446,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     redis: RedisSettings = RedisSettings()
     worker: WorkerSettings = WorkerSettings()
+    documents: DocumentSettings = DocumentSettings()
 
     @classmethod
     def env_reference(cls) -> list[tuple[str, str, str]]:

@@ -74,6 +74,14 @@ class ForbiddenError(GainRAGError):
     code = "forbidden"
 
 
+class NotFoundError(GainRAGError):
+    """The named resource (a document) does not exist."""
+
+    status_code = 404
+    type = "not_found_error"
+    code = "not_found"
+
+
 class ClientClosedError(GainRAGError):
     """The client disconnected before the answer was ready; the work was cancelled."""
 

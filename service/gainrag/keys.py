@@ -51,6 +51,7 @@ class KeyRecord:
     burst: int | None = None
     max_in_flight: int | None = None
     can_refresh: bool = False
+    can_write: bool = False  # may add and delete documents (/v1/documents)
     revoked: bool = False
 
     def to_json(self) -> str:
@@ -80,8 +81,9 @@ def _record(data: Any, where: str) -> KeyRecord:
             isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
         ):
             raise ConfigurationError(f"{where}: '{field}' must be a positive number")
-    if not isinstance(rec.can_refresh, bool) or not isinstance(rec.revoked, bool):
-        raise ConfigurationError(f"{where}: 'can_refresh' and 'revoked' must be true or false")
+    for flag in ("can_refresh", "can_write", "revoked"):
+        if not isinstance(getattr(rec, flag), bool):
+            raise ConfigurationError(f"{where}: '{flag}' must be true or false")
     return rec
 
 

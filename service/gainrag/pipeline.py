@@ -45,7 +45,7 @@ from gainrag.errors import (
 )
 from gainrag.llm import prompts
 from gainrag.llm.interface import Generator, prompt_tokens, stream_reply
-from gainrag.retrieval.interface import Retriever
+from gainrag.retrieval.interface import Documents, Retriever
 from gainrag.selector.interface import Selector
 from gainrag.selector.ranking import rank
 from gainrag.textcheck import check_text, is_blank
@@ -125,6 +125,8 @@ class Components:
     selector: Selector | None
     generator: Generator
     cache: CacheStore | None = None
+    # the documents API (/v1/documents); not used by answering, carried for the gateway's routes
+    documents: Documents | None = None
 
     async def refresh(self) -> None:
         """Ask remote workers for their model versions (best effort: a worker may be down)."""
@@ -139,7 +141,7 @@ class Components:
 
     async def close(self) -> None:
         """Close every component."""
-        for c in (self.retriever, self.selector, self.generator, self.cache):
+        for c in (self.retriever, self.selector, self.generator, self.cache, self.documents):
             if c is not None:
                 await c.close()
 

@@ -86,6 +86,26 @@ INDEX_INFO = Gauge(
     "gainrag_index_passages", "Passages in the loaded index, labelled by version.", ["version"]
 )
 
+INGEST_PASSAGES = Counter(
+    "gainrag_ingest_passages_total",
+    "Passages added to or removed from the index through the documents API.",
+    ["op"],
+)
+INGEST_DOCUMENTS = Counter(
+    "gainrag_ingest_documents_total",
+    "Documents posted, by what the write did (created, replaced, unchanged, deleted).",
+    ["status"],
+)
+INGEST_QUEUE = Gauge(
+    "gainrag_ingest_queue_size", "Document writes waiting for the index writer or running."
+)
+INGEST_SECONDS = Histogram(
+    "gainrag_ingest_seconds",
+    "Wall time of one document write, by stage (split, encode, commit, apply, total).",
+    ["stage"],
+    buckets=_SECONDS,
+)
+
 
 def render() -> tuple[bytes, str]:
     """The exposition text and its content type."""

@@ -23,6 +23,12 @@ class Passage:
         return f"{self.title}\n{self.text}"
 
 
+def document_id(passage_id: str) -> str:
+    """The document a passage came from: ``doc#3`` -> ``doc`` (the documents API's passages);
+    a corpus passage is a document of its own (no ``#``)."""
+    return passage_id.rsplit("#", 1)[0]
+
+
 @dataclass(frozen=True, slots=True)
 class Retrieved:
     """A passage with its retrieval rank (0-based) and score (cosine similarity)."""

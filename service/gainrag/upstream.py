@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from gainrag import telemetry
 from gainrag.errors import (
+    GainRAGError,
     OverloadedError,
     UnavailableError,
     UpstreamError,
@@ -165,10 +166,23 @@ class Upstream:
             )
 
     async def request(
-        self, method: str, path: str, payload: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        client_errors: bool = False,
     ) -> dict[str, Any]:
-        """Send one JSON request; return the JSON object of a 2xx response."""
+        """Send one JSON request; return the JSON object of a 2xx response.
+
+        ``client_errors``: the upstream's 400, 404, 409, 413 and 422 are the caller's own mistake
+        (a proxied request, such as the documents API's): raised with its status, code and
+        message instead of a 502."""
         resp = await self._send(method, path, payload)
+        if client_errors and resp.status_code in _CLIENT_ERRORS:
+            raise ProxiedClientError(
+                resp.status_code, _error_message(resp), _error_code(resp) or "invalid_request"
+            )
         self._check_status(resp)
         try:
             body = resp.json()
@@ -225,6 +239,21 @@ def _is_uuid(text: str) -> bool:
 
 
 # Worker error codes that blame the input text (textcheck, the batcher's isolation).
+_CLIENT_ERRORS = frozenset({400, 404, 409, 413, 422})
+
+
+class ProxiedClientError(GainRAGError):
+    """A 4xx of an upstream gainrag worker, passed on as it is."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message, code=code)
+        self.status_code = status
+        if status == 404:
+            self.type = "not_found_error"
+
+
 INPUT_ERROR_CODES = frozenset(
     {"invalid_query", "invalid_document", "invalid_text", "unprocessable_input"}
 )

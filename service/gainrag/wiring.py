@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from gainrag.config import Settings
 from gainrag.errors import ConfigurationError
 from gainrag.llm.interface import Generator
-from gainrag.retrieval.interface import Retriever
+from gainrag.retrieval.interface import Documents, Retriever
 from gainrag.selector.interface import Selector
 from gainrag.weights import BUNDLED_LLMS
 
@@ -73,8 +73,31 @@ def build_components(settings: Settings) -> Components:
         selector = CosineSelector(encoder, index, max_queue=s.max_queue)
 
     return Components(
-        retriever=retriever, selector=selector, generator=generator, cache=build_cache(settings)
+        retriever=retriever,
+        selector=selector,
+        generator=generator,
+        cache=build_cache(settings),
+        documents=build_documents(settings, retriever, worker_token),
     )
+
+
+def build_documents(
+    settings: Settings, retriever: Retriever | None, worker_token: str | None
+) -> Documents | None:
+    """The documents API's backend: the in-process index, or the retrieval worker's."""
+    r, d = settings.retrieval, settings.documents
+    if not d.enabled or retriever is None:
+        return None
+    if r.url is not None:
+        from gainrag.retrieval.remote import RemoteDocuments
+
+        return RemoteDocuments(r.url, timeout_s=d.timeout_s, token=worker_token)
+    from gainrag.retrieval.documents import LocalDocuments
+    from gainrag.retrieval.encoder import BiEncoder
+    from gainrag.retrieval.local import LocalRetriever
+
+    assert isinstance(retriever, LocalRetriever)
+    return LocalDocuments(retriever, d, lambda: BiEncoder.from_settings(r, dtype="float32"))
 
 
 def build_llm(settings: Settings) -> Generator:

@@ -23,7 +23,7 @@ from gainrag.api.schemas import PassageOut
 from gainrag.api.state import AppState
 from gainrag.api.streaming import SSE_HEADERS, AnswerStream, error_body, guarded, sse
 from gainrag.pipeline import CheckedQuery
-from gainrag.types import AnswerResult, Scored
+from gainrag.types import AnswerResult, Scored, document_id
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,7 @@ def passage_out(s: Scored) -> PassageOut:
     p = s.passage
     return PassageOut(
         id=p.id,
+        document_id=None if p.pseudo else document_id(p.id),
         title=p.title,
         text=p.text,
         score=s.score,

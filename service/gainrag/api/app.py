@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from gainrag.api.admission import Admission
 from gainrag.api.auth import Authenticator
 from gainrag.api.base_app import base_app
+from gainrag.api.documents import router as documents_router
 from gainrag.api.openai_compat import router as openai_router
 from gainrag.api.openapi import declare_limits, hide_security
 from gainrag.api.playground import install_playground
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
         "gainrag",
         "GainRAG inference: retrieve || pseudo-passage -> select -> generate.",
         max_body_bytes=settings.api.max_body_bytes,
+        body_limits={"/v1/documents": settings.documents.max_body_bytes},
         lifespan=lifespan,
         http=settings.http,
         metrics_access=settings.api.metrics_access,
@@ -88,6 +90,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
     app.state.gainrag = AppState(settings=settings, admission=admission)
     app.include_router(router)
     app.include_router(openai_router)
+    app.include_router(documents_router)
     install_playground(app, settings)
     # The configured bounds, stated in the schema (pydantic must not enforce them: the API's own
     # codes such as empty_question and top_n_out_of_range would become generic ones).

@@ -29,12 +29,14 @@ class Principal:
 
     name: str
     can_refresh: bool = False
+    can_write: bool = False  # the documents API's write routes
     rate: float | None = None  # requests/s; None = unlimited
     burst: int = 1
     max_in_flight: int | None = None  # this caller's share of the in-flight limit; None = all
 
 
-ANONYMOUS = Principal("anonymous", can_refresh=True)
+# Open mode (no keys file) is a local or trusted deployment: everyone may refresh and write.
+ANONYMOUS = Principal("anonymous", can_refresh=True, can_write=True)
 
 # auto_error=False: the 401 is ours (error shape, WWW-Authenticate), and open mode needs no header.
 _bearer = HTTPBearer(auto_error=False, description="An API key from `gainrag keys add`.")
@@ -75,6 +77,7 @@ class Authenticator:
         return Principal(
             rec.name,
             can_refresh=rec.can_refresh,
+            can_write=rec.can_write,
             rate=rec.rate or api.key_rate,
             burst=rec.burst or api.key_burst,
             max_in_flight=min(share, api.max_in_flight),

@@ -40,9 +40,11 @@ def base_app(
     http: HttpSettings | None = None,
     metrics_access: Access = "public",
     docs_access: Access = "public",
+    body_limits: dict[str, int] | None = None,
 ) -> FastAPI:
     """A FastAPI app with the shared middleware, error handlers, ``GET /metrics`` and docs.
 
+    ``body_limits``: a larger (or smaller) body limit for some paths.
     ``*_access``: 'public', 'key' (the gateway's :func:`~gainrag.api.auth.require_key`; the app
     must have ``state.auth``) or 'off' (404).
     """
@@ -62,6 +64,7 @@ def base_app(
         max_body_bytes=max_body_bytes,
         body_timeout_s=(http or HttpSettings()).body_timeout_s,
         drain=app.state.drain,
+        body_limits=body_limits,
     )
     install_error_handlers(app)
     guard: dict[str, Any] = {"dependencies": [Depends(require_key)], "include_in_schema": False}

@@ -44,9 +44,12 @@ class RequestContextMiddleware:
         max_body_bytes: int,
         body_timeout_s: float = 30.0,
         drain: Drain | None = None,
+        body_limits: dict[str, int] | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # per path: the documents API takes files, /answer a question (exact paths only)
+        self.body_limits = body_limits or {}
         self.body_timeout_s = body_timeout_s
         self.drain = drain or Drain()
         self._message = f"request body is over the {max_body_bytes}-byte limit"
@@ -66,11 +69,15 @@ class RequestContextMiddleware:
         drain = self.drain
         if not probe:  # probes and scrapes must not hold the drain open
             drain.active += 1
+        limit = self.body_limits.get(scope["path"], self.max_body_bytes)
+        message_413 = (
+            self._message
+            if limit == self.max_body_bytes
+            else f"request body is over the {limit}-byte limit"
+        )
         try:
             declared = headers.get(b"content-length")
-            too_large = (
-                declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes
-            )
+            too_large = declared is not None and declared.isdigit() and int(declared) > limit
             seen = 0
             body_done = False
             deadline: float | None = None
@@ -81,7 +88,7 @@ class RequestContextMiddleware:
                     # Refused before a byte is read. Raised here rather than answered before the
                     # app runs, so the router has picked the route and the latency histogram gets
                     # its template; the connection is closed so the unread body is not swallowed.
-                    raise HTTPException(413, self._message, headers={"connection": "close"})
+                    raise HTTPException(413, message_413, headers={"connection": "close"})
                 if body_done:  # after the body only http.disconnect comes: wait as long as it takes
                     return await receive()
                 loop = asyncio.get_running_loop()
@@ -99,10 +106,10 @@ class RequestContextMiddleware:
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     body_done = not message.get("more_body", False)
-                    if seen > self.max_body_bytes:
+                    if seen > limit:
                         # FastAPI passes HTTPException through body parsing; its handler
                         # renders the standard error shape.
-                        raise HTTPException(413, self._message)
+                        raise HTTPException(413, message_413)
                 return message
 
             started = False

@@ -1,5 +1,6 @@
 """Wire schemas of the public API (kept apart from internal types so either can evolve):
-``/answer``'s, then the OpenAI-compatible routes' (``/v1``)."""
+``/answer``'s, then the OpenAI-compatible routes' (``/v1``); the documents API's are the
+retrieval worker's (re-exported below)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
+# /v1/documents: the retrieval worker serves the same routes, so its models are shared with it
+# (defined in gainrag.retrieval.wire, re-exported here for the gateway's routes).
+from gainrag.retrieval.wire import AddDocumentsRequest as AddDocumentsRequest
+from gainrag.retrieval.wire import AddDocumentsResponse as AddDocumentsResponse
+from gainrag.retrieval.wire import DeleteDocumentResponse as DeleteDocumentResponse
+from gainrag.retrieval.wire import DocumentOut as DocumentOut
+from gainrag.retrieval.wire import DocumentPage as DocumentPage
 from gainrag.wire import JsonInt
 
 
@@ -37,7 +45,12 @@ class AnswerRequest(BaseModel):
 class PassageOut(BaseModel):
     """A passage shown to the generator, or a scored candidate."""
 
-    id: str
+    id: str = Field(..., description="Passage id: '<document id>#<n>' for posted documents.")
+    document_id: str | None = Field(
+        None,
+        description="The document it belongs to (GET /v1/documents/{id}); null for the "
+        "pseudo-passage.",
+    )
     title: str
     text: str
     score: float = Field(

@@ -1,8 +1,16 @@
-"""FAISS inner-product index over normalised passage vectors, with a manifest.
+"""The passage index: a SQLite store (the truth), FAISS over its vectors and, for hybrid
+retrieval, BM25 over its texts, kept in step under one lock.
 
-An index directory holds ``index.faiss``, ``passages.jsonl`` (id, title, text in index order)
-and ``manifest.json`` (encoder, corpus hash, count, index version). The version string goes into
-cache keys and API responses so that an answer can always be traced to the index that made it.
+An index directory holds ``store.sqlite`` (documents, passages, float32 vectors, meta: encoder,
+count, version, generation; :mod:`gainrag.retrieval.store`), ``index.faiss`` with
+``index.faiss.json`` (the store generation it reflects: a start-up cache, rebuilt from the store
+when it lags), ``bm25/`` (:mod:`gainrag.retrieval.lexical`, same rule) and ``manifest.json``
+(what the last bulk build made, for people and for readiness checks).
+
+FAISS is an ``IndexIDMap2`` over a flat inner-product index: passages are added and removed by
+their store ``fid`` without a rebuild, and their vectors can be read back by id. The version
+string goes into cache keys and API responses, so an answer can always be traced to the index
+content that made it; every write changes it.
 """
 
 from __future__ import annotations
@@ -10,25 +18,40 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import faiss
 import numpy as np
 from tqdm import tqdm
 
 from gainrag.errors import ConfigurationError
-from gainrag.retrieval.encoder import BiEncoder
+from gainrag.retrieval.store import (
+    CORPUS_COLLECTION,
+    STORE_FILE,
+    Change,
+    PassageStore,
+)
 from gainrag.types import Passage, Retrieved
 from gainrag.util import file_sha256
 
+if TYPE_CHECKING:
+    from gainrag.retrieval.encoder import BiEncoder
+    from gainrag.retrieval.lexical import LexicalIndex
+
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
+FAISS_FILE = "index.faiss"
+FAISS_STAMP = "index.faiss.json"
+LEXICAL_DIR = "bm25"
+MANIFEST = "manifest.json"
 
 
 def iter_corpus(path: Path) -> Iterator[Passage]:
@@ -44,10 +67,28 @@ def iter_corpus(path: Path) -> Iterator[Passage]:
                 raise ConfigurationError(f"{path}:{lineno}: not a passage row ({exc})") from exc
 
 
+@dataclass(frozen=True)
+class Fusion:
+    """How hybrid retrieval merges the dense and the BM25 lists (:mod:`gainrag.retrieval.fusion`).
+
+    ``depth``: how many hits each list contributes before fusing (at least the k asked for).
+    """
+
+    method: Literal["rrf", "mix"] = "rrf"
+    rrf_c: int = 60
+    weight: float = 0.3  # the BM25 list's weight in the min-max mix
+    depth: int = 100
+
+
 def build_index(
-    corpus: Path, out: Path, encoder: BiEncoder, *, batch_size: int = 64, show_progress: bool = True
+    corpus: Path,
+    out: Path,
+    encoder: BiEncoder,
+    *,
+    batch_size: int = 64,
+    show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Encode every passage and write the index directory atomically; return the manifest."""
+    """Encode every passage and write a new index directory atomically; return its manifest."""
     if encoder.dtype.dtype != "float32":
         # index vectors are stored and compared across machines: never machine-dependent
         raise ConfigurationError(
@@ -66,47 +107,91 @@ def build_index(
         vectors = encoder.encode(
             [p.as_candidate_text() for p in passages], batch_size=batch_size, progress=bar.update
         )
-    index = faiss.IndexFlatIP(encoder.dim)
-    index.add(vectors)
     corpus_sha = file_sha256(corpus)
-    manifest: dict[str, Any] = {
+    manifest = _manifest(encoder.name, encoder.max_length, encoder.dim, len(passages))
+    manifest.update(
+        corpus=str(corpus),
+        corpus_sha256=corpus_sha,
+        version=_built_version(encoder.name, encoder.max_length, corpus_sha),
+    )
+    manifest["built_seconds"] = round(time.perf_counter() - started, 2)
+    _write_new(out, manifest, zip(passages, vectors, strict=True))
+    return manifest
+
+
+def _manifest(encoder: str, max_length: int, dim: int, count: int) -> dict[str, Any]:
+    return {
         "format": INDEX_FORMAT,
-        "encoder": encoder.name,
-        "max_length": encoder.max_length,
-        "dim": encoder.dim,
+        "encoder": encoder,
+        "max_length": max_length,
+        "dim": dim,
         "metric": "inner_product",
         "normalized": True,
         "index_type": "flat",
-        "count": len(passages),
-        "corpus": str(corpus),
-        "corpus_sha256": corpus_sha,
-        "built_seconds": round(time.perf_counter() - started, 2),
+        "count": count,
+        "generation": 0,
     }
-    manifest["version"] = hashlib.sha256(
-        f"{INDEX_FORMAT}|{encoder.name}|{encoder.max_length}|flat|{corpus_sha}".encode()
-    ).hexdigest()[:12]
+
+
+def _built_version(encoder: str, max_length: int, corpus_sha: str) -> str:
+    # format 1's formula, kept: a migrated index keeps its version, so caches stay warm
+    return hashlib.sha256(f"1|{encoder}|{max_length}|flat|{corpus_sha}".encode()).hexdigest()[:12]
+
+
+def _write_new(
+    out: Path, manifest: dict[str, Any], rows: Iterator[tuple[Passage, np.ndarray]]
+) -> None:
+    """Write a store (and its derived files) into ``out.tmp``, then swap it in by one rename."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    faiss.write_index(index, str(tmp / "index.faiss"))
-    with (tmp / "passages.jsonl").open("w", encoding="utf-8") as f:
-        for p in passages:
-            f.write(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n")
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    store = PassageStore.open(tmp / STORE_FILE, create=True)
+    try:
+        store.bulk_load(rows, collection=CORPUS_COLLECTION)
+        store.set_meta(manifest)
+    finally:
+        store.close()
+    built = PassageIndex.load(tmp, use_gpu=False, lexical=True)  # derives FAISS and BM25 once
+    built.close()
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     # Swap in one rename so a reader never sees a half-written index.
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    return manifest
+
+
+def migrate_v1(index_dir: Path) -> None:
+    """Turn a format-1 directory (``index.faiss`` + ``passages.jsonl``) into a store in place,
+    reusing its vectors (no re-encoding) and keeping its version."""
+    old = json.loads((index_dir / MANIFEST).read_text())
+    index = faiss.read_index(str(index_dir / FAISS_FILE))
+    with (index_dir / "passages.jsonl").open(encoding="utf-8") as f:
+        passages = [Passage(**json.loads(line)) for line in f if line.strip()]
+    if index.ntotal != len(passages):
+        raise ConfigurationError(f"index at {index_dir} is inconsistent; rebuild it")
+    vectors = index.reconstruct_n(0, index.ntotal)
+    manifest = _manifest(old["encoder"], old["max_length"], old["dim"], len(passages))
+    manifest.update({k: old[k] for k in ("corpus", "corpus_sha256", "version") if k in old})
+    manifest["migrated_from_format"] = old.get("format", 1)
+    log.info("migrating the format-1 index at %s to a passage store", index_dir)
+    _write_new(index_dir, manifest, zip(passages, vectors, strict=True))
 
 
 def read_manifest(index_dir: Path) -> dict[str, Any] | None:
-    """The manifest of an index directory, or None if there is no complete index."""
-    path = index_dir / "manifest.json"
-    if not path.is_file() or not (index_dir / "index.faiss").is_file():
-        return None
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data
+    """The index's live metadata (its store's meta table), or None if there is no index. A
+    format-1 directory answers with its old manifest (it is migrated when loaded)."""
+    if (index_dir / STORE_FILE).is_file():
+        store = PassageStore.open(index_dir / STORE_FILE)
+        try:
+            meta = store.meta()
+        finally:
+            store.close()
+        return meta if "version" in meta else None
+    path = index_dir / MANIFEST
+    if path.is_file() and (index_dir / "passages.jsonl").is_file():
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
+    return None
 
 
 def faiss_gpu_count() -> int:
@@ -115,62 +200,275 @@ def faiss_gpu_count() -> int:
     return int(get()) if get is not None else 0
 
 
-@dataclass
-class DenseIndex:
-    """A loaded index: FAISS (CPU or GPU), the passages, and the manifest."""
+class PassageIndex:
+    """A loaded index directory: the store, FAISS (CPU, or a GPU copy), optional BM25.
 
-    index: Any
-    passages: list[Passage]
-    manifest: dict[str, Any]
-    vectors: np.ndarray | None  # passage vectors in index order (flat indexes), for reuse
-    on_gpu: bool = False
+    Searches and writes take one lock, so a search sees the index before a write or after it,
+    never half of it (both are short: a flat search over 10^4 vectors is milliseconds; the
+    expensive part of a write, encoding, happens before the lock).
+    """
+
+    def __init__(
+        self,
+        index_dir: Path,
+        store: PassageStore,
+        cpu_index: Any,
+        manifest: dict[str, Any],
+        lexical: LexicalIndex | None,
+        *,
+        use_gpu: bool,
+    ) -> None:
+        self.index_dir = index_dir
+        self.store = store
+        self.manifest = manifest
+        self.lexical = lexical
+        self._cpu = cpu_index
+        self._lock = threading.Lock()
+        fids, passages, _ = store.passages()
+        self._by_fid: dict[int, Passage] = dict(zip(fids, passages, strict=True))
+        self._fid: dict[str, int] = {p.id: f for f, p in self._by_fid.items()}
+        self._dirty = False
+        self.on_gpu = False
+        self._gpu_res: Any = None
+        self._search_index = cpu_index
+        if use_gpu and faiss_gpu_count() > 0:
+            self._gpu_res = faiss.StandardGpuResources()
+            self._search_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, cpu_index)
+            self.on_gpu = True
+            log.info("index moved to GPU FAISS")
 
     @property
     def version(self) -> str:
-        """Index version (changes with encoder, corpus or index type)."""
+        """Index version: changes with encoder, content and every write."""
         return str(self.manifest["version"])
 
+    @property
+    def generation(self) -> int:
+        """Committed writes since the build."""
+        return int(self.manifest.get("generation", 0))
+
+    def __len__(self) -> int:
+        return len(self._by_fid)
+
     @classmethod
-    def load(cls, index_dir: Path, *, use_gpu: bool = True) -> DenseIndex:
-        """Load an index directory; move it to GPU FAISS when GPUs exist and ``use_gpu``."""
-        manifest = read_manifest(index_dir)
-        if manifest is None:
+    def load(cls, index_dir: Path, *, use_gpu: bool = True, lexical: bool = False) -> PassageIndex:
+        """Load an index directory (migrating a format-1 one); FAISS and BM25 are read from their
+        files when they reflect the store's generation, rebuilt from the store otherwise."""
+        if not (index_dir / STORE_FILE).is_file():
+            if read_manifest(index_dir) is None:
+                raise ConfigurationError(
+                    f"no index at {index_dir}; run `gainrag index build` (or `make prepare`)",
+                    code="index_missing",
+                )
+            migrate_v1(index_dir)
+        store = PassageStore.open(index_dir / STORE_FILE)
+        manifest = store.meta()
+        if manifest.get("format") != INDEX_FORMAT or "version" not in manifest:
+            store.close()
             raise ConfigurationError(
-                f"no index at {index_dir}; run `gainrag index build` (or `make prepare`)",
-                code="index_missing",
+                f"index at {index_dir} has format {manifest.get('format')}, not {INDEX_FORMAT}; "
+                "rebuild it with `gainrag index build --force`"
             )
-        index = faiss.read_index(str(index_dir / "index.faiss"))
-        with (index_dir / "passages.jsonl").open(encoding="utf-8") as f:
-            passages = [Passage(**json.loads(line)) for line in f if line.strip()]
-        if index.ntotal != len(passages) or len(passages) != manifest["count"]:
+        cpu = _load_faiss(index_dir, store, manifest)
+        lex = _load_lexical(index_dir, store, manifest) if lexical else None
+        index = cls(index_dir, store, cpu, manifest, lex, use_gpu=use_gpu)
+        if index._cpu.ntotal != len(index):
+            index.close()
             raise ConfigurationError(f"index at {index_dir} is inconsistent; rebuild it")
-        vectors = index.reconstruct_n(0, index.ntotal) if manifest["index_type"] == "flat" else None
-        on_gpu = False
-        if use_gpu and faiss_gpu_count() > 0:
-            res = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(res, 0, index)
-            on_gpu = True
-            log.info("index moved to GPU FAISS")
-        return cls(
-            index=index, passages=passages, manifest=manifest, vectors=vectors, on_gpu=on_gpu
-        )
+        return index
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Retrieved]]:
-        """Top-k passages per query vector, best first."""
-        k = min(k, len(self.passages))
-        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return [
-            [
-                Retrieved(self.passages[int(i)], rank, float(s))
-                for rank, (i, s) in enumerate(zip(row_ids, row_scores, strict=True))
-                if i >= 0
+    def close(self) -> None:
+        """Write the FAISS file if writes made it lag, and close the store and BM25."""
+        with self._lock:
+            if self._dirty:
+                _save_faiss(self.index_dir, self._cpu, self.generation, self.version)
+                self._dirty = False
+            if self.lexical is not None:
+                self.lexical.close()
+                self.lexical = None  # a late search (picked up before a swap) goes dense-only
+            self.store.close()
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        texts: Sequence[str] | None = None,
+        fusion: Fusion | None = None,
+    ) -> list[list[Retrieved]]:
+        """Top-k passages per query vector, best first: dense only, or fused with BM25 over
+        ``texts`` when ``fusion`` is given (and this index has BM25)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        hybrid = fusion is not None and texts is not None and self.lexical is not None
+        with self._lock:
+            depth = max(k, fusion.depth) if hybrid and fusion is not None else k
+            depth = min(depth, len(self._by_fid))
+            if depth == 0:
+                return [[] for _ in range(len(queries))]
+            scores, ids = self._search_index.search(queries, depth)
+            dense = [
+                [(int(i), float(s)) for i, s in zip(row_ids, row_s, strict=True) if i >= 0]
+                for row_ids, row_s in zip(ids, scores, strict=True)
             ]
-            for row_ids, row_scores in zip(ids, scores, strict=True)
-        ]
+            if hybrid:
+                from gainrag.retrieval.fusion import minmax_mix, rrf
 
-    def __post_init__(self) -> None:
-        self._row = {p.id: i for i, p in enumerate(self.passages)}
+                assert fusion is not None and texts is not None and self.lexical is not None
+                lexical = self.lexical.search(texts, depth)
+                if fusion.method == "rrf":
+                    fused = [
+                        rrf([d, x], k, c=fusion.rrf_c) for d, x in zip(dense, lexical, strict=True)
+                    ]
+                else:
+                    fused = [
+                        minmax_mix(d, x, k, weight=fusion.weight)
+                        for d, x in zip(dense, lexical, strict=True)
+                    ]
+            else:
+                fused = [row[:k] for row in dense]
+            by_fid = self._by_fid
+            return [
+                [Retrieved(by_fid[f], rank, s) for rank, (f, s) in enumerate(row)] for row in fused
+            ]
 
     def position(self, passage_id: str) -> int | None:
-        """Index row of a passage id, or None if it is not in the index."""
-        return self._row.get(passage_id)
+        """The passage's id in FAISS (its store fid), or None if it is not indexed."""
+        return self._fid.get(passage_id)
+
+    def get(self, passage_id: str) -> Passage | None:
+        """The indexed passage of this id, or None."""
+        fid = self._fid.get(passage_id)
+        return None if fid is None else self._by_fid.get(fid)
+
+    def vectors_of(self, passage_ids: Sequence[str]) -> np.ndarray | None:
+        """The stored vectors of these passages (float32, one row each), or None if any is not
+        indexed."""
+        fids: list[int] = []
+        for pid in passage_ids:
+            fid = self._fid.get(pid)
+            if fid is None:
+                return None
+            fids.append(fid)
+        if not fids:
+            return np.empty((0, int(self.manifest["dim"])), dtype=np.float32)
+        with self._lock:
+            return np.stack([self._cpu.reconstruct(f) for f in fids]).astype(np.float32)
+
+    @property
+    def passages(self) -> list[Passage]:
+        """Every indexed passage, in fid order (a copy: offline jobs iterate it)."""
+        with self._lock:
+            return [self._by_fid[f] for f in sorted(self._by_fid)]
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def apply(self, change: Change) -> None:
+        """Make a committed store change searchable: FAISS and BM25 in one step under the lock."""
+        if change.empty:
+            return
+        with self._lock:
+            if change.removed:
+                self._cpu.remove_ids(np.asarray(change.removed, dtype=np.int64))
+                for fid in change.removed:
+                    p = self._by_fid.pop(fid, None)
+                    if p is not None:
+                        self._fid.pop(p.id, None)
+            if change.added:
+                assert change.added_vectors is not None
+                fids = np.asarray([f for f, _ in change.added], dtype=np.int64)
+                self._cpu.add_with_ids(
+                    np.ascontiguousarray(change.added_vectors, dtype=np.float32), fids
+                )
+                for fid, p in change.added:
+                    self._by_fid[fid] = p
+                    self._fid[p.id] = fid
+            if self.lexical is not None:
+                try:
+                    self.lexical.apply(
+                        [(f, p.title, p.text) for f, p in change.added],
+                        change.removed,
+                        change.generation,
+                    )
+                except Exception:
+                    # the store has the change; BM25 must not lag behind FAISS while serving
+                    log.exception("BM25 update failed; rebuilding it from the store")
+                    self.lexical.replace_all(_lexical_rows(self.store), change.generation)
+            if self.on_gpu:
+                # GPU flat indexes cannot remove ids; a fresh copy is cheap at this size
+                self._search_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self._cpu)
+            self.manifest = {
+                **self.manifest,
+                "generation": change.generation,
+                "version": change.version,
+                "count": len(self._by_fid),
+            }
+            self._dirty = True
+
+    def save(self) -> None:
+        """Write the FAISS file now if writes made it lag (else it is written at close)."""
+        with self._lock:
+            if self._dirty:
+                _save_faiss(self.index_dir, self._cpu, self.generation, self.version)
+                self._dirty = False
+
+
+def _lexical_rows(store: PassageStore) -> Iterator[tuple[int, str, str]]:
+    fids, passages, _ = store.passages()
+    for fid, p in zip(fids, passages, strict=True):
+        yield fid, p.title, p.text
+
+
+def _load_faiss(index_dir: Path, store: PassageStore, manifest: dict[str, Any]) -> Any:
+    stamp_path = index_dir / FAISS_STAMP
+    generation = int(manifest.get("generation", 0))
+    if (index_dir / FAISS_FILE).is_file() and stamp_path.is_file():
+        stamp = json.loads(stamp_path.read_text())
+        if stamp.get("generation") == generation and stamp.get("version") == manifest["version"]:
+            index = faiss.read_index(str(index_dir / FAISS_FILE))
+            if isinstance(index, faiss.IndexIDMap2):
+                return index
+    # the FAISS file lags the store (a crash after a commit, or a fresh build): derive it again
+    t = time.perf_counter()
+    fids, vectors = store.vectors(int(manifest["dim"]))
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(int(manifest["dim"])))
+    if len(fids):
+        index.add_with_ids(vectors, fids)
+    _save_faiss(index_dir, index, generation, version=str(manifest["version"]))
+    log.info(
+        "FAISS rebuilt from the store at %s: %d passages, generation %d, %.2f s",
+        index_dir,
+        len(fids),
+        generation,
+        time.perf_counter() - t,
+    )
+    return index
+
+
+def _save_faiss(index_dir: Path, index: Any, generation: int, version: str) -> None:
+    # The file first, then its stamp, each by an atomic rename: a crash in between leaves an
+    # old stamp, which only costs a rebuild from the store at the next start.
+    tmp = index_dir / (FAISS_FILE + ".tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, index_dir / FAISS_FILE)
+    stamp = index_dir / (FAISS_STAMP + ".tmp")
+    stamp.write_text(json.dumps({"generation": generation, "version": version}))
+    os.replace(stamp, index_dir / FAISS_STAMP)
+
+
+def _load_lexical(index_dir: Path, store: PassageStore, manifest: dict[str, Any]) -> LexicalIndex:
+    from gainrag.retrieval.lexical import LexicalIndex
+
+    lexical = LexicalIndex.open(index_dir / LEXICAL_DIR)
+    generation = int(manifest.get("generation", 0))
+    if lexical.generation != generation or len(lexical) != int(manifest["count"]):
+        t = time.perf_counter()
+        lexical.replace_all(_lexical_rows(store), generation)
+        log.info(
+            "BM25 rebuilt from the store at %s: %d passages, %.2f s",
+            index_dir,
+            len(lexical),
+            time.perf_counter() - t,
+        )
+    return lexical

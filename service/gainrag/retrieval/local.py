@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from gainrag.batching import MicroBatcher
 from gainrag.config import RetrievalSettings
 from gainrag.errors import ConfigurationError
 from gainrag.retrieval.encoder import BiEncoder
-from gainrag.retrieval.index import DenseIndex
+from gainrag.retrieval.index import Fusion, PassageIndex
 from gainrag.types import Retrieved
 
 
@@ -16,14 +18,27 @@ class LocalRetriever:
     """Bi-encoder + FAISS in this process."""
 
     def __init__(
-        self, encoder: BiEncoder, index: DenseIndex, *, max_batch: int = 64, max_queue: int = 256
+        self,
+        encoder: BiEncoder,
+        index: PassageIndex,
+        *,
+        fusion: Fusion | None = None,
+        max_batch: int = 64,
+        max_queue: int = 256,
     ) -> None:
         self.encoder = encoder
         self._check(index)
+        if fusion is not None and index.lexical is None:
+            raise ConfigurationError("hybrid retrieval needs the index loaded with BM25")
         self.index = index
-        # encoder.version carries the query dtype: it changes rankings, so it is in cache keys
-        self.name = f"faiss-{'gpu' if index.on_gpu else 'cpu'}:{encoder.version}"
+        self.fusion = fusion
+        # encoder.version carries the query dtype and the fusion changes the list: both rank,
+        # so both are in the name that goes into cache keys
+        mode = "dense" if fusion is None else f"hybrid-{_fusion_tag(fusion)}"
+        self.name = f"faiss-{'gpu' if index.on_gpu else 'cpu'}:{encoder.version}:{mode}"
         self.version = index.version
+        # One writer at a time (documents API, index reload); searches do not take it.
+        self.write_lock = threading.Lock()
         self.batcher: MicroBatcher[tuple[str, int], list[Retrieved]] = MicroBatcher(
             "retriever",
             self._run,
@@ -32,7 +47,7 @@ class LocalRetriever:
             max_queue=max_queue,
         )
 
-    def _check(self, index: DenseIndex) -> None:
+    def _check(self, index: PassageIndex) -> None:
         m, e = index.manifest, self.encoder
         built = (m["encoder"], m["dim"], m.get("max_length"))
         if built != (e.name, e.dim, e.max_length):
@@ -43,27 +58,32 @@ class LocalRetriever:
                 code="index_mismatch",
             )
 
-    def swap_index(self, index: DenseIndex) -> DenseIndex:
+    def swap_index(self, index: PassageIndex) -> PassageIndex:
         """Serve ``index`` from now on; return the previous one.
 
         One attribute assignment, so the switch is atomic: a batch already searching keeps the
         index it started with (``_run`` reads it once), the next batch uses the new one.
         """
         self._check(index)
-        old, self.index = self.index, index
-        self.version = index.version
+        if self.fusion is not None and index.lexical is None:
+            raise ConfigurationError("hybrid retrieval needs the index loaded with BM25")
+        with self.write_lock:  # not in the middle of a document write to the old index
+            old, self.index = self.index, index
+            self.version = index.version
         return old
 
     @classmethod
     def from_settings(cls, r: RetrievalSettings, encoder: BiEncoder) -> LocalRetriever:
-        """Load the configured index for ``encoder`` (GPU FAISS when available and allowed)."""
-        return cls(encoder, DenseIndex.load(r.index_dir, use_gpu=r.use_gpu == "auto"))
+        """Load the configured index for ``encoder`` (GPU FAISS when available and allowed;
+        BM25 too in hybrid mode)."""
+        index = load_index(r)
+        return cls(encoder, index, fusion=fusion_of(r))
 
     def search_many(self, questions: list[str], k: int) -> list[list[Retrieved]]:
         """Synchronous batched search (one encode, one FAISS call)."""
         index = self.index  # read once: a hot swap during this batch does not mix indexes
         vecs: np.ndarray = self.encoder.encode(questions)
-        return index.search(vecs, k)
+        return index.search(vecs, k, texts=questions, fusion=self.fusion)
 
     def _run(self, items: list[tuple[str, int]]) -> list[list[Retrieved]]:
         kmax = max(k for _, k in items)
@@ -75,5 +95,24 @@ class LocalRetriever:
         return await self.batcher.submit((question, k))
 
     async def close(self) -> None:
-        """Stop the batcher thread."""
+        """Stop the batcher thread and close the index (writing its FAISS file if it lags)."""
         await self.batcher.close()
+        with self.write_lock:
+            self.index.close()
+
+
+def fusion_of(r: RetrievalSettings) -> Fusion | None:
+    """The fusion of hybrid settings (None: dense only)."""
+    if r.mode == "dense":
+        return None
+    return Fusion(method=r.fusion, rrf_c=r.rrf_c, weight=r.lexical_weight, depth=r.fusion_depth)
+
+
+def load_index(r: RetrievalSettings) -> PassageIndex:
+    """The configured index directory, with BM25 when hybrid retrieval needs it."""
+    return PassageIndex.load(r.index_dir, use_gpu=r.use_gpu == "auto", lexical=r.mode == "hybrid")
+
+
+def _fusion_tag(f: Fusion) -> str:
+    part = f"c{f.rrf_c}" if f.method == "rrf" else f"w{f.weight:g}"
+    return f"{f.method}-{part}-d{f.depth}"

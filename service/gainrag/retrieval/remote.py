@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import quote, urlencode
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from gainrag.retrieval.wire import RetrieveRequest, RetrieveResponse
+from gainrag.retrieval.wire import (
+    AddDocumentsRequest,
+    AddDocumentsResponse,
+    DeleteDocumentResponse,
+    DocumentOut,
+    DocumentPage,
+    RetrieveRequest,
+    RetrieveResponse,
+)
 from gainrag.types import Passage, Retrieved
-from gainrag.upstream import WorkerClient, malformed, off_model
+from gainrag.upstream import Upstream, WorkerClient, make_client, malformed, off_model
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class RemoteRetriever(WorkerClient):
@@ -54,3 +65,54 @@ class RemoteRetriever(WorkerClient):
             ]
             for hits in reply.results
         ]
+
+
+class RemoteDocuments:
+    """The documents API of a retrieval worker (``/v1/documents``): the gateway proxies to it
+    when retrieval is split off. The worker's 4xx pass through with their status and code."""
+
+    def __init__(self, base_url: str, *, timeout_s: float, token: str | None = None) -> None:
+        headers = {"authorization": f"Bearer {token}"} if token else None
+        # Upstream repeats a request once on a dropped connection: safe here too, a write is
+        # idempotent (the same id and content is a no-op)
+        self.upstream = Upstream(
+            "retriever", make_client(base_url, timeout_s=timeout_s, headers=headers)
+        )
+
+    async def _call(
+        self, method: str, path: str, model: type[_M], payload: dict[str, Any] | None = None
+    ) -> _M:
+        body = await self.upstream.request(method, path, payload, client_errors=True)
+        try:
+            return model.model_validate(body)
+        except ValidationError as exc:
+            raise off_model("retriever", exc) from exc
+
+    async def add(self, body: AddDocumentsRequest) -> AddDocumentsResponse:
+        """``POST /v1/documents`` on the worker."""
+        return await self._call(
+            "POST", "/v1/documents", AddDocumentsResponse, body.model_dump(exclude_none=True)
+        )
+
+    async def get(self, doc_id: str) -> DocumentOut:
+        """``GET /v1/documents/{id}`` on the worker."""
+        return await self._call("GET", f"/v1/documents/{quote(doc_id, safe='')}", DocumentOut)
+
+    async def list(self, *, collection: str | None, after: str | None, limit: int) -> DocumentPage:
+        """``GET /v1/documents`` on the worker."""
+        params = {"limit": str(limit)}
+        if collection is not None:
+            params["collection"] = collection
+        if after is not None:
+            params["after"] = after
+        return await self._call("GET", f"/v1/documents?{urlencode(params)}", DocumentPage)
+
+    async def delete(self, doc_id: str) -> DeleteDocumentResponse:
+        """``DELETE /v1/documents/{id}`` on the worker."""
+        return await self._call(
+            "DELETE", f"/v1/documents/{quote(doc_id, safe='')}", DeleteDocumentResponse
+        )
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.upstream.close()

@@ -11,7 +11,7 @@ import numpy as np
 
 from gainrag.batching import MicroBatcher
 from gainrag.retrieval.encoder import BiEncoder
-from gainrag.retrieval.index import DenseIndex
+from gainrag.retrieval.index import PassageIndex
 from gainrag.types import Passage
 
 
@@ -19,7 +19,7 @@ class CosineSelector:
     """Cosine similarity of normalised bi-encoder vectors."""
 
     def __init__(
-        self, encoder: BiEncoder, index: DenseIndex | None = None, *, max_queue: int = 64
+        self, encoder: BiEncoder, index: PassageIndex | None = None, *, max_queue: int = 64
     ) -> None:
         self.encoder = encoder
         self.index = index
@@ -47,10 +47,10 @@ class CosineSelector:
         return out
 
     def _stored_vector(self, p: Passage) -> np.ndarray | None:
-        if self.index is None or self.index.vectors is None or p.pseudo:
+        if self.index is None or p.pseudo:
             return None
-        row = self.index.position(p.id)
-        return None if row is None else self.index.vectors[row]
+        stored = self.index.vectors_of([p.id])
+        return None if stored is None else stored[0]
 
     async def score(self, question: str, candidates: list[Passage]) -> list[float]:
         """Cosine similarity per candidate."""

@@ -33,9 +33,8 @@ def relevance_groups(
             gold_ids = [g for g in q.get("gold_ids") or [] if index.position(g) is not None]
             if not gold_ids:
                 continue
-            row = index.position(gold_ids[0])
-            assert row is not None
-            gold = index.passages[row]
+            gold = index.get(gold_ids[0])
+            assert gold is not None
             negs = [
                 h.passage
                 for h in hits

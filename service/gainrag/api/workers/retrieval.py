@@ -13,7 +13,7 @@ import secrets
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, Header, Request
+from fastapi import APIRouter, FastAPI, Header, Query, Request
 
 from gainrag import telemetry
 from gainrag.api.auth import WorkerToken
@@ -25,10 +25,18 @@ from gainrag.errors import (
     AuthenticationError,
     ConfigurationError,
     ForbiddenError,
+    UnavailableError,
     ValidationFailedError,
 )
+from gainrag.retrieval.documents import LocalDocuments
+from gainrag.retrieval.encoder import BiEncoder
 from gainrag.retrieval.local import LocalRetriever
 from gainrag.retrieval.wire import (
+    AddDocumentsRequest,
+    AddDocumentsResponse,
+    DeleteDocumentResponse,
+    DocumentOut,
+    DocumentPage,
     Hit,
     ReloadRequest,
     ReloadResponse,
@@ -39,7 +47,7 @@ from gainrag.wire import ErrorResponse, query_schema
 
 log = logging.getLogger(__name__)
 _ERRORS: dict[int | str, dict[str, object]] = {
-    c: {"model": ErrorResponse} for c in (400, 401, 403, 413, 422, 429, 503)
+    c: {"model": ErrorResponse} for c in (400, 401, 403, 404, 413, 422, 429, 503)
 }
 
 
@@ -47,7 +55,7 @@ def _models(r: LocalRetriever) -> dict[str, str]:
     return {
         "retriever": r.name,
         "index_version": r.version,
-        "passages": str(len(r.index.passages)),
+        "passages": str(len(r.index)),
     }
 
 
@@ -60,11 +68,9 @@ def create_retrieval_app(
     reload_lock = asyncio.Lock()
 
     def load() -> LocalRetriever:
-        from gainrag.retrieval.encoder import BiEncoder
-
         r = settings.retrieval
         loaded = LocalRetriever.from_settings(r, BiEncoder.from_settings(r))
-        telemetry.INDEX_INFO.labels(loaded.version).set(len(loaded.index.passages))
+        telemetry.INDEX_INFO.labels(loaded.version).set(len(loaded.index))
         return loaded
 
     def state(request: Request) -> WorkerState[LocalRetriever]:
@@ -121,7 +127,7 @@ def create_retrieval_app(
         ):
             raise AuthenticationError("missing or wrong bearer token", code="bad_token")
         r = state(request).require()
-        from gainrag.retrieval.index import DenseIndex
+        from gainrag.retrieval.local import load_index
 
         index_dir = (
             Path(body.index_dir) if body and body.index_dir else settings.retrieval.index_dir
@@ -129,21 +135,85 @@ def create_retrieval_app(
         async with reload_lock:  # one load at a time; searches go on meanwhile
             try:
                 new = await asyncio.to_thread(
-                    DenseIndex.load, index_dir, use_gpu=settings.retrieval.use_gpu == "auto"
+                    load_index, settings.retrieval.model_copy(update={"index_dir": index_dir})
                 )
                 old = r.swap_index(new)
             except ConfigurationError as exc:
                 raise ValidationFailedError(exc.message, code=exc.code) from exc
+            # after its last search (close takes the index's lock); a batch that picked it up
+            # just before the swap still finds FAISS in memory
+            await asyncio.to_thread(old.close)
         if old.version != new.version:
             telemetry.INDEX_INFO.remove(old.version)
-        telemetry.INDEX_INFO.labels(new.version).set(len(new.passages))
+        telemetry.INDEX_INFO.labels(new.version).set(len(new))
         log.info("index swapped: %s -> %s (%s)", old.version, new.version, index_dir)
         return ReloadResponse(
             previous_version=old.version,
             version=new.version,
-            count=len(new.passages),
+            count=len(new),
             index_dir=str(index_dir),
         )
+
+    documents: dict[int, LocalDocuments] = {}
+
+    def docs(request: Request) -> LocalDocuments:
+        r = state(request).require()
+        if not settings.documents.enabled:
+            raise UnavailableError(
+                "the documents API is off (GAINRAG_DOCUMENTS__ENABLED=false)",
+                code="documents_unavailable",
+            )
+        if id(r) not in documents:  # one writer per loaded retriever
+            documents.clear()
+            documents[id(r)] = LocalDocuments(
+                r,
+                settings.documents,
+                lambda: BiEncoder.from_settings(settings.retrieval, dtype="float32"),
+            )
+        return documents[id(r)]
+
+    @router.post(
+        "/v1/documents",
+        dependencies=[WorkerToken],
+        response_model=AddDocumentsResponse,
+        responses=_ERRORS,
+    )
+    async def add_documents(body: AddDocumentsRequest, request: Request) -> AddDocumentsResponse:
+        """Add or replace documents; returns once they are searchable (the gateway's
+        /v1/documents proxies here when retrieval is split off)."""
+        return await docs(request).add(body)
+
+    @router.get(
+        "/v1/documents", dependencies=[WorkerToken], response_model=DocumentPage, responses=_ERRORS
+    )
+    async def list_documents(
+        request: Request,
+        collection: Annotated[str | None, Query(max_length=64)] = None,
+        after: Annotated[str | None, Query(max_length=128)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> DocumentPage:
+        """A page of documents in id order."""
+        return await docs(request).list(collection=collection, after=after, limit=limit)
+
+    @router.get(
+        "/v1/documents/{doc_id}",
+        dependencies=[WorkerToken],
+        response_model=DocumentOut,
+        responses=_ERRORS,
+    )
+    async def get_document(doc_id: str, request: Request) -> DocumentOut:
+        """One document."""
+        return await docs(request).get(doc_id)
+
+    @router.delete(
+        "/v1/documents/{doc_id}",
+        dependencies=[WorkerToken],
+        response_model=DeleteDocumentResponse,
+        responses=_ERRORS,
+    )
+    async def delete_document(doc_id: str, request: Request) -> DeleteDocumentResponse:
+        """Remove a document and its passages."""
+        return await docs(request).delete(doc_id)
 
     app = worker_app(
         "gainrag retrieval worker",
@@ -153,6 +223,7 @@ def create_retrieval_app(
         _models,
         router,
         model=retriever,
+        body_limits={"/v1/documents": settings.documents.max_body_bytes},
     )
     w = settings.worker
     declare_limits(

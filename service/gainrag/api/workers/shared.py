@@ -77,10 +77,12 @@ def worker_app(
     router: APIRouter,
     *,
     model: M | None = None,
+    body_limits: dict[str, int] | None = None,
 ) -> FastAPI:
     """A worker app around ``load()`` (run in a thread at start-up) and the worker's routes.
 
-    ``model`` lets tests share an already-loaded model (it is not closed at shutdown).
+    ``model`` lets tests share an already-loaded model (it is not closed at shutdown);
+    ``body_limits``: per-path body limits other than ``worker.max_body_bytes``.
     """
     state: WorkerState[M] = WorkerState(settings=settings, models=models)
 
@@ -120,6 +122,7 @@ def worker_app(
         max_body_bytes=settings.worker.max_body_bytes,
         lifespan=lifespan,
         http=settings.http,
+        body_limits=body_limits,
     )
     app.state.worker = state
 

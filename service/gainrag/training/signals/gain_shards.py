@@ -156,10 +156,10 @@ def fixed_candidates(index: Any, table: list[list[Any]]) -> list[Any]:
 
     out = []
     for rank, (pid, score) in enumerate(table):
-        pos = index.position(pid)
-        if pos is None:
+        passage = index.get(pid)
+        if passage is None:
             raise ConfigurationError(f"passage {pid} of the manifest is not in the index")
-        out.append(Retrieved(index.passages[pos], rank, float(score)))
+        out.append(Retrieved(passage, rank, float(score)))
     return out
 
 

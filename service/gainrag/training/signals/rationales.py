@@ -31,13 +31,11 @@ if TYPE_CHECKING:
 
 
 def _passage_vectors(retriever: LocalRetriever, hits: list[Retrieved]) -> np.ndarray:
-    """The passages' embeddings: the index's own vectors (a flat index keeps them), else encoded
-    again with the retriever's encoder (the same vectors, at a cost)."""
-    index = retriever.index
-    rows = [index.position(h.passage.id) for h in hits]
-    found = [r for r in rows if r is not None]
-    if index.vectors is not None and len(found) == len(rows):
-        return np.asarray(index.vectors[found], dtype=np.float32)
+    """The passages' embeddings: the index's own vectors, else encoded again with the
+    retriever's encoder (the same vectors, at a cost)."""
+    stored = retriever.index.vectors_of([h.passage.id for h in hits])
+    if stored is not None:
+        return stored
     return retriever.encoder.encode([h.passage.as_candidate_text() for h in hits])
 
 
