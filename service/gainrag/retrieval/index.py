@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gainrag.errors import ConfigurationError
+from gainrag.retrieval.fusion import minmax_mix, rrf
 from gainrag.retrieval.store import (
     CORPUS_COLLECTION,
     STORE_FILE,
@@ -313,8 +314,6 @@ class PassageIndex:
                 for row_ids, row_s in zip(ids, scores, strict=True)
             ]
             if hybrid:
-                from gainrag.retrieval.fusion import minmax_mix, rrf
-
                 assert fusion is not None and texts is not None and self.lexical is not None
                 lexical = self.lexical.search(texts, depth)
                 if fusion.method == "rrf":

@@ -1,0 +1,467 @@
+"""The passage store, the writable index and the documents API (in process, real encoder).
+
+The process-level drills (a running service, ``kill -9``, split workers) are in
+tests/test_documents_service.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from asgi_lifespan import LifespanManager
+
+from gainrag.api import create_app
+from gainrag.config import DocumentSettings, Settings
+from gainrag.errors import NotFoundError, OverloadedError, ValidationFailedError
+from gainrag.keys import KeyRecord, append_key, hash_key, new_key
+from gainrag.retrieval.documents import LocalDocuments
+from gainrag.retrieval.encoder import BiEncoder
+from gainrag.retrieval.index import (
+    FAISS_STAMP,
+    PassageIndex,
+    build_index,
+    read_manifest,
+)
+from gainrag.retrieval.local import LocalRetriever
+from gainrag.retrieval.splitter import split
+from gainrag.retrieval.store import STORE_FILE, NewDocument, PassageStore, next_version
+from gainrag.retrieval.wire import AddDocumentsRequest
+from gainrag.types import Passage, document_id
+from gainrag.wiring import build_components
+from tests.conftest import make_settings
+
+QUINTARIA = (
+    "# Quintaria\n\nQuintaria is a small island republic. The zorbleflax of Quintaria is a "
+    "bright teal bird that nests only on the island's northern cliffs.\n\n## History\n\n"
+    + "The island was settled by fishermen in the twelfth century. "
+    * 25
+)
+QUESTION = "What colour is the zorbleflax of Quintaria?"
+
+
+@pytest.fixture
+def index_copy(tmp_path: Path, index_dir: Path) -> Path:
+    """A private copy of the session's small index: these tests write to it."""
+    out = tmp_path / "index"
+    shutil.copytree(index_dir, out)
+    return out
+
+
+def docs_request(*docs: dict[str, object]) -> AddDocumentsRequest:
+    return AddDocumentsRequest.model_validate({"documents": list(docs)})
+
+
+def unit(n: int, dim: int = 384, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+# -- splitter ---------------------------------------------------------------------------------
+
+
+def test_split_keeps_passages_near_the_target_and_headings_with_their_text() -> None:
+    passages = split(QUINTARIA, "markdown", words=100)
+    assert len(passages) >= 2
+    assert all(len(p.split()) <= 120 for p in passages[:-1])
+    assert passages[0].startswith("# Quintaria")
+    # no passage is a heading alone: each has at least a quarter of the target in words
+    assert all(len(p.split()) >= 25 for p in passages)
+    assert "".join(passages).count("fishermen") == 25
+    assert split("Just one line.", "text") == ["Just one line."]
+    assert split("   \n\n  ", "text") == []
+
+
+# -- store ------------------------------------------------------------------------------------
+
+
+def new_doc(doc_id: str, texts: list[str], *, seed: int = 0, sha: str | None = None) -> NewDocument:
+    passages = [Passage(f"{doc_id}#{i}", "T", t) for i, t in enumerate(texts)]
+    return NewDocument(
+        doc_id,
+        "c",
+        "T",
+        {"k": 1},
+        sha or f"sha-{doc_id}-{texts}",
+        passages,
+        unit(len(texts), 4, seed),
+    )
+
+
+def test_store_commit_replace_unchanged_delete_and_version_chain(tmp_path: Path) -> None:
+    store = PassageStore.open(tmp_path / STORE_FILE, create=True)
+    store.set_meta({"generation": 0, "version": "v0"})
+    c1 = store.commit([new_doc("a", ["one", "two"]), new_doc("b", ["three"])], [])
+    assert (c1.generation, c1.previous_version) == (1, "v0")
+    added = [p for _, p in c1.added]
+    assert c1.version == next_version("v0", added, [])
+    assert [p.id for p in added] == ["a#0", "a#1", "b#0"]
+    fids = [f for f, _ in c1.added]
+    assert fids == sorted(fids) and len(set(fids)) == 3
+    # the same content again: nothing changes, not even the version
+    same = store.commit([new_doc("a", ["one", "two"])], [])
+    assert same.empty and (same.generation, same.version) == (1, c1.version)
+    # new content for a: its old passages go, new ones come with new fids (never reused)
+    c2 = store.commit([new_doc("a", ["uno"])], [])
+    assert c2.generation == 2 and sorted(c2.removed) == fids[:2]
+    assert [p.id for _, p in c2.added] == ["a#0"] and c2.added[0][0] > max(fids)
+    assert c2.version == next_version(c1.version, [p for _, p in c2.added], ["a#0", "a#1"])
+    c3 = store.commit([], ["b"])
+    assert c3.removed == [fids[2]] and store.document("b") is None
+    rec = store.document("a")
+    assert rec is not None and rec.passage_ids == ["a#0"] and rec.metadata == {"k": 1}
+    assert store.meta()["count"] == store.count() == 1
+    fid_list, vectors = store.vectors(4)
+    assert list(fid_list) == [c2.added[0][0]] and vectors.shape == (1, 4)
+    store.close()
+    # durable: a new connection sees every committed change
+    again = PassageStore.open(tmp_path / STORE_FILE)
+    assert again.meta()["generation"] == 3 and again.count() == 1
+    again.close()
+
+
+def test_store_rolls_back_a_failed_write_whole(tmp_path: Path) -> None:
+    store = PassageStore.open(tmp_path / STORE_FILE, create=True)
+    store.set_meta({"generation": 0, "version": "v0"})
+    store.commit([new_doc("a", ["x"])], [])
+    # b's second passage collides with a's passage id: the whole write must vanish
+    bad = NewDocument(
+        "b", "c", "T", {}, "s", [Passage("b#0", "", "y"), Passage("a#0", "", "z")], unit(2, 4)
+    )
+    with pytest.raises(Exception, match="UNIQUE"):
+        store.commit([bad], [])
+    assert store.document("b") is None and store.count() == 1
+    assert store.meta()["generation"] == 1
+    store.close()
+
+
+def test_documents_page_by_id_and_filter_by_collection(tmp_path: Path) -> None:
+    store = PassageStore.open(tmp_path / STORE_FILE, create=True)
+    store.set_meta({"generation": 0, "version": "v0"})
+    docs = [new_doc(f"d{i}", [f"t{i}"]) for i in range(5)]
+    store.commit(docs, [])
+    first = store.documents(collection=None, after=None, limit=2)
+    assert [d.id for d in first] == ["d0", "d1"]
+    rest = store.documents(collection=None, after="d1", limit=10)
+    assert [d.id for d in rest] == ["d2", "d3", "d4"]
+    assert store.documents(collection="other", after=None, limit=10) == []
+    assert store.collections() == {"c": 5}
+    store.close()
+
+
+# -- the index --------------------------------------------------------------------------------
+
+
+def test_index_adds_and_removes_by_id_and_search_sees_it(index_copy: Path) -> None:
+    index = PassageIndex.load(index_copy, use_gpu=False, lexical=True)
+    n = len(index)
+    probe = unit(1, seed=7)
+    store = index.store
+    change = store.commit(
+        [NewDocument("new", "c", "", {}, "s", [Passage("new#0", "", "zz")], probe)], []
+    )
+    assert index.search(probe, 1)[0][0].passage.id != "new#0"  # committed, not yet applied
+    index.apply(change)
+    hit = index.search(probe, 1)[0][0]
+    assert hit.passage.id == "new#0" and hit.score == pytest.approx(1.0, abs=1e-5)
+    assert len(index) == n + 1 and index.version == change.version
+    stored = index.vectors_of(["new#0"])
+    assert stored is not None and np.allclose(stored[0], probe[0])
+    gone = store.commit([], ["new"])
+    index.apply(gone)
+    assert all(h.passage.id != "new#0" for h in index.search(probe, 5)[0])
+    assert index.get("new#0") is None and len(index) == n
+    index.close()
+
+
+def test_index_rebuilds_faiss_and_bm25_from_the_store_when_they_lag(index_copy: Path) -> None:
+    # A crash after the store's commit and before FAISS/BM25 caught up: write to the store
+    # alone, as a killed process would have left it, then load.
+    store = PassageStore.open(index_copy / STORE_FILE)
+    probe = unit(1, seed=3)
+    store.commit(
+        [NewDocument("late", "c", "", {}, "s", [Passage("late#0", "", "quokka marsupial")], probe)],
+        ["squad-00000"] if store.document("squad-00000") else [],
+    )
+    store.close()
+    stamp = json.loads((index_copy / FAISS_STAMP).read_text())
+    index = PassageIndex.load(index_copy, use_gpu=False, lexical=True)
+    assert index.generation == stamp["generation"] + 1
+    assert index.search(probe, 1)[0][0].passage.id == "late#0"
+    assert index.lexical is not None and index.lexical.generation == index.generation
+    hits = index.search(probe, 3, texts=["quokka"], fusion=None)
+    assert hits[0][0].passage.id == "late#0"
+    assert index.lexical.search(["quokka"], 1)[0][0][0] == index.position("late#0")
+    assert json.loads((index_copy / FAISS_STAMP).read_text())["generation"] == index.generation
+    index.close()
+
+
+def test_a_format_1_index_is_migrated_with_its_vectors_and_version(
+    tmp_path: Path, index_dir: Path, encoder: BiEncoder
+) -> None:
+    import faiss
+
+    index = PassageIndex.load(index_dir, use_gpu=False)
+    passages = index.passages
+    vectors = index.vectors_of([p.id for p in passages])
+    assert vectors is not None
+    old = tmp_path / "v1"
+    old.mkdir()
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    faiss.write_index(flat, str(old / "index.faiss"))
+    with (old / "passages.jsonl").open("w") as f:
+        for p in passages:
+            f.write(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n")
+    manifest = dict(index.manifest, format=1)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert read_manifest(old) is not None and not (old / STORE_FILE).exists()
+    migrated = PassageIndex.load(old, use_gpu=False)
+    assert (old / STORE_FILE).is_file() and migrated.manifest["migrated_from_format"] == 1
+    assert migrated.version == index.version and len(migrated) == len(index)
+    q = encoder.encode(["who got the first nobel prize in physics"])
+    assert [h.passage.id for h in migrated.search(q, 5)[0]] == [
+        h.passage.id for h in index.search(q, 5)[0]
+    ]
+    migrated.close()
+    index.close()
+
+
+def test_build_index_writes_the_store_and_the_derived_files(
+    tmp_path: Path, small_corpus: Path, encoder: BiEncoder
+) -> None:
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(small_corpus.read_text().splitlines(keepends=True)[:12]))
+    out = tmp_path / "idx"
+    manifest = build_index(corpus, out, encoder, show_progress=False)
+    assert {p.name for p in out.iterdir()} >= {
+        STORE_FILE,
+        "index.faiss",
+        FAISS_STAMP,
+        "bm25",
+        "manifest.json",
+    }
+    meta = read_manifest(out)
+    assert meta is not None and meta["version"] == manifest["version"] and meta["count"] == 12
+    store = PassageStore.open(out / STORE_FILE)
+    assert store.collections() == {"corpus": 12} and store.count_documents() == 12
+    first = json.loads(corpus.read_text().splitlines()[0])
+    rec = store.document(first["id"])
+    assert rec is not None and rec.passage_ids == [first["id"]]  # corpus ids unchanged
+    store.close()
+
+
+# -- the documents backend ----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def documents(index_copy: Path, encoder: BiEncoder) -> AsyncIterator[LocalDocuments]:
+    retriever = LocalRetriever(encoder, PassageIndex.load(index_copy, use_gpu=False))
+    yield LocalDocuments(retriever, DocumentSettings(), lambda: encoder)
+    await retriever.close()
+
+
+async def test_a_posted_document_is_retrieved_then_gone_after_delete(
+    documents: LocalDocuments,
+) -> None:
+    r = documents.retriever
+    before = r.version
+    out = await documents.add(
+        docs_request({"id": "quint", "title": "Quintaria", "text": QUINTARIA, "format": "markdown"})
+    )
+    assert out.documents[0].status == "created" and out.passages_added >= 2
+    pids = out.documents[0].passage_ids
+    assert pids == [f"quint#{i}" for i in range(len(pids))]
+    assert out.index_version == r.version != before
+    hits = await r.retrieve(QUESTION, 3)
+    assert hits[0].passage.id == "quint#0" and document_id(hits[0].passage.id) == "quint"
+    assert hits[0].passage.title == "Quintaria"
+    # the same document again: nothing re-encoded or re-indexed, the version stays
+    again = await documents.add(
+        docs_request({"id": "quint", "title": "Quintaria", "text": QUINTARIA, "format": "markdown"})
+    )
+    assert again.documents[0].status == "unchanged" and again.passages_added == 0
+    assert again.index_version == out.index_version
+    gone = await documents.delete("quint")
+    assert gone.passages_removed == len(pids) and gone.index_version != out.index_version
+    assert all(document_id(h.passage.id) != "quint" for h in await r.retrieve(QUESTION, 20))
+    with pytest.raises(NotFoundError):
+        await documents.delete("quint")
+    with pytest.raises(NotFoundError):
+        await documents.get("quint")
+
+
+async def test_replacing_a_document_swaps_its_passages(documents: LocalDocuments) -> None:
+    await documents.add(docs_request({"id": "d", "text": "Alpha centauri is a star system."}))
+    out = await documents.add(docs_request({"id": "d", "text": "Zebras are striped equids."}))
+    assert out.documents[0].status == "replaced"
+    assert (out.passages_added, out.passages_removed) == (1, 1)
+    idx = documents.retriever.index
+    p = idx.get("d#0")
+    assert p is not None and p.text == "Zebras are striped equids."
+
+
+async def test_ids_default_to_the_content_so_a_repost_is_a_no_op(documents: LocalDocuments) -> None:
+    a = await documents.add(docs_request({"text": "Some note about llamas."}))
+    b = await documents.add(docs_request({"text": "Some note about llamas."}))
+    assert a.documents[0].id == b.documents[0].id and a.documents[0].id.startswith("doc-")
+    assert b.documents[0].status == "unchanged"
+    page = await documents.list(collection="default", after=None, limit=10)
+    assert [d.id for d in page.documents] == [a.documents[0].id]
+
+
+async def test_bad_documents_fail_before_any_write(documents: LocalDocuments) -> None:
+    version = documents.retriever.version
+    cases = [
+        (docs_request({"id": "x", "text": " \n "}), "empty_document"),
+        (docs_request({"id": "x", "text": "a"}, {"id": "x", "text": "b"}), "duplicate_document"),
+        (docs_request({"text": "a", "metadata": {"k": "v" * 9000}}), "metadata_too_large"),
+    ]
+    for body, code in cases:
+        with pytest.raises(ValidationFailedError) as info:
+            await documents.add(body)
+        assert info.value.code == code
+    limits = DocumentSettings(max_documents=1, max_document_chars=10)
+    small = LocalDocuments(documents.retriever, limits, documents._fp32_encoder)
+    with pytest.raises(ValidationFailedError, match="limit is 1"):
+        await small.add(docs_request({"text": "a"}, {"text": "b"}))
+    with pytest.raises(ValidationFailedError, match="limit is 10"):
+        await small.add(docs_request({"text": "x" * 11}))
+    assert documents.retriever.version == version
+
+
+async def test_writes_over_the_queue_limit_get_429(documents: LocalDocuments) -> None:
+    one = LocalDocuments(
+        documents.retriever, DocumentSettings(max_queue=1), documents._fp32_encoder
+    )
+    first = asyncio.create_task(one.add(docs_request({"text": "First note. " * 200})))
+    await asyncio.sleep(0)  # the first is queued
+    with pytest.raises(OverloadedError):
+        await one.add(docs_request({"text": "Second note."}))
+    assert (await first).documents[0].status == "created"
+
+
+async def test_searches_during_writes_see_whole_documents(documents: LocalDocuments) -> None:
+    """Concurrent writes and searches: every search sees each document entirely or not at all."""
+    r = documents.retriever
+    texts = {f"w{i}": f"Wumpus fact {i}. " * 150 for i in range(6)}  # several passages each
+
+    async def write() -> None:
+        for doc_id, text in texts.items():
+            await documents.add(docs_request({"id": doc_id, "text": text}))
+
+    seen: list[set[str]] = []
+
+    async def search() -> None:
+        while len(seen) < 200:
+            hits = await r.retrieve("Wumpus fact", 50)
+            seen.append({h.passage.id for h in hits})
+            await asyncio.sleep(0)
+
+    await asyncio.gather(write(), search())
+    sizes = {d: len(documents.retriever.index.store.document(d).passage_ids) for d in texts}  # type: ignore[union-attr]
+    for ids in seen:
+        for d, n in sizes.items():
+            got = sum(1 for i in ids if document_id(i) == d)
+            assert got in (0, n), (d, got, n)
+
+
+# -- the API in process -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def api(
+    index_copy: Path, small_corpus: Path, llm_dir: Path, tmp_path: Path
+) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str]]]:
+    keys = tmp_path / "keys.jsonl"
+    plain = {"reader": new_key(), "writer": new_key()}
+    append_key(keys, KeyRecord(name="reader", sha256=hash_key(plain["reader"])))
+    append_key(keys, KeyRecord(name="writer", sha256=hash_key(plain["writer"]), can_write=True))
+    settings = make_settings(
+        index_copy,
+        small_corpus,
+        api={"keys_file": keys},
+        documents={"max_body_bytes": 4096},
+        retrieval={"index_dir": index_copy, "k": 5, "dtype": "float32"},
+        pipeline={"pseudo_passage": False},
+    )
+    components = build_components(settings)
+    app = create_app(settings, components)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
+            yield c, {k: f"Bearer {v}" for k, v in plain.items()}
+    await components.close()
+
+
+async def test_api_ingests_answers_from_it_and_forgets_it(
+    api: tuple[httpx.AsyncClient, dict[str, str]],
+) -> None:
+    client, keys = api
+    writer, reader = {"authorization": keys["writer"]}, {"authorization": keys["reader"]}
+    doc = {"id": "quint", "title": "Quintaria", "text": QUINTARIA[:1500], "format": "markdown"}
+    refused = await client.post("/v1/documents", json={"documents": [doc]}, headers=reader)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "write_forbidden"
+    r = await client.post("/v1/documents", json={"documents": [doc]}, headers=writer)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["documents"][0]["status"] == "created"
+    a = await client.post(
+        "/answer", json={"question": QUESTION}, headers={**reader, "cache-control": "no-cache"}
+    )
+    assert a.status_code == 200, a.text
+    cited = a.json()["passages"][0]
+    assert cited["document_id"] == "quint" and cited["id"].startswith("quint#")
+    assert a.json()["models"]["index_version"] == body["index_version"]
+    got = await client.get("/v1/documents/quint", headers=reader)
+    assert (
+        got.status_code == 200 and got.json()["passage_ids"] == body["documents"][0]["passage_ids"]
+    )
+    page = await client.get("/v1/documents", params={"collection": "default"}, headers=reader)
+    assert [d["id"] for d in page.json()["documents"]] == ["quint"]
+    assert (await client.delete("/v1/documents/quint", headers=reader)).status_code == 403
+    d = await client.delete("/v1/documents/quint", headers=writer)
+    assert d.status_code == 200 and d.json()["deleted"] is True
+    a2 = await client.post(
+        "/answer", json={"question": QUESTION, "return_candidates": True}, headers=reader
+    )
+    assert a2.status_code == 200
+    assert all(c["document_id"] != "quint" for c in a2.json()["candidates"])
+    missing = await client.get("/v1/documents/quint", headers=reader)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "document_not_found"
+
+
+async def test_api_refuses_bad_document_requests_clearly(
+    api: tuple[httpx.AsyncClient, dict[str, str]],
+) -> None:
+    client, keys = api
+    writer = {"authorization": keys["writer"]}
+    cases = [
+        ({"documents": []}, 422),
+        ({"documents": [{"text": "x", "bogus": 1}]}, 422),
+        ({"documents": [{"id": "a/b", "text": "x"}]}, 422),
+        ({"documents": [{"id": "a#1", "text": "x"}]}, 422),
+        ({"documents": [{"text": "x", "format": "pdf"}]}, 422),
+        ({"documents": [{"text": "x" * 5000}]}, 413),  # over this app's 4096-byte body limit
+    ]
+    for body, status in cases:
+        r = await client.post("/v1/documents", json=body, headers=writer)
+        assert r.status_code == status, (body, r.text)
+        assert set(r.json()) == {"error"}
+    assert (
+        await client.post("/v1/documents", json={"documents": [{"text": "x"}]})
+    ).status_code == 401
+    assert (
+        await client.get("/v1/documents", params={"limit": 0}, headers=writer)
+    ).status_code == 422
+
+
+def test_settings_default_collection_and_limits_are_documented() -> None:
+    d = Settings().documents
+    assert d.collection == "default" and d.passage_words == 100 and d.enabled
