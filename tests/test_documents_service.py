@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -36,10 +37,18 @@ The island was settled by fishermen in the twelfth century, who traded dried cod
 QUESTION = "What colour is the zorbleflax of Quintaria?"
 
 
+@dataclass(frozen=True)
+class Setup:
+    root: Path
+    env: dict[str, str]
+    keys: dict[str, str]
+
+    def auth(self, who: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.keys[who]}"}
+
+
 @pytest.fixture(scope="module")
-def setup(
-    tmp_path_factory: pytest.TempPathFactory, index_dir: Path, small_corpus: Path
-) -> dict[str, object]:
+def setup(tmp_path_factory: pytest.TempPathFactory, index_dir: Path, small_corpus: Path) -> Setup:
     """A private index copy, a keys file with a reading and a writing key, the gateway's env."""
     root = tmp_path_factory.mktemp("docsvc")
     index = root / "index"
@@ -50,20 +59,12 @@ def setup(
     append_key(keys, KeyRecord(name="writer", sha256=hash_key(plain["writer"]), can_write=True))
     env = keyed_gateway_env(index, small_corpus, keys, pseudo_tokens=8, answer_tokens=6)
     env.update({"GAINRAG_PIPELINE__PSEUDO_PASSAGE": "false", "GAINRAG_RETRIEVAL__DTYPE": "float32"})
-    return {"root": root, "index": index, "env": env, "keys": plain}
-
-
-def auth(setup: dict[str, object], who: str) -> dict[str, str]:
-    keys = setup["keys"]
-    assert isinstance(keys, dict)
-    return {"authorization": f"Bearer {keys[who]}"}
+    return Setup(root, env, plain)
 
 
 @pytest.fixture(scope="module")
-def gateway(setup: dict[str, object]) -> Iterator[Service]:
-    root, env = setup["root"], setup["env"]
-    assert isinstance(root, Path) and isinstance(env, dict)
-    svc = gainrag_service("gateway", ["serve"], root, env, threads=1)
+def gateway(setup: Setup) -> Iterator[Service]:
+    svc = gainrag_service("gateway", ["serve"], setup.root, setup.env, threads=1)
     with svc:
         yield svc
 
@@ -79,9 +80,9 @@ def cited(body: dict[str, object]) -> set[str]:
 
 
 def test_a_posted_markdown_file_is_answered_from_then_forgotten(
-    gateway: Service, setup: dict[str, object]
+    gateway: Service, setup: Setup
 ) -> None:
-    reader, writer = auth(setup, "reader"), auth(setup, "writer")
+    reader, writer = setup.auth("reader"), setup.auth("writer")
     with httpx.Client(base_url=gateway.url, timeout=120) as c:
         doc = {"id": "quintaria", "title": "Quintaria", "text": MARKDOWN, "format": "markdown"}
         refused = c.post("/v1/documents", json={"documents": [doc]}, headers=reader)
@@ -113,8 +114,8 @@ def test_a_posted_markdown_file_is_answered_from_then_forgotten(
         assert "gainrag_ingest_queue_size 0.0" in metrics
 
 
-def test_ingestion_and_questions_run_together(gateway: Service, setup: dict[str, object]) -> None:
-    reader, writer = auth(setup, "reader"), auth(setup, "writer")
+def test_ingestion_and_questions_run_together(gateway: Service, setup: Setup) -> None:
+    reader, writer = setup.auth("reader"), setup.auth("writer")
 
     async def main() -> tuple[list[httpx.Response], list[httpx.Response]]:
         async with httpx.AsyncClient(base_url=gateway.url, timeout=300) as c:
@@ -146,24 +147,23 @@ def test_ingestion_and_questions_run_together(gateway: Service, setup: dict[str,
 
 
 def test_kill_9_during_writes_loses_no_acknowledged_document(
-    setup: dict[str, object], small_corpus: Path, index_dir: Path
+    setup: Setup, small_corpus: Path, index_dir: Path
 ) -> None:
     """Writes go on in a loop; the gateway is killed mid-write three times at different
     moments and restarted on the same index: every acknowledged document is back whole, and no
     document is half there (its passages all indexed or none)."""
-    root = setup["root"]
-    assert isinstance(root, Path)
+    root = setup.root
     index = root / "kill-index"
     shutil.copytree(index_dir, index)
-    env = dict(setup["env"])  # type: ignore[arg-type]
+    env = dict(setup.env)
     env["GAINRAG_RETRIEVAL__INDEX_DIR"] = str(index)
-    writer = auth(setup, "writer")
+    writer = setup.auth("writer")
     acked: dict[str, list[str]] = {}
     for round_, delay in enumerate((0.3, 0.9, 1.6)):
         svc = gainrag_service(f"killed-{round_}", ["serve"], root, env, threads=1).start()
         stop = threading.Event()
 
-        def write_loop(url: str = svc.url, r: int = round_) -> None:
+        def write_loop(url: str = svc.url, r: int = round_, stop: threading.Event = stop) -> None:
             n = 0
             with httpx.Client(base_url=url, timeout=60) as c:
                 while not stop.is_set():
@@ -209,19 +209,16 @@ def test_kill_9_during_writes_loses_no_acknowledged_document(
         store.close()
 
 
-def test_split_off_the_retrieval_worker_holds_the_documents(
-    setup: dict[str, object], index_dir: Path
-) -> None:
-    root = setup["root"]
-    assert isinstance(root, Path)
+def test_split_off_the_retrieval_worker_holds_the_documents(setup: Setup, index_dir: Path) -> None:
+    root = setup.root
     index = root / "worker-index"
     shutil.copytree(index_dir, index)
     common = {"GAINRAG_RETRIEVAL__INDEX_DIR": str(index), "GAINRAG_LOG_LEVEL": "WARNING",
               "GAINRAG_RETRIEVAL__DTYPE": "float32"}  # fmt: skip
     worker = gainrag_service("docs-retriever", ["worker", "retrieval"], root, common, threads=1)
-    env = {**dict(setup["env"]), **common, "GAINRAG_RETRIEVAL__URL": worker.url}  # type: ignore[arg-type]
+    env = {**setup.env, **common, "GAINRAG_RETRIEVAL__URL": worker.url}
     gateway = gainrag_service("docs-gateway", ["serve"], root, env, threads=1)
-    reader, writer = auth(setup, "reader"), auth(setup, "writer")
+    reader, writer = setup.auth("reader"), setup.auth("writer")
     with worker, gateway, httpx.Client(base_url=gateway.url, timeout=120) as c:
         doc = {"id": "quintaria", "title": "Quintaria", "text": MARKDOWN, "format": "markdown"}
         r = c.post("/v1/documents", json={"documents": [doc]}, headers=writer)
