@@ -6,8 +6,8 @@ answer, normalised as cover-EM normalises it, is a substring of a top-n passage'
 text; :func:`gainrag.evaluation.qa_metrics.cover_em`). Methods:
 
 - dense: the served bi-encoder (``Settings().retrieval``, query dtype as configured, ``auto``)
-  over ``var/index``'s flat inner-product FAISS index (read-only: the files are read directly so
-  that nothing rewrites the directory);
+  over ``var/index``'s flat inner-product FAISS index (its passages must be the corpus's, in
+  order: an index with documents added through the API is refused);
 - bm25: :class:`gainrag.retrieval.lexical.LexicalIndex` (title + text, ``en_stem``), and with
   the ``default`` tokenizer (no stemming) to check the tokenizer choice;
 - rrf (c 10, 30, 60) and minmax_mix (lexical weight 0.2 ... 0.7) of the dense and en_stem BM25
@@ -40,8 +40,6 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from benchmarks.common import ROOT, rel, table, write_result
 from gainrag.evaluation.qa_metrics import normalize_answer, paired_em
 from gainrag.retrieval.fusion import minmax_mix, rrf
@@ -71,28 +69,24 @@ def dense_lists(
     corpus: Path, rows: Sequence[tuple[int, str, str, str]], questions: list[str], depth: int
 ) -> tuple[list[Ranked], dict[str, Any]]:
     """Top ``depth`` (fid, cosine) per question from the shipped index and the served encoder."""
-    import faiss
-
     from gainrag.config import Settings
     from gainrag.retrieval.encoder import BiEncoder
+    from gainrag.retrieval.index import PassageIndex
 
     r = Settings().retrieval
-    manifest = json.loads((r.index_dir / "manifest.json").read_text())
+    index = PassageIndex.load(r.index_dir, use_gpu=False)
+    manifest = index.manifest
     if manifest.get("corpus_sha256") != file_sha256(corpus):
         raise SystemExit(f"{r.index_dir} was not built from {corpus}: run `make prepare`")
-    with (r.index_dir / "passages.jsonl").open(encoding="utf-8") as f:
-        ids = [json.loads(line)["id"] for line in f if line.strip()]
-    if ids != [pid for _, pid, _, _ in rows]:
-        raise SystemExit(f"{r.index_dir} rows are not in corpus order")
-    index = faiss.read_index(str(r.index_dir / "index.faiss"))
+    # this benchmark's fid is the corpus row; the index's own ids are its store's
+    row_of = {pid: fid for fid, pid, _, _ in rows}
+    if [p.id for p in index.passages] != [pid for _, pid, _, _ in rows]:
+        raise SystemExit(f"{r.index_dir} holds other passages than {corpus} (documents added?)")
     encoder = BiEncoder.from_settings(r)
     started = time.perf_counter()
     vecs = encoder.encode(questions)
-    scores, found = index.search(np.ascontiguousarray(vecs, dtype=np.float32), depth)
-    lists = [
-        [(int(i), float(s)) for i, s in zip(row_i, row_s, strict=True) if i >= 0]
-        for row_i, row_s in zip(found, scores, strict=True)
-    ]
+    lists = [[(row_of[h.passage.id], h.score) for h in hits] for hits in index.search(vecs, depth)]
+    index.close()
     info = {
         "encoder": encoder.version,
         "index_version": manifest["version"],

@@ -47,13 +47,18 @@ class RetrievalSettings(BaseModel):
         "same passages (docs/evaluation.md, 'Hybrid retrieval').",
     )
     fusion: Literal["rrf", "mix"] = Field(
-        "rrf",
+        "mix",
         description="How hybrid retrieval fuses the two lists: reciprocal rank fusion, or a "
         "min-max mix of their scores weighted by `lexical_weight`.",
     )
     rrf_c: int = Field(60, ge=1, description="RRF's constant: 1 / (c + rank) per list.")
     lexical_weight: float = Field(
-        0.3, ge=0.0, le=1.0, description="BM25's weight in the 'mix' fusion."
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="BM25's weight in the 'mix' fusion: (1 - w) * minmax(dense) + w * "
+        "minmax(BM25) over each list's hits (0.5: the best R@1 + R@5 of the fusions level at "
+        "R@50 / R@100 on both dev sets, benchmarks/results/hybrid_recall.md).",
     )
     fusion_depth: int = Field(
         100, ge=1, le=1000, description="Hits each list contributes before fusing (at least k)."

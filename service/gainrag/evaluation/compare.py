@@ -102,7 +102,15 @@ COMPARABLE_MODELS = (
     "generator_version",
     "prompt_version",
 )
-COMPARABLE_SETTINGS = ("k", "top_n", "llm", "retrieval_weight", "select_top", "selector_max_length")
+COMPARABLE_SETTINGS = (
+    "k",
+    "top_n",
+    "llm",
+    "retrieval_weight",
+    "select_top",
+    "selector_max_length",
+    "retrieval_mode",
+)
 
 
 def differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list[Any]]:

@@ -247,6 +247,7 @@ async def run_eval(
             "retrieval_weight": settings.pipeline.retrieval_weight,
             "select_top": settings.pipeline.select_top,
             "selector_max_length": settings.selector.max_length,
+            "retrieval_mode": _retrieval_mode(settings),
         },
         "machine": machine_info(),
         "generation_memo": None
@@ -294,3 +295,12 @@ def format_table(reports: list[dict[str, Any]]) -> str:
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def _retrieval_mode(settings: Settings) -> str:
+    """``dense``, or the hybrid fusion and its parameters (what ranks the k candidates)."""
+    r = settings.retrieval
+    if r.mode == "dense":
+        return "dense"
+    part = f"c={r.rrf_c}" if r.fusion == "rrf" else f"w={r.lexical_weight:g}"
+    return f"hybrid {r.fusion} {part} depth={r.fusion_depth}"

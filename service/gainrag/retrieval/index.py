@@ -75,9 +75,9 @@ class Fusion:
     ``depth``: how many hits each list contributes before fusing (at least the k asked for).
     """
 
-    method: Literal["rrf", "mix"] = "rrf"
+    method: Literal["rrf", "mix"] = "mix"
     rrf_c: int = 60
-    weight: float = 0.3  # the BM25 list's weight in the min-max mix
+    weight: float = 0.5  # the BM25 list's weight in the min-max mix
     depth: int = 100
 
 

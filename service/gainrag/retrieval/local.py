@@ -34,8 +34,9 @@ class LocalRetriever:
         self.fusion = fusion
         # encoder.version carries the query dtype and the fusion changes the list: both rank,
         # so both are in the name that goes into cache keys
-        mode = "dense" if fusion is None else f"hybrid-{_fusion_tag(fusion)}"
-        self.name = f"faiss-{'gpu' if index.on_gpu else 'cpu'}:{encoder.version}:{mode}"
+        # (dense keeps its name of before hybrid retrieval existed: its cached answers stay valid)
+        mode = "" if fusion is None else f":hybrid-{_fusion_tag(fusion)}"
+        self.name = f"faiss-{'gpu' if index.on_gpu else 'cpu'}:{encoder.version}{mode}"
         self.version = index.version
         # One writer at a time (documents API, index reload); searches do not take it.
         self.write_lock = threading.Lock()
