@@ -19,7 +19,12 @@ from asgi_lifespan import LifespanManager
 
 from gainrag.api import create_app
 from gainrag.config import DocumentSettings, Settings
-from gainrag.errors import NotFoundError, OverloadedError, ValidationFailedError
+from gainrag.errors import (
+    NotFoundError,
+    OverloadedError,
+    UnavailableError,
+    ValidationFailedError,
+)
 from gainrag.keys import KeyRecord, append_key, hash_key, new_key
 from gainrag.retrieval.documents import LocalDocuments
 from gainrag.retrieval.encoder import BiEncoder
@@ -465,3 +470,55 @@ async def test_api_refuses_bad_document_requests_clearly(
 def test_settings_default_collection_and_limits_are_documented() -> None:
     d = Settings().documents
     assert d.collection == "default" and d.passage_words == 100 and d.enabled
+
+
+def test_a_read_only_index_serves_everything_and_refuses_writes(index_copy: Path) -> None:
+    # a writer adds a document (the store is now in WAL mode), then the directory is served
+    # read-only, as from a read-only mount: search finds it, nothing in the directory changes
+    writer = PassageIndex.load(index_copy, use_gpu=False, lexical=True)
+    probe = unit(1, seed=11)
+    doc = NewDocument("ro", "c", "", {}, "s", [Passage("ro#0", "", "okapi forest")], probe)
+    writer.apply(writer.store.commit([doc], []))
+    writer.close()
+    before = {p.name: p.stat().st_mtime_ns for p in index_copy.rglob("*")}
+    ro = PassageIndex.load(index_copy, use_gpu=False, lexical=True, read_only=True)
+    assert ro.search(probe, 1)[0][0].passage.id == "ro#0"
+    assert ro.lexical is not None and ro.lexical.search(["okapi"], 1)[0][0][0] == ro.position(
+        "ro#0"
+    )
+    with pytest.raises(UnavailableError) as info:
+        ro.claim_writer()
+    assert info.value.code == "index_read_only"
+    ro.close()
+    assert {p.name: p.stat().st_mtime_ns for p in index_copy.rglob("*")} == before
+
+
+def test_one_writing_process_per_index(index_copy: Path) -> None:
+    a = PassageIndex.load(index_copy, use_gpu=False, lexical=True)
+    b = PassageIndex.load(index_copy, use_gpu=False, lexical=True)
+    a.claim_writer()
+    with pytest.raises(UnavailableError) as info:
+        b.claim_writer()
+    assert info.value.code == "index_writer_busy"
+    # a writes; a third process that finds BM25 lagging while a holds its writer lock searches
+    # a copy in memory instead of failing
+    probe = unit(1, seed=5)
+    doc = NewDocument("w", "c", "", {}, "s", [Passage("w#0", "", "narwhal tusk")], probe)
+    a.apply(a.store.commit([doc], []))
+    lagging = a.store.commit(
+        [
+            NewDocument(
+                "x", "c", "", {}, "s", [Passage("x#0", "", "axolotl gills")], unit(1, seed=6)
+            )
+        ],
+        [],
+    )
+    assert lagging.generation == a.generation + 1  # committed, not applied: BM25 lags
+    c = PassageIndex.load(index_copy, use_gpu=False, lexical=True)
+    assert c.lexical is not None and c.lexical.path is None  # in memory
+    assert c.lexical.search(["axolotl"], 1)[0][0][0] == c.position("x#0")
+    for index in (a, b, c):
+        index.close()
+    b2 = PassageIndex.load(index_copy, use_gpu=False)
+    b2.claim_writer()  # a's lock went with its close
+    b2.close()

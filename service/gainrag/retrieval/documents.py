@@ -152,6 +152,7 @@ class LocalDocuments:
         r = self.retriever
         with r.write_lock:
             index = r.index
+            index.claim_writer()
             stored = index.store.content_shas([p.id for p in prepared])
             todo = [p for p in prepared if stored.get(p.id) != p.sha]
             t = time.perf_counter()
@@ -244,6 +245,7 @@ class LocalDocuments:
         r = self.retriever
         with r.write_lock:
             index = r.index
+            index.claim_writer()
             if index.store.document(doc_id) is None:
                 raise NotFoundError(f"no document {doc_id!r}", code="document_not_found")
             change = index.store.commit([], [doc_id])

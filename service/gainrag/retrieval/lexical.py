@@ -90,12 +90,14 @@ def _read_sidecar(path: Path) -> dict[str, Any] | None:
 class LexicalIndex:
     """BM25 (tantivy: k1 1.2, b 0.75) over ``title + "\\n" + text``, keyed by fid.
 
-    One writer per directory (tantivy's lock file: one open instance per path). ``search`` may
-    run in any thread while ``apply`` or ``replace_all`` runs in another; writes take turns.
+    One writer per directory (tantivy's lock file), taken at the first write, so processes that
+    only search (a second gateway on the same index, a read-only mount) can open it too.
+    ``search`` may run in any thread while ``apply`` or ``replace_all`` runs in another; writes
+    take turns. ``path`` None: in memory (:meth:`in_memory`), nothing persisted.
     """
 
     def __init__(
-        self, path: Path, index: tantivy.Index, tokenizer: Tokenizer, generation: int
+        self, path: Path | None, index: tantivy.Index, tokenizer: Tokenizer, generation: int
     ) -> None:
         self.path = path
         self.tokenizer: Tokenizer = tokenizer
@@ -108,10 +110,32 @@ class LexicalIndex:
         # search sees it (the default policy reloads later, from a file watcher thread)
         index.config_reader(reload_policy="manual")
         index.reload()
-        self._writer: tantivy.IndexWriter | None = index.writer(
-            heap_size=WRITER_HEAP, num_threads=WRITER_THREADS
-        )
+        self._writer: tantivy.IndexWriter | None = None
+        self._closed = False
         self._write_lock = threading.Lock()
+
+    @classmethod
+    def in_memory(cls, *, tokenizer: Tokenizer = "en_stem") -> LexicalIndex:
+        """An empty index in RAM (generation -1): for a read-only or locked directory."""
+        return cls(None, tantivy.Index(_schema(tokenizer)), tokenizer, -1)
+
+    @classmethod
+    def open_existing(cls, path: Path, *, tokenizer: Tokenizer = "en_stem") -> LexicalIndex | None:
+        """Open the index at ``path`` without creating or changing anything (a read-only
+        directory); None if there is no usable one."""
+        state = _read_sidecar(path)
+        if (
+            state is None
+            or state.get("format") != FORMAT
+            or state.get("tokenizer") != tokenizer
+            or not isinstance(state.get("generation"), int)
+            or not tantivy.Index.exists(str(path))
+        ):
+            return None
+        try:
+            return cls(path, tantivy.Index.open(str(path)), tokenizer, state["generation"])
+        except ValueError:
+            return None
 
     @classmethod
     def open(cls, path: Path, *, tokenizer: Tokenizer = "en_stem") -> LexicalIndex:
@@ -194,14 +218,17 @@ class LexicalIndex:
     def _commit(self, writer: tantivy.IndexWriter, generation: int) -> None:
         writer.commit()
         self._index.reload()
-        _write_sidecar(
-            self.path, {"format": FORMAT, "tokenizer": self.tokenizer, "generation": generation}
-        )
+        if self.path is not None:
+            state = {"format": FORMAT, "tokenizer": self.tokenizer, "generation": generation}
+            _write_sidecar(self.path, state)
         self.generation = generation
 
     def _live_writer(self) -> tantivy.IndexWriter:
-        if self._writer is None:
+        if self._closed:
             raise RuntimeError(f"lexical index at {self.path} is closed")
+        if self._writer is None:
+            # raises ValueError while another process holds the directory's writer lock
+            self._writer = self._index.writer(heap_size=WRITER_HEAP, num_threads=WRITER_THREADS)
         return self._writer
 
     # ------------------------------------------------------------------ reads
@@ -220,7 +247,7 @@ class LexicalIndex:
         would read as syntax (or reject), while the analyser only ever yields plain terms. Each
         distinct term counts once; a question with no terms left matches nothing.
         """
-        if self._writer is None:
+        if self._closed:
             raise RuntimeError(f"lexical index at {self.path} is closed")
         searcher = self._index.searcher()
         out: list[list[tuple[int, float]]] = []
@@ -265,6 +292,7 @@ class LexicalIndex:
     def close(self) -> None:
         """Finish background merges and release the writer lock; idempotent."""
         with self._write_lock:
+            self._closed = True
             if self._writer is not None:
                 self._writer.wait_merging_threads()
                 self._writer = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -121,18 +122,32 @@ def next_version(previous: str, added: Sequence[Passage], removed: Sequence[str]
 class PassageStore:
     """One SQLite file; thread-safe (one connection, one lock: writes are serialised anyway)."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+    def __init__(self, path: Path, conn: sqlite3.Connection, *, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only
         self._conn = conn
         self._lock = threading.RLock()
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = False) -> PassageStore:
-        """Open the store at ``path`` (a file); ``create`` makes a new empty one if missing."""
+    def open(
+        cls, path: Path, *, create: bool = False, read_only: bool = False, immutable: bool = False
+    ) -> PassageStore:
+        """Open the store at ``path`` (a file); ``create`` makes a new empty one if missing;
+        ``read_only`` opens it without writing anything (``immutable``: not even locks, as on a
+        read-only mount, which is detected too)."""
         if not create and not path.is_file():
             raise ConfigurationError(
                 f"no passage store at {path}; run `gainrag index build`", code="index_missing"
             )
+        if read_only:
+            # In a read-only directory, immutable: no locks and no -shm file (there is no room
+            # for them; `index build` leaves the store in rollback-journal mode, so the file alone
+            # holds everything). In a writable one, a plain read-only connection that sees a
+            # live writer's WAL.
+            immutable = immutable or not os.access(path.parent, os.W_OK)
+            mode = "ro&immutable=1" if immutable else "ro"
+            conn = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, check_same_thread=False)
+            return cls(path, conn, read_only=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         # check_same_thread=False: the retriever's batcher thread, the ingestion thread and the
         # event loop's executor all use it, always under self._lock.
@@ -142,6 +157,13 @@ class PassageStore:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(_SCHEMA)
         return cls(path, conn)
+
+    def seal(self) -> None:
+        """Fold the WAL into the main file and leave WAL mode (end of a bulk build): a read-only
+        mount can then open the file alone. A later writer switches WAL on again."""
+        with self._lock:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.execute("PRAGMA journal_mode=DELETE")
 
     def close(self) -> None:
         """Close the connection (checkpointing the WAL into the main file)."""
