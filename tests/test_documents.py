@@ -522,3 +522,29 @@ def test_one_writing_process_per_index(index_copy: Path) -> None:
     b2 = PassageIndex.load(index_copy, use_gpu=False)
     b2.claim_writer()  # a's lock went with its close
     b2.close()
+
+
+def test_index_build_keeps_posted_documents_unless_told(
+    tmp_path: Path, small_corpus: Path, encoder: BiEncoder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gainrag.cli import main
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(small_corpus.read_text().splitlines(keepends=True)[:8]))
+    out = tmp_path / "idx"
+    build_index(corpus, out, encoder, show_progress=False)
+    index = PassageIndex.load(out, use_gpu=False)
+    doc = NewDocument("mine", "default", "", {}, "s", [Passage("mine#0", "", "t")], unit(1))
+    index.apply(index.store.commit([doc], []))
+    index.close()
+    args = ["index", "build", "--corpus", str(corpus), "--out", str(out)]
+    assert main(args) == 0 and "up to date" in capsys.readouterr().out  # same corpus: kept
+    assert main([*args, "--force"]) != 0
+    assert "--discard-documents" in capsys.readouterr().err
+    kept = PassageIndex.load(out, use_gpu=False)
+    assert kept.get("mine#0") is not None
+    kept.close()
+    assert main([*args, "--force", "--discard-documents"]) == 0
+    rebuilt = PassageIndex.load(out, use_gpu=False)
+    assert rebuilt.get("mine#0") is None and len(rebuilt) == 8
+    rebuilt.close()

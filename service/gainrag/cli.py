@@ -18,9 +18,15 @@ from gainrag.logs import setup_logging
 log = logging.getLogger("gainrag")
 
 
-def _index_build(settings: Settings, corpus: Path | None, out: Path | None, force: bool) -> None:
+def _index_build(
+    settings: Settings,
+    corpus: Path | None,
+    out: Path | None,
+    force: bool,
+    discard_documents: bool = False,
+) -> None:
     from gainrag.retrieval.encoder import BiEncoder
-    from gainrag.retrieval.index import build_index, read_manifest
+    from gainrag.retrieval.index import build_index, posted_documents, read_manifest
     from gainrag.util import file_sha256
 
     r = settings.retrieval
@@ -39,6 +45,14 @@ def _index_build(settings: Settings, corpus: Path | None, out: Path | None, forc
             f"version {manifest['version']})"
         )
         return
+    posted = posted_documents(out)
+    if posted and not discard_documents:
+        # a rebuild starts from the corpus alone: acknowledged documents would be lost
+        raise ConfigurationError(
+            f"the index at {out} holds {posted} documents posted through the API; a rebuild "
+            "would drop them: pass --discard-documents to rebuild anyway, or --out another "
+            "directory"
+        )
     encoder = BiEncoder.from_settings(r, dtype="float32")  # index vectors: always fp32
     manifest = build_index(corpus, out, encoder, batch_size=r.batch_size)
     print(
@@ -192,10 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     idx = sub.add_parser("index", help="index commands").add_subparsers(
         dest="index_cmd", required=True
     )
-    b = idx.add_parser("build", help="encode a corpus into a FAISS index directory")
+    b = idx.add_parser("build", help="encode a corpus into an index directory (store + FAISS)")
     b.add_argument("--corpus", type=Path, help="corpus JSONL (default: settings)")
     b.add_argument("--out", type=Path, help="output directory (default: settings)")
     b.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    b.add_argument(
+        "--discard-documents",
+        action="store_true",
+        help="rebuild even if documents were posted through the API (they are dropped)",
+    )
 
     s = sub.add_parser("serve", help="serve the HTTP API")
     s.add_argument("--host")
@@ -268,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "prepare":
             _prepare(settings)
         elif args.cmd == "index":
-            _index_build(settings, args.corpus, args.out, args.force)
+            _index_build(settings, args.corpus, args.out, args.force, args.discard_documents)
         elif args.cmd == "serve":
             _serve(settings, args.host, args.port)
         elif args.cmd == "worker":

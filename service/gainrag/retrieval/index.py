@@ -200,6 +200,17 @@ def read_manifest(index_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+def posted_documents(index_dir: Path) -> int:
+    """Documents in the index's store that came through the documents API (not the corpus)."""
+    if not (index_dir / STORE_FILE).is_file():
+        return 0
+    store = PassageStore.open(index_dir / STORE_FILE, read_only=True)
+    try:
+        return sum(n for c, n in store.collections().items() if c != CORPUS_COLLECTION)
+    finally:
+        store.close()
+
+
 def faiss_gpu_count() -> int:
     """GPUs visible to the installed faiss (0 for faiss-cpu)."""
     get = getattr(faiss, "get_num_gpus", None)
