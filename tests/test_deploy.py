@@ -131,13 +131,12 @@ def test_serving_profile_wiring(profile: str) -> None:
     assert retriever["depends_on"] == {
         f"index-{profile}": {"condition": "service_completed_successfully"}
     }
-    # the index job writes the volume the retriever reads (read-only) at the configured path
+    # the index job writes the volume the retriever serves at the configured path; the
+    # retriever writes it too (the documents API), so it is mounted writable
     index_dir = retriever["environment"]["GAINRAG_RETRIEVAL__INDEX_DIR"]
     job = on[f"index-{profile}"]
     assert job["command"][:2] == ["index", "build"] and index_dir in job["command"]
-    assert [v for v in retriever["volumes"] if v.endswith(":ro")] == [
-        v.replace(":rw", ":ro") for v in job["volumes"]
-    ]
+    assert mounts(retriever) == mounts(job) == ["gainrag-index:/app/var/indexes"]
 
     for name, svc in on.items():
         if is_job(name):
@@ -226,6 +225,17 @@ def test_grafana_is_a_profile_of_its_own() -> None:
     assert spec["grafana"]["image"] == "${GRAFANA_IMAGE:-grafana/grafana:12.1.1}"
 
 
+def mounts(service: dict) -> list[str]:
+    """A service's volumes as ``source:target[:ro]`` (compose v1 prints the short form, v2 the
+    long one; ``:rw`` is the default and is left out)."""
+    out = []
+    for v in service["volumes"]:
+        if isinstance(v, dict):
+            v = f"{v['source']}:{v['target']}{':ro' * v.get('read_only', 0)}"
+        out.append(v.removesuffix(":rw"))
+    return out
+
+
 @needs_compose
 def test_embedded_profile_is_the_single_process_gateway() -> None:
     """Every model in the gateway's process (the 1.5B reader in the managed llama.cpp engine,
@@ -238,11 +248,8 @@ def test_embedded_profile_is_the_single_process_gateway() -> None:
         "redis": {"condition": "service_healthy"},
         "index-cpu": {"condition": "service_completed_successfully"},
     }
-    volumes = [  # v1 prints the short form, v2 the long one
-        v if isinstance(v, str) else f"{v['source']}:{v['target']}{':ro' * v.get('read_only', 0)}"
-        for v in on["gateway"]["volumes"]
-    ]
-    assert volumes == ["gainrag-index:/app/var/indexes:ro"], volumes
+    # writable: the embedded gateway serves the documents API on this index
+    assert mounts(on["gateway"]) == ["gainrag-index:/app/var/indexes"]
     gateway = (REPO_ROOT / "docker/gateway.Dockerfile").read_text()
     image_env = dict(re.findall(r"(GAINRAG_[A-Z_]+)=(\S+)", gateway))
     assert image_env["GAINRAG_LLM__MODEL"] == "qwen2.5-coder-1.5b"

@@ -60,6 +60,12 @@ class RetrievalSettings(BaseModel):
         "minmax(BM25) over each list's hits (0.5: the best R@1 + R@5 of the fusions level at "
         "R@50 / R@100 on both dev sets, benchmarks/results/hybrid_recall.md).",
     )
+    hybrid_score: Literal["fused", "dense"] = Field(
+        "fused",
+        description="The retrieval score hybrid retrieval reports (what the ranking mixes with "
+        "the selector's): the fusion's, or each passage's dense cosine (the fusion then only "
+        "chooses and orders the k candidates).",
+    )
     fusion_depth: int = Field(
         100, ge=1, le=1000, description="Hits each list contributes before fusing (at least k)."
     )

@@ -303,4 +303,5 @@ def _retrieval_mode(settings: Settings) -> str:
     if r.mode == "dense":
         return "dense"
     part = f"c={r.rrf_c}" if r.fusion == "rrf" else f"w={r.lexical_weight:g}"
-    return f"hybrid {r.fusion} {part} depth={r.fusion_depth}"
+    score = ", dense score" if r.hybrid_score == "dense" else ""
+    return f"hybrid {r.fusion} {part} depth={r.fusion_depth}{score}"

@@ -75,8 +75,13 @@ class Fusion:
     """How hybrid retrieval merges the dense and the BM25 lists (:mod:`gainrag.retrieval.fusion`).
 
     ``depth``: how many hits each list contributes before fusing (at least the k asked for).
+    ``score``: what the fused list reports as each passage's retrieval score (the part the
+    ranking mixes with the selector's): the fusion's own score, or the dense cosine (then the
+    fusion chooses which k passages and in what order, and the ranking's mix stays on the scale
+    it was tuned on).
     """
 
+    score: Literal["fused", "dense"] = "fused"
     method: Literal["rrf", "mix"] = "mix"
     rrf_c: int = 60
     weight: float = 0.5  # the BM25 list's weight in the min-max mix
@@ -385,12 +390,31 @@ class PassageIndex:
                         minmax_mix(d, x, k, weight=fusion.weight)
                         for d, x in zip(dense, lexical, strict=True)
                     ]
+                if fusion.score == "dense":
+                    fused = [
+                        self._dense_scores(q, d, row)
+                        for q, d, row in zip(queries, dense, fused, strict=True)
+                    ]
             else:
                 fused = [row[:k] for row in dense]
             by_fid = self._by_fid
             return [
                 [Retrieved(by_fid[f], rank, s) for rank, (f, s) in enumerate(row)] for row in fused
             ]
+
+    def _dense_scores(
+        self, query: np.ndarray, dense: list[tuple[int, float]], fused: list[tuple[int, float]]
+    ) -> list[tuple[int, float]]:
+        """The fused order with each passage's cosine to the query as its score (a BM25-only hit
+        has no dense score yet: its stored vector gives it). Called under the lock."""
+        known = dict(dense)
+        out = []
+        for fid, _ in fused:
+            score = known.get(fid)
+            if score is None:
+                score = float(self._cpu.reconstruct(fid) @ query)
+            out.append((fid, score))
+        return out
 
     def position(self, passage_id: str) -> int | None:
         """The passage's id in FAISS (its store fid), or None if it is not indexed."""

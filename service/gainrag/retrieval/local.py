@@ -106,7 +106,13 @@ def fusion_of(r: RetrievalSettings) -> Fusion | None:
     """The fusion of hybrid settings (None: dense only)."""
     if r.mode == "dense":
         return None
-    return Fusion(method=r.fusion, rrf_c=r.rrf_c, weight=r.lexical_weight, depth=r.fusion_depth)
+    return Fusion(
+        method=r.fusion,
+        rrf_c=r.rrf_c,
+        weight=r.lexical_weight,
+        depth=r.fusion_depth,
+        score=r.hybrid_score,
+    )
 
 
 def load_index(r: RetrievalSettings) -> PassageIndex:
@@ -116,4 +122,4 @@ def load_index(r: RetrievalSettings) -> PassageIndex:
 
 def _fusion_tag(f: Fusion) -> str:
     part = f"c{f.rrf_c}" if f.method == "rrf" else f"w{f.weight:g}"
-    return f"{f.method}-{part}-d{f.depth}"
+    return f"{f.method}-{part}-d{f.depth}" + ("-dense-score" if f.score == "dense" else "")
