@@ -548,3 +548,28 @@ def test_index_build_keeps_posted_documents_unless_told(
     rebuilt = PassageIndex.load(out, use_gpu=False)
     assert rebuilt.get("mine#0") is None and len(rebuilt) == 8
     rebuilt.close()
+
+
+def test_hybrid_search_adds_what_bm25_finds_and_can_report_dense_cosines(
+    index_copy: Path, encoder: BiEncoder
+) -> None:
+    from gainrag.retrieval.index import Fusion
+
+    index = PassageIndex.load(index_copy, use_gpu=False, lexical=True)
+    # a passage only BM25 can find: a made-up word, and a vector far from any question's
+    far = -encoder.encode(["who got the first nobel prize in physics"])
+    doc = NewDocument("odd", "c", "", {}, "s", [Passage("odd#0", "", "zyxwvut zyxwvut")], far)
+    index.apply(index.store.commit([doc], []))
+    text = "who got the first nobel prize in physics zyxwvut"
+    q = encoder.encode([text])
+    dense = index.search(q, 10)[0]
+    assert all(h.passage.id != "odd#0" for h in dense)
+    fused = index.search(q, 10, texts=[text], fusion=Fusion(method="mix", weight=0.5))[0]
+    assert "odd#0" in [h.passage.id for h in fused]
+    by_dense = index.search(q, 10, texts=[text], fusion=Fusion(method="mix", score="dense"))[0]
+    # the same passages in the same order, each scored by its cosine to the question
+    assert [h.passage.id for h in by_dense] == [h.passage.id for h in fused]
+    vectors = index.vectors_of([h.passage.id for h in by_dense])
+    assert vectors is not None
+    np.testing.assert_allclose([h.score for h in by_dense], vectors @ q[0], rtol=1e-5, atol=1e-6)
+    index.close()

@@ -223,6 +223,8 @@ def test_split_off_the_retrieval_worker_holds_the_documents(setup: Setup, index_
         doc = {"id": "quintaria", "title": "Quintaria", "text": MARKDOWN, "format": "markdown"}
         r = c.post("/v1/documents", json={"documents": [doc]}, headers=writer)
         assert r.status_code == 200, r.text
+        # the gateway's cache keys move with the write at once (not at its next retrieval)
+        assert c.get("/ready").json()["models"]["index_version"] == r.json()["index_version"]
         # the worker holds it (asked directly) and the gateway answers from it
         direct = httpx.get(f"{worker.url}/v1/documents/quintaria", timeout=30)
         assert direct.status_code == 200 and direct.json()["passage_ids"]

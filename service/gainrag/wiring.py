@@ -89,9 +89,10 @@ def build_documents(
     if not d.enabled or retriever is None:
         return None
     if r.url is not None:
-        from gainrag.retrieval.remote import RemoteDocuments
+        from gainrag.retrieval.remote import RemoteDocuments, RemoteRetriever
 
-        return RemoteDocuments(r.url, timeout_s=d.timeout_s, token=worker_token)
+        remote = retriever if isinstance(retriever, RemoteRetriever) else None
+        return RemoteDocuments(r.url, timeout_s=d.timeout_s, token=worker_token, retriever=remote)
     from gainrag.retrieval.documents import LocalDocuments
     from gainrag.retrieval.encoder import BiEncoder
     from gainrag.retrieval.local import LocalRetriever

@@ -71,8 +71,19 @@ class RemoteDocuments:
     """The documents API of a retrieval worker (``/v1/documents``): the gateway proxies to it
     when retrieval is split off. The worker's 4xx pass through with their status and code."""
 
-    def __init__(self, base_url: str, *, timeout_s: float, token: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float,
+        token: str | None = None,
+        retriever: RemoteRetriever | None = None,
+    ) -> None:
         headers = {"authorization": f"Bearer {token}"} if token else None
+        # A write changes the worker's index version; the gateway's retriever client learns it
+        # here at once, not at its next retrieval: cache keys hold that version, and without
+        # this a question answered from the cache would keep hitting the pre-write answer.
+        self.retriever = retriever
         # Upstream repeats a request once on a dropped connection: safe here too, a write is
         # idempotent (the same id and content is a no-op)
         self.upstream = Upstream(
@@ -90,9 +101,15 @@ class RemoteDocuments:
 
     async def add(self, body: AddDocumentsRequest) -> AddDocumentsResponse:
         """``POST /v1/documents`` on the worker."""
-        return await self._call(
+        out = await self._call(
             "POST", "/v1/documents", AddDocumentsResponse, body.model_dump(exclude_none=True)
         )
+        self._learn(out.index_version)
+        return out
+
+    def _learn(self, version: str) -> None:
+        if self.retriever is not None:
+            self.retriever.version = version
 
     async def get(self, doc_id: str) -> DocumentOut:
         """``GET /v1/documents/{id}`` on the worker."""
@@ -109,9 +126,11 @@ class RemoteDocuments:
 
     async def delete(self, doc_id: str) -> DeleteDocumentResponse:
         """``DELETE /v1/documents/{id}`` on the worker."""
-        return await self._call(
+        out = await self._call(
             "DELETE", f"/v1/documents/{quote(doc_id, safe='')}", DeleteDocumentResponse
         )
+        self._learn(out.index_version)
+        return out
 
     async def close(self) -> None:
         """Close the connection pool."""
