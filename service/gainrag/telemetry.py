@@ -101,7 +101,8 @@ INGEST_QUEUE = Gauge(
 )
 INGEST_SECONDS = Histogram(
     "gainrag_ingest_seconds",
-    "Wall time of one document write, by stage (split, encode, commit, apply, total).",
+    "Wall time of one document write, by stage (wait: for the writes before it; split, "
+    "encode, commit, apply; total: the write itself).",
     ["stage"],
     buckets=_SECONDS,
 )
