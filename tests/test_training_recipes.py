@@ -65,7 +65,7 @@ def test_plan_prints_a_shell_script(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "plan", "shipped", "--step", "gain-signals"]) == 0
     out = capsys.readouterr().out
     assert "# 2. gain-signals (2 processes in parallel)" in out
-    commands = [c for c in out.replace("\\\n", " ").splitlines() if c.startswith("OMP")]
+    commands = [c for c in out.replace("\\\n", " ").splitlines() if c.startswith("GAINRAG_")]
     assert [shlex.split(c)[-2:] for c in commands] == [["0/2", "&"], ["1/2", "&"]]
     assert out.rstrip().endswith("wait")
     assert main(["train", "plan", "shipped", "--step", "nope"]) == 2

@@ -82,6 +82,14 @@ class NotFoundError(GainRAGError):
     code = "not_found"
 
 
+class ConflictError(GainRAGError):
+    """The request clashes with what is stored (a passage id another document already has)."""
+
+    status_code = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class ClientClosedError(GainRAGError):
     """The client disconnected before the answer was ready; the work was cancelled."""
 

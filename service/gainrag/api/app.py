@@ -22,6 +22,7 @@ from gainrag.api.state import AppState
 from gainrag.config import Settings
 from gainrag.errors import GainRAGError
 from gainrag.pipeline import Components, Pipeline
+from gainrag.retrieval.wire import documents_limits
 from gainrag.wire import query_schema
 from gainrag.wiring import build_components
 
@@ -94,11 +95,13 @@ def create_app(settings: Settings | None = None, components: Components | None =
     install_playground(app, settings)
     # The configured bounds, stated in the schema (pydantic must not enforce them: the API's own
     # codes such as empty_question and top_n_out_of_range would become generic ones).
+    d = settings.documents
     declare_limits(
         app,
         {
             "AnswerRequest.question": query_schema(settings.api.max_question_chars),
             "AnswerRequest.top_n": {"minimum": 1, "maximum": settings.pipeline.max_top_n},
+            **documents_limits(d.max_documents, d.max_document_chars),
         },
     )
     if settings.api.keys_file is None:
@@ -107,7 +110,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.api.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["authorization", "content-type", "cache-control", "x-request-id"],
             expose_headers=["x-request-id", "x-cache", "retry-after"],
             max_age=600,

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from gainrag.errors import GainRAGError, UnsupportedMediaTypeError
 
@@ -117,8 +118,26 @@ def install_error_handlers(app: FastAPI) -> None:
             413: "payload_too_large",
         }.get(exc.status_code, "http_error")
         message = str(exc.detail)
+        headers = exc.headers
         if exc.status_code == 400:  # FastAPI could not decode the body (not UTF-8, too deep)
             code, message = "invalid_json", _parse_failure(exc)
-        return error_response(
-            exc.status_code, message, "invalid_request_error", code, headers=exc.headers
-        )
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed(request)}
+        return error_response(exc.status_code, message, "invalid_request_error", code, headers)
+
+
+def _allowed(request: Request) -> str:
+    """Every method some route serves at this path. Starlette's 405 names only the first route
+    that matched the path, while a path served by several handlers (GET and POST on
+    /v1/documents) allows all of theirs. Asked of the router itself, method by method, so routes
+    inside included routers count too."""
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in _METHODS
+        if any(r.matches({**request.scope, "method": method})[0] == Match.FULL for r in routes)
+    ]
+    return ", ".join(allowed)
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")

@@ -25,7 +25,7 @@ import numpy as np
 
 from gainrag import telemetry
 from gainrag.config import DocumentSettings
-from gainrag.errors import NotFoundError, OverloadedError, ValidationFailedError
+from gainrag.errors import ConflictError, NotFoundError, OverloadedError, ValidationFailedError
 from gainrag.retrieval.encoder import BiEncoder
 from gainrag.retrieval.local import LocalRetriever
 from gainrag.retrieval.splitter import split
@@ -89,8 +89,7 @@ class LocalDocuments:
                 "(GAINRAG_DOCUMENTS__MAX_DOCUMENTS)",
                 code="too_many_documents",
             )
-        out: list[_Prepared] = []
-        seen: set[str] = set()
+        out: dict[str, _Prepared] = {}
         for i, doc in enumerate(body.documents):
             where = f"documents[{i}]"
             if is_blank(doc.text):
@@ -110,14 +109,10 @@ class LocalDocuments:
                 )
             sha = content_sha256(doc.title, doc.text, doc.format)
             doc_id = doc.id or f"doc-{hashlib.sha256(sha.encode()).hexdigest()[:16]}"
-            if doc_id in seen:
-                raise ValidationFailedError(
-                    f"{where}: document id {doc_id!r} appears twice in this request",
-                    code="duplicate_document",
-                )
-            seen.add(doc_id)
-            out.append(_Prepared(doc, doc_id, doc.collection or s.collection, sha))
-        return out
+            # an id given twice: the request applies in order, so the later document counts (in
+            # the place of the first), as two requests one after the other would leave it
+            out[doc_id] = _Prepared(doc, doc_id, doc.collection or s.collection, sha)
+        return list(out.values())
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -187,7 +182,7 @@ class LocalDocuments:
             try:
                 change = index.store.commit([*new, *unchanged], [])
             except sqlite3.IntegrityError as exc:
-                raise ValidationFailedError(
+                raise ConflictError(
                     "a passage id of these documents is already used by another document",
                     code="passage_id_conflict",
                 ) from exc

@@ -84,7 +84,7 @@ class Fusion:
     score: Literal["fused", "dense"] = "fused"
     method: Literal["rrf", "mix"] = "mix"
     rrf_c: int = 60
-    weight: float = 0.5  # the BM25 list's weight in the min-max mix
+    weight: float = 0.3  # the BM25 list's weight in the min-max mix
     depth: int = 100
 
 

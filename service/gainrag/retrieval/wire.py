@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from gainrag.wire import JsonInt, Text
+from gainrag.wire import TEXT_PATTERN, JsonInt, Text
 
 
 class RetrieveRequest(BaseModel):
@@ -147,3 +147,16 @@ class DeleteDocumentResponse(BaseModel):
     deleted: bool
     passages_removed: int
     index_version: str
+
+
+def documents_limits(max_documents: int, max_document_chars: int) -> dict[str, dict[str, Any]]:
+    """The documents API's configured limits as JSON-schema keywords, for ``declare_limits``
+    (the handler checks them with codes of its own: too_many_documents, empty_document...)."""
+    return {
+        "AddDocumentsRequest.documents": {"maxItems": max_documents},
+        "DocumentIn.text": {
+            "minLength": 1,
+            "maxLength": max_document_chars,
+            "pattern": TEXT_PATTERN,
+        },
+    }

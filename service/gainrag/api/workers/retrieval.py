@@ -42,6 +42,7 @@ from gainrag.retrieval.wire import (
     ReloadResponse,
     RetrieveRequest,
     RetrieveResponse,
+    documents_limits,
 )
 from gainrag.wire import ErrorResponse, query_schema
 
@@ -231,6 +232,9 @@ def create_retrieval_app(
         {
             "RetrieveRequest.queries": {"maxItems": w.max_queries},
             "RetrieveRequest.queries[]": query_schema(w.max_text_chars),
+            **documents_limits(
+                settings.documents.max_documents, settings.documents.max_document_chars
+            ),
         },
     )
     return app

@@ -70,7 +70,9 @@ def load(name: str) -> Plan:
     if not path.is_file():
         raise ConfigurationError(f"no plan {name!r} (plans: {', '.join(names())})")
     raw = tomllib.loads(path.read_text())
-    return Plan(name, raw["description"], [Step(**s) for s in raw["steps"]])
+    common = raw.get("env", {})  # every step's, under the step's own
+    steps = [Step(**{**s, "env": {**common, **s.get("env", {})}}) for s in raw["steps"]]
+    return Plan(name, raw["description"], steps)
 
 
 def _shell(argv: list[str], env: dict[str, str], width: int = 96) -> str:
