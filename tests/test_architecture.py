@@ -50,6 +50,7 @@ PIPELINE_MAY_IMPORT = {
     "gainrag.selector.ranking",
     "gainrag.telemetry",
     "gainrag.textcheck",
+    "gainrag.tracing",
     "gainrag.types",
 }
 GATEWAY = {

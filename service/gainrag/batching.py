@@ -27,7 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from gainrag import telemetry
+from opentelemetry import context as otel_context
+
+from gainrag import telemetry, tracing
 from gainrag.errors import GainRAGError, OverloadedError, ValidationFailedError
 from gainrag.logs import request_id_var
 
@@ -47,6 +49,8 @@ class _Pending(Generic[I, O]):
     # The submitter's request id: the loop logs about this item under it, not under whichever
     # request happened to start the loop.
     request_id: str | None = field(default_factory=request_id_var.get)
+    # and its trace context: the queue wait is a span of the submitter's trace
+    trace_context: otel_context.Context = field(default_factory=otel_context.get_current)
 
 
 @dataclass
@@ -238,7 +242,12 @@ class MicroBatcher(Generic[I, O]):
         self.stats.items += len(live)
         self.stats.last_batch_sizes.append(len(live))
         self._m_requests.observe(len(live))
-        self._m_cost.observe(sum(p.cost for p in live))
+        cost = sum(p.cost for p in live)
+        self._m_cost.observe(cost)
+        if tracing.enabled():  # (per item, wait_span skips traces that are not recorded)
+            attributes = {"gainrag.batch.size": len(live), "gainrag.batch.cost": cost}
+            for p in live:
+                tracing.wait_span(f"queue {self.name}", p.trace_context, p.enqueued, attributes)
         try:
             results = await self._call(live)
         except Exception as exc:

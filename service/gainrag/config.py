@@ -412,6 +412,30 @@ class DocumentSettings(BaseModel):
     )
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry traces of every request across the gateway, workers and LLM server."""
+
+    exporter: Literal["none", "otlp", "file"] = Field(
+        "none",
+        description="'none': off; 'otlp': OTLP over HTTP to `endpoint` (a collector); 'file': "
+        "one JSON line per finished span in `file` (tests, debugging).",
+    )
+    endpoint: str = Field(
+        "http://127.0.0.1:4318",
+        description="The OTLP/HTTP collector (`/v1/traces` is appended when missing).",
+    )
+    file: Path = Field(
+        Path("var/traces/{service}.jsonl"),
+        description="Span file of the 'file' exporter; {service} = gateway, retrieval, selector.",
+    )
+    sample_ratio: float = Field(
+        1.0, ge=0.0, le=1.0, description="Share of new traces recorded (workers follow the caller)."
+    )
+    service_name: str | None = Field(
+        None, description="service.name of the spans; default gainrag-<process kind>."
+    )
+
+
 class WorkerSettings(BaseModel):
     """The retrieval and selector workers."""
 
@@ -460,6 +484,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     redis: RedisSettings = RedisSettings()
     worker: WorkerSettings = WorkerSettings()
+    tracing: TracingSettings = TracingSettings()
     documents: DocumentSettings = DocumentSettings()
 
     @classmethod
@@ -503,4 +528,5 @@ class Settings(BaseSettings):
         self.selector.dro_checkpoint = fix(self.selector.dro_checkpoint)
         if self.api.keys_file is not None:
             self.api.keys_file = fix(self.api.keys_file)
+        self.tracing.file = fix(self.tracing.file)
         return self

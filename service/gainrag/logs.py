@@ -7,13 +7,16 @@ import json
 import logging
 import time
 
+from gainrag.tracing import current_trace_id
+
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None
 )
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request_id, exception."""
+    """One JSON object per line: time, level, logger, message, request_id, trace_id (when
+    tracing is on), exception."""
 
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -26,6 +29,9 @@ class JsonFormatter(logging.Formatter):
         rid = getattr(record, "request_id", None) or request_id_var.get()
         if rid:
             out["request_id"] = rid
+        trace_id = current_trace_id()
+        if trace_id is not None:
+            out["trace_id"] = trace_id
         if record.exc_info:
             out["exc_info"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)

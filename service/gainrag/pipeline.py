@@ -31,7 +31,7 @@ from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from gainrag import telemetry
+from gainrag import telemetry, tracing
 from gainrag.cache_interface import CacheStore, cache_key
 from gainrag.concurrency import gather_or_cancel
 from gainrag.config import PipelineSettings, Settings
@@ -217,7 +217,8 @@ class Pipeline:
         the error of an unexpected exception (default ``stage``)."""
         start = time.perf_counter()
         try:
-            return await aw
+            with tracing.span(stage):
+                return await aw
         except GainRAGError:
             raise
         except Exception as exc:
@@ -358,6 +359,7 @@ class Pipeline:
         start = time.perf_counter()
         key, hit = await self._cached(q, use_cache, start)
         if hit is not None:
+            self._annotate(hit, q.top_n)
             yield Context.of(hit, q.question, start)
             if hit.answer:
                 yield hit.answer
@@ -374,8 +376,26 @@ class Pipeline:
         async for text in self._generate(ctx, cleaner, deadline, stream=stream):
             yield text
         result = ctx.result(cleaner.sent)
+        self._annotate(result, q.top_n)
         await self._finish(result, key)
         yield result
+
+    def _annotate(self, result: AnswerResult, top_n: int) -> None:
+        """What an operator needs on the request's span (the server span of the route)."""
+        span = tracing.current_span()
+        if not span.is_recording():
+            return
+        span.set_attributes(
+            {
+                "gainrag.k": self.settings.retrieval.k if self.options.retrieve else 0,
+                "gainrag.top_n": top_n,
+                "gainrag.candidates": len(result.candidates),
+                "gainrag.selected": [s.passage.id for s in result.selected],
+                "gainrag.cache_hit": result.cached,
+                "gainrag.degraded": [d.kind for d in result.degraded],
+                **{f"gainrag.model.{k}": v for k, v in self.models.items()},
+            }
+        )
 
     async def _generate(
         self, ctx: Context, cleaner: prompts.AnswerCleaner, deadline: float, *, stream: bool
@@ -390,12 +410,25 @@ class Pipeline:
             if stream
             else _one_delta(g.chat(prompt, max_new_tokens=budget))
         )
+        # Not the current span across the yields below (a generator's context is its
+        # consumer's): made current only around each wait for the LLM, so the HTTP call to the
+        # LLM server is its child.
+        span = tracing.tracer().start_span(
+            "generate", attributes={"gainrag.max_new_tokens": budget, "gainrag.stream": stream}
+        )
+        if span.is_recording():  # counting the prompt's tokens costs a tokenizer pass
+            n_in = prompt_tokens(g, prompt)
+            if n_in is not None:
+                span.set_attribute("gainrag.tokens_in", n_in)
+        deltas = 0
         start = time.perf_counter()
         try:
             while not cleaner.complete:
                 try:
                     async with asyncio.timeout_at(deadline):
-                        delta = await anext(raw)
+                        with tracing.use_span(span):
+                            delta = await anext(raw)
+                    deltas += 1
                 except StopAsyncIteration:
                     break
                 except TimeoutError as exc:
@@ -414,6 +447,10 @@ class Pipeline:
             elapsed = time.perf_counter() - start
             ctx.timings_ms["generate"] = elapsed * 1000.0
             telemetry.STAGE_SECONDS.labels("generate").observe(elapsed)
+            # streamed, one delta is one token of the LLM's reply; whole, the reply is one delta
+            span.set_attribute("gainrag.tokens_out" if stream else "gainrag.replies", deltas)
+            span.set_attribute("gainrag.answer_chars", len(cleaner.sent))
+            span.end()
         if rest := cleaner.finish():
             yield rest
 
@@ -432,7 +469,9 @@ class Pipeline:
         key = self._answer_key(q.question, q.top_n) if cache is not None else None
         if cache is None or key is None or not use_cache:
             return key, None
-        hit = await cache.get("answer", key)
+        with tracing.span("cache") as span:
+            hit = await cache.get("answer", key)
+            span.set_attribute("gainrag.cache_hit", hit is not None)
         if hit is None:
             return key, None
         try:

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from gainrag import telemetry
+from gainrag import telemetry, tracing
 from gainrag.api.auth import Principal
 from gainrag.api.drain import Drain
 from gainrag.config import RedisSettings
@@ -136,6 +136,7 @@ class Admission:
     @asynccontextmanager
     async def slot(self, who: Principal, route: str) -> AsyncIterator[None]:
         """Hold one in-flight slot of ``who`` for the block, or raise 503/429."""
+        began, parent = time.monotonic(), tracing.context_now()
         if self.drain.draining:
             raise UnavailableError(
                 "the server is shutting down; retry (another instance will answer)",
@@ -164,6 +165,12 @@ class Admission:
                         f"(burst {who.burst}); retry after the Retry-After seconds",
                         retry_after_s=max(1, math.ceil(wait)),
                     )
+            tracing.wait_span(
+                "admission",
+                parent,
+                began,
+                {"gainrag.key": who.name, "gainrag.in_flight": self.in_flight},
+            )
             gauge = telemetry.IN_FLIGHT.labels(route)
             gauge.inc()
             try:

@@ -85,6 +85,8 @@ def create_app(settings: Settings | None = None, components: Components | None =
         http=settings.http,
         metrics_access=settings.api.metrics_access,
         docs_access=settings.api.docs_access,
+        tracing_settings=settings.tracing,
+        service="gateway",
     )
     app.state.auth = auth
     admission = Admission(settings.api.max_in_flight, app.state.drain, settings.redis)

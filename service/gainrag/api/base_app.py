@@ -15,12 +15,12 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from gainrag import __version__, telemetry
+from gainrag import __version__, telemetry, tracing
 from gainrag.api.auth import require_key
 from gainrag.api.drain import Drain
 from gainrag.api.errors import install_error_handlers
 from gainrag.api.middleware import RequestContextMiddleware
-from gainrag.config import Access, HttpSettings
+from gainrag.config import Access, HttpSettings, TracingSettings
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
@@ -41,10 +41,13 @@ def base_app(
     metrics_access: Access = "public",
     docs_access: Access = "public",
     body_limits: dict[str, int] | None = None,
+    tracing_settings: TracingSettings | None = None,
+    service: str = "gateway",
 ) -> FastAPI:
     """A FastAPI app with the shared middleware, error handlers, ``GET /metrics`` and docs.
 
-    ``body_limits``: a larger (or smaller) body limit for some paths.
+    ``body_limits``: a larger (or smaller) body limit for some paths. ``tracing_settings``: turn
+    on OpenTelemetry for this process as ``service`` (gateway, retrieval, selector).
     ``*_access``: 'public', 'key' (the gateway's :func:`~gainrag.api.auth.require_key`; the app
     must have ``state.auth``) or 'off' (404).
     """
@@ -67,6 +70,9 @@ def base_app(
         body_limits=body_limits,
     )
     install_error_handlers(app)
+    if tracing_settings is not None:
+        tracing.setup(tracing_settings, service)
+        tracing.instrument_app(app)
     guard: dict[str, Any] = {"dependencies": [Depends(require_key)], "include_in_schema": False}
     if metrics_access != "off":
         kw = guard if metrics_access == "key" else {"include_in_schema": False}

@@ -14,7 +14,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gainrag import telemetry
+from gainrag import telemetry, tracing
 from gainrag.api.drain import Drain
 from gainrag.logs import request_id_var
 
@@ -120,6 +120,9 @@ class RequestContextMiddleware:
                     started = True
                     status = int(message["status"])
                     extra = [(b"x-request-id", rid.encode())]
+                    trace_id = tracing.current_trace_id()
+                    if trace_id is not None:  # the trace of this request, for the collector
+                        extra.append((b"x-trace-id", trace_id.encode()))
                     if drain.draining:  # keep-alive clients reconnect to an instance that stays
                         extra.append((b"connection", b"close"))
                     message["headers"] = [*message.get("headers", []), *extra]

@@ -29,6 +29,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gainrag import tracing
 from gainrag.api.drain import Drain
 from gainrag.config import HttpSettings
 
@@ -220,4 +221,7 @@ def serve(app: FastAPI, http: HttpSettings, *, host: str, port: int) -> None:
     """Run ``app`` until SIGTERM/SIGINT, then drain and exit."""
     drain: Drain = app.state.drain
     server = DrainingServer(uvicorn_config(app, http, host=host, port=port), drain, http.drain_s)
-    server.run()
+    try:
+        server.run()
+    finally:
+        tracing.shutdown()  # flush the spans still in the exporter's batch

@@ -223,6 +223,7 @@ def create_retrieval_app(
         load,
         _models,
         router,
+        service="retrieval",
         model=retriever,
         body_limits={"/v1/documents": settings.documents.max_body_bytes},
     )

@@ -214,6 +214,7 @@ def create_selector_app(
         load,
         _models,
         router,
+        service="selector",
         model=selector,
     )
     declare_limits(

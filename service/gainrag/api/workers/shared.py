@@ -76,6 +76,7 @@ def worker_app(
     models: Callable[[M], dict[str, str]],
     router: APIRouter,
     *,
+    service: str,
     model: M | None = None,
     body_limits: dict[str, int] | None = None,
 ) -> FastAPI:
@@ -123,6 +124,8 @@ def worker_app(
         lifespan=lifespan,
         http=settings.http,
         body_limits=body_limits,
+        tracing_settings=settings.tracing,
+        service=service,
     )
     app.state.worker = state
 
