@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
 
-from gainrag_harness import DEPENDENCIES, Service, deployment, running
+from gainrag_harness import DEPENDENCIES, Service, deployment, gainrag_service, running
 
 pytestmark = pytest.mark.servers
 
 
 @pytest.fixture(scope="module")
-def traced(
+def stack_services(
     tmp_path_factory: pytest.TempPathFactory, index_dir: Path
-) -> Iterator[tuple[Service, Path]]:
+) -> Iterator[tuple[dict[str, Service], Path]]:
     """The split deployment (redis, llama-server, both workers, gateway), every gainrag process
     writing its spans to ``<dir>/<service>.jsonl``."""
     logs = tmp_path_factory.mktemp("traced")
@@ -36,7 +38,13 @@ def traced(
         mp.setenv("GAINRAG_TRACING__FILE", str(spans / "{service}.jsonl"))
         services = deployment(logs, index_dir, {"GAINRAG_RETRIEVAL__K": "5"})
     with running(services, order=DEPENDENCIES):
-        yield services["gateway"], spans
+        yield services, spans
+
+
+@pytest.fixture(scope="module")
+def traced(stack_services: tuple[dict[str, Service], Path]) -> tuple[Service, Path]:
+    services, spans = stack_services
+    return services["gateway"], spans
 
 
 def read_spans(
@@ -168,3 +176,64 @@ def test_an_unsampled_caller_gets_no_spans(traced: tuple[Service, Path]) -> None
     assert r.status_code == 200
     # the decision follows the caller's flag (ParentBased): nothing recorded, anywhere
     assert read_spans(directory, trace_id, {"never"}, timeout_s=2) == []
+
+
+class _Collector(BaseHTTPRequestHandler):
+    """OTLP/HTTP's receiving end: decodes each ExportTraceServiceRequest (protobuf, the
+    protocol's own message types) and keeps its spans' names and trace ids."""
+
+    received: ClassVar[list[tuple[str, str, str]]] = []
+
+    def do_POST(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        body = self.rfile.read(int(self.headers["content-length"]))
+        request = ExportTraceServiceRequest.FromString(body)
+        for rs in request.resource_spans:
+            service = next(
+                a.value.string_value for a in rs.resource.attributes if a.key == "service.name"
+            )
+            for ss in rs.scope_spans:
+                for sp in ss.spans:
+                    self.received.append((service, sp.name, sp.trace_id.hex()))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.end_headers()
+        self.wfile.write(b"")
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_otlp_export_reaches_a_collector(
+    stack_services: tuple[dict[str, Service], Path], tmp_path: Path
+) -> None:
+    """A gateway with GAINRAG_TRACING__EXPORTER=otlp sends its spans over OTLP/HTTP to the
+    endpoint (path /v1/traces appended); what is still batched goes out at shutdown."""
+    services, _ = stack_services
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = dict(services["gateway"].env)
+    env.update(
+        {
+            "GAINRAG_TRACING__EXPORTER": "otlp",
+            "GAINRAG_TRACING__ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+            "GAINRAG_TRACING__SERVICE_NAME": "gateway-under-test",
+        }
+    )
+    gateway = gainrag_service("otlp-gateway", ["serve"], tmp_path, env, threads=1)
+    trace_id = secrets.token_hex(16)
+    with gateway:
+        r = httpx.post(
+            f"{gateway.url}/answer",
+            json={"question": "who painted the mona lisa"},
+            headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+            timeout=300,
+        )
+        assert r.status_code == 200, r.text
+    # stopped (SIGTERM): the batch processor flushed on the way out
+    server.shutdown()
+    got = {(svc, name) for svc, name, tid in _Collector.received if tid == trace_id}
+    assert {("gateway-under-test", "POST /answer"), ("gateway-under-test", "generate")} <= got
