@@ -105,13 +105,16 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/python tests/test_architecture.py  # the dependency map (also a test)
 
-# Locust sweep of POST /answer (loadtests/README.md): ~15 min on 2 CPU cores with the embedded
-# service; writes benchmarks/results/loadtest/loadtest.{json,md,png}.
-# e.g. make loadtest LOADTEST_ARGS="--url http://host:8000 --levels 1,4"   (or "--smoke")
+# Locust load test of POST /answer (loadtests/README.md), streamed: closed-loop levels and
+# open-loop arrival rates, time to the citation, first token, inter-token and total, the knee;
+# ~25 min on 2 CPU cores with the embedded service with the defaults; writes
+# benchmarks/results/loadtest/loadtest.{json,md,png}.
+# e.g. make loadtest LOADTEST_ARGS="--url http://host:8000 --levels 1,4 --rates 0.2,0.4,0.8"
+#      (or "--smoke"; "--cache-hit-ratio 0.3" for a share of cache hits)
 LOADTEST_ARGS ?=
 loadtest: prepare
 	scripts/system-deps.sh
-	$(BIN)/python loadtests/run.py $(LOADTEST_ARGS)
+	$(BIN)/python -m loadtests.run $(LOADTEST_ARGS)
 
 # FlagEmbedding (the selector benchmark's baseline) in its own venv: it pulls datasets,
 # sentence-transformers, peft and scikit-learn, which gainrag does not use.

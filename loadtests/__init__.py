@@ -1,0 +1,1 @@
+"""Load tests of ``POST /answer`` (Locust): ``python -m loadtests.run``, ``make loadtest``."""
