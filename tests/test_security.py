@@ -341,7 +341,9 @@ async def test_worker_routes_require_the_worker_token() -> None:
 
     def app(token: str | None) -> FastAPI:
         settings = Settings(worker={"api_token": token})  # type: ignore[arg-type]
-        return worker_app("w", "w", settings, lambda: None, lambda _m: {}, router, model=object())
+        return worker_app(
+            "w", "w", settings, lambda: None, lambda _m: {}, router, service="w", model=object()
+        )
 
     async with serving(app("s3cret")) as c:
         assert_error(await c.post("/rerank"), 401, "bad_token")
