@@ -269,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k.add_parser("hash", help="print the sha256 of a key read from stdin (for a keys file)")
 
+    fb = sub.add_parser("feedback", help="feedback on served answers (POST /v1/feedback)")
+    fe = fb.add_subparsers(dest="feedback_cmd", required=True).add_parser(
+        "export", help="write the stored feedback as training questions (docs/training.md)"
+    )
+    fe.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    fe.add_argument(
+        "--since", help="only feedback given since: ISO 8601 (UTC unless it says) or an age (7d)"
+    )
+    fe.add_argument("--rating", choices=["up", "down"], help="only feedback with this rating")
+
     st = sub.add_parser("settings", help="print the effective settings as JSON")
     st.add_argument("--markdown", action="store_true", help="print the env-variable reference")
     return p
@@ -302,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
             compare.main(args)
         elif args.cmd == "train":
             _train(settings, args)
+        elif args.cmd == "feedback":
+            from gainrag.feedback import export_command
+
+            export_command(settings, args)
         elif args.cmd == "settings" and args.markdown:
             print("| variable | default | meaning |\n|---|---|---|")
             for var, default, desc in Settings.env_reference():

@@ -436,6 +436,42 @@ class TracingSettings(BaseModel):
     )
 
 
+class FeedbackSettings(BaseModel):
+    """Feedback on served answers: ``POST /v1/feedback`` and ``gainrag feedback export``."""
+
+    enabled: bool = Field(
+        True,
+        description="Record every served answer (best effort, off the request path) and accept "
+        "POST /v1/feedback on it; off: nothing is recorded and the route answers 403.",
+    )
+    backend: Literal["auto", "sqlite", "redis"] = Field(
+        "auto",
+        description="Where served answers and feedback live: 'sqlite' (a file: one machine), "
+        "'redis' (shared by every gateway replica), 'auto': redis when `redis_url` or "
+        "GAINRAG_REDIS__URL is set, else sqlite.",
+    )
+    path: Path | None = Field(
+        None,
+        description="The sqlite backend's file; unset: feedback.sqlite beside the index "
+        "directory (var/feedback.sqlite by default).",
+    )
+    redis_url: str | None = Field(
+        None,
+        description="The redis backend's Redis; unset: GAINRAG_REDIS__URL. The shipped compose "
+        "and Kubernetes Redis is a cache (no persistence, LRU eviction): to keep feedback, use "
+        "one with persistence and noeviction, or export it often.",
+    )
+    max_records: int = Field(
+        10_000, ge=1, description="Served answers kept for feedback; the oldest go first."
+    )
+    retention_s: int = Field(
+        86_400,
+        ge=1,
+        description="Seconds a served answer can receive feedback; then it is deleted. "
+        "Feedback given is kept.",
+    )
+
+
 class WorkerSettings(BaseModel):
     """The retrieval and selector workers."""
 
@@ -486,6 +522,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     tracing: TracingSettings = TracingSettings()
     documents: DocumentSettings = DocumentSettings()
+    feedback: FeedbackSettings = FeedbackSettings()
 
     @classmethod
     def env_reference(cls) -> list[tuple[str, str, str]]:

@@ -107,6 +107,16 @@ INGEST_SECONDS = Histogram(
     buckets=_SECONDS,
 )
 
+FEEDBACK_RECORDS = Counter(
+    "gainrag_feedback_records_total",
+    "Served answers recorded for feedback, by outcome (recorded; dropped: the recording queue "
+    "was full or closed; error: the store failed or is in an outage window).",
+    ["outcome"],
+)
+FEEDBACK = Counter(
+    "gainrag_feedback_total", "Feedback accepted by POST /v1/feedback, by rating.", ["rating"]
+)
+
 
 def render() -> tuple[bytes, str]:
     """The exposition text and its content type."""

@@ -5,12 +5,14 @@
 code or a header: the question's checks (422s, before the request takes a slot), the cache choice
 (``Cache-Control: no-cache``), then either the admission slot around the pipeline's answer,
 cancelled if the client leaves, or an :class:`~gainrag.api.streaming.AnswerStream` (slot,
-pipeline up to the citation, disconnect), and the ``X-Cache`` header. A route brings only its
-output format, a :class:`Shape`.
+pipeline up to the citation, disconnect), and the ``X-Cache`` header; every answer served, cache
+hits included, is recorded for feedback (:mod:`gainrag.feedback`, best effort, never waited
+for). A route brings only its output format, a :class:`Shape`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -22,6 +24,7 @@ from gainrag.api.cancel import until_disconnect
 from gainrag.api.schemas import PassageOut
 from gainrag.api.state import AppState
 from gainrag.api.streaming import SSE_HEADERS, AnswerStream, error_body, guarded, sse
+from gainrag.feedback import Served
 from gainrag.pipeline import CheckedQuery
 from gainrag.types import AnswerResult, Scored, document_id
 
@@ -66,11 +69,12 @@ async def answer_request(
     checked = pipeline.check(question, top_n)  # 422s before the request takes a slot
     # Others' no-cache would be a cache-bypass lever on the expensive path: ignored, not refused.
     use_cache = not (_no_cache(cache_control) and principal.can_refresh)
+    record = _recorder(request, state, principal, route, checked, stream=stream)
     if stream:
         # Admission and the pipeline up to the citation happen here, so their errors keep their
         # status; later ones become the route's error event.
         answer = await AnswerStream.open(
-            request, state, principal, route, checked, use_cache=use_cache
+            request, state, principal, route, checked, use_cache=use_cache, on_result=record
         )
         headers = dict(SSE_HEADERS)
         if shape.stream_x_cache:
@@ -85,11 +89,45 @@ async def answer_request(
     async with state.admission.slot(principal, route):
         # Starlette does not cancel a handler whose client left: this does.
         result = await until_disconnect(request, pipeline.answer(checked, use_cache=use_cache))
+    if record is not None:
+        record(result)
     return Response(
         shape.body(checked, result),
         media_type="application/json",
         headers={"x-cache": _x_cache(result.cached)},
     )
+
+
+def _recorder(
+    request: Request,
+    state: AppState,
+    principal: Principal,
+    route: str,
+    checked: CheckedQuery,
+    *,
+    stream: bool,
+) -> Callable[[AnswerResult], None] | None:
+    """What records this request's answer for feedback (None: feedback is off)."""
+    feedback, pipeline = state.feedback, state.pipeline
+    if feedback is None or pipeline is None:
+        return None
+
+    def record(result: AnswerResult) -> None:
+        feedback.record(
+            lambda: Served(
+                request_id=request.state.request_id,
+                key=principal.name,
+                route=route,
+                stream=stream,
+                served_at=time.time(),
+                question=checked.question,
+                top_n=checked.top_n,
+                models=pipeline.models,
+                result=result,
+            )
+        )
+
+    return record
 
 
 def passage_out(s: Scored) -> PassageOut:

@@ -14,6 +14,7 @@ from gainrag.api.admission import Admission
 from gainrag.api.auth import Authenticator
 from gainrag.api.base_app import base_app
 from gainrag.api.documents import router as documents_router
+from gainrag.api.feedback import router as feedback_router
 from gainrag.api.openai_compat import router as openai_router
 from gainrag.api.openapi import declare_limits, hide_security
 from gainrag.api.playground import install_playground
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
     app.include_router(router)
     app.include_router(openai_router)
     app.include_router(documents_router)
+    app.include_router(feedback_router)  # its lifespan opens and closes the feedback log
     install_playground(app, settings)
     # The configured bounds, stated in the schema (pydantic must not enforce them: the API's own
     # codes such as empty_question and top_n_out_of_range would become generic ones).

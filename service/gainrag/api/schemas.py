@@ -4,9 +4,18 @@ retrieval worker's (re-exported below)."""
 
 from __future__ import annotations
 
-from typing import Literal
+import unicodedata
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    WithJsonSchema,
+)
 
 # /v1/documents: the retrieval worker serves the same routes, so its models are shared with it
 # (defined in gainrag.retrieval.wire, re-exported here for the gateway's routes).
@@ -15,7 +24,8 @@ from gainrag.retrieval.wire import AddDocumentsResponse as AddDocumentsResponse
 from gainrag.retrieval.wire import DeleteDocumentResponse as DeleteDocumentResponse
 from gainrag.retrieval.wire import DocumentOut as DocumentOut
 from gainrag.retrieval.wire import DocumentPage as DocumentPage
-from gainrag.wire import JsonInt
+from gainrag.textcheck import invalid_character, is_blank
+from gainrag.wire import TEXT_OR_EMPTY_PATTERN, TEXT_PATTERN, JsonInt
 
 
 class AnswerRequest(BaseModel):
@@ -184,3 +194,88 @@ class ModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# --- feedback (``/v1/feedback``) ----------------------------------------------------------------
+
+MAX_CORRECT_ANSWER_CHARS = 1000
+MAX_COMMENT_CHARS = 2000
+
+
+def _feedback_text(text: str, limit: int, *, blank_ok: bool) -> str:
+    """A text field of a feedback: valid Unicode, at most ``limit`` characters, not blank unless
+    ``blank_ok``; kept in NFC, stripped."""
+    bad = invalid_character(text)
+    if bad is not None:
+        raise ValueError(f"text contains {bad[1]} at character {bad[0]}")
+    if len(text) > limit:
+        raise ValueError(f"text is longer than {limit} characters")
+    if not blank_ok and is_blank(text):
+        raise ValueError("text must contain something visible")
+    return unicodedata.normalize("NFC", text).strip()
+
+
+def _correct_answer(text: str) -> str:
+    return _feedback_text(text, MAX_CORRECT_ANSWER_CHARS, blank_ok=False)
+
+
+def _comment(text: str) -> str:
+    return _feedback_text(text, MAX_COMMENT_CHARS, blank_ok=True)
+
+
+# The schema states what the validators check (invisible-only text aside, as for questions).
+CorrectAnswer = Annotated[
+    StrictStr,
+    AfterValidator(_correct_answer),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_CORRECT_ANSWER_CHARS,
+            "pattern": TEXT_PATTERN,
+        }
+    ),
+]
+Comment = Annotated[
+    StrictStr,
+    AfterValidator(_comment),
+    WithJsonSchema(
+        {"type": "string", "maxLength": MAX_COMMENT_CHARS, "pattern": TEXT_OR_EMPTY_PATTERN}
+    ),
+]
+
+
+class FeedbackRequest(BaseModel):
+    """Body of ``POST /v1/feedback``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: StrictStr = Field(
+        ...,
+        pattern=r"^(chatcmpl-)?[A-Za-z0-9._-]{1,128}$",
+        description="The answer's request id: /answer's request_id (also its X-Request-ID "
+        "header), or a chat completion's id ('chatcmpl-<request id>') or X-Request-ID.",
+    )
+    rating: Literal["up", "down"] = Field(
+        ..., description="'up': the answer was right; 'down': it was wrong."
+    )
+    correct_answer: CorrectAnswer | None = Field(
+        None,
+        description=f"The right answer (1 to {MAX_CORRECT_ANSWER_CHARS} characters): what a "
+        "training question made from this feedback answers.",
+    )
+    comment: Comment | None = Field(
+        None, description=f"Free text, at most {MAX_COMMENT_CHARS} characters (kept, not used)."
+    )
+
+
+class FeedbackResponse(BaseModel):
+    """Body of a successful ``POST /v1/feedback``."""
+
+    request_id: str = Field(
+        ..., description="The answer's request id (a chat completion's without 'chatcmpl-')."
+    )
+    rating: Literal["up", "down"]
+    replaced: bool = Field(
+        ..., description="True when this replaced feedback the same key gave on it before."
+    )

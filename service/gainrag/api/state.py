@@ -7,17 +7,20 @@ from dataclasses import dataclass
 from gainrag.api.admission import Admission
 from gainrag.config import Settings
 from gainrag.errors import UnavailableError
+from gainrag.feedback import FeedbackLog
 from gainrag.pipeline import Pipeline
 
 
 @dataclass
 class AppState:
-    """Settings, admission, and the pipeline once loaded (or why loading failed)."""
+    """Settings, admission, the pipeline once loaded (or why loading failed), and the feedback
+    log while the app runs (None when feedback is off)."""
 
     settings: Settings
     admission: Admission
     pipeline: Pipeline | None = None
     load_error: str | None = None
+    feedback: FeedbackLog | None = None
 
     def require_pipeline(self) -> Pipeline:
         """The pipeline, or 503 ``not_ready`` while it loads (``load_failed`` with the reason)."""

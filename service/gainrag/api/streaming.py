@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -27,6 +27,7 @@ from gainrag.api.cancel import wait_for_disconnect
 from gainrag.api.state import AppState
 from gainrag.errors import ClientClosedError, GainRAGError
 from gainrag.pipeline import CheckedQuery, Context, StreamEvent
+from gainrag.types import AnswerResult
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,13 @@ class AnswerStream:
         context: Context,
         events: AsyncGenerator[StreamEvent, None],
         left: asyncio.Future[None],
+        on_result: Callable[[AnswerResult], None] | None = None,
     ) -> None:
         self._stack = stack
         self.context = context
         self._events = events
         self._left = left
+        self._on_result = on_result
 
     @classmethod
     async def open(
@@ -103,8 +106,10 @@ class AnswerStream:
         checked: CheckedQuery,
         *,
         use_cache: bool,
+        on_result: Callable[[AnswerResult], None] | None = None,
     ) -> AnswerStream:
-        """Take a slot and run the pipeline to its context; raises like the non-streaming path."""
+        """Take a slot and run the pipeline to its context; raises like the non-streaming path.
+        ``on_result`` sees the finished answer before the route's last event is sent."""
         pipeline = state.require_pipeline()
         stack = AsyncExitStack()
         await stack.enter_async_context(state.admission.slot(principal, route))
@@ -119,7 +124,7 @@ class AnswerStream:
         except BaseException:
             await stack.aclose()
             raise
-        return cls(stack, first, events, left)
+        return cls(stack, first, events, left, on_result)
 
     async def rest(self) -> AsyncGenerator[str | object, None]:
         """The answer's deltas (``str``), then its ``AnswerResult``; ends early, quietly, if the
@@ -127,6 +132,8 @@ class AnswerStream:
         outcome = "error"
         try:
             while (event := await _step(self._events, self._left)) is not None:
+                if self._on_result is not None and isinstance(event, AnswerResult):
+                    self._on_result(event)
                 yield event
             outcome = "complete"
         except ClientClosedError:
