@@ -4,6 +4,11 @@ per request: HTTP parsing, middleware, validation, the pipeline's own work over 
 JSON serialisation, metrics and the access log.
 
 Target: p50 under 5 ms at concurrency 32.
+
+``--compare-tracing``: the same gateway twice, tracing off and on (OpenTelemetry, every span
+written by the ``file`` exporter: the SDK's whole per-request work, with a local file instead of
+a collector's network), levels run off / on / off / on ... (``--rounds``), side by side as
+ratios -> ``benchmarks/results/gateway_tracing.{json,md}``.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,7 +55,12 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=20, help="seconds per level")
     ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     ap.add_argument("--quick", action="store_true", help="5 s per level")
+    ap.add_argument("--compare-tracing", action="store_true", help="tracing off vs on")
+    ap.add_argument("--rounds", type=int, default=3, help="off/on pairs per level (tracing)")
     args = ap.parse_args()
+    if args.compare_tracing:
+        compare_tracing(args)
+        return
     wrk = shutil.which("wrk")
     if wrk is None:
         sys.exit("wrk is not installed: scripts/system-deps.sh bench (apt-get install wrk)")
@@ -101,6 +112,89 @@ def main() -> None:
     )
     md += ["", f"Target p50 < 5 ms at concurrency {target_c}: {'met' if p50 < 5 else 'missed'}."]
     write_result("gateway", results, markdown="\n".join(md))
+
+
+def _standin(port: int, workers: int, env: dict[str, str], name: str) -> Service:
+    cmd = [sys.executable, "-m", "benchmarks.gateway_standin", "--port", str(port)]
+    cmd += ["--workers", str(workers)]
+    return Service(name, cmd, port, LOG_DIR, env=env, probe="/ready")
+
+
+def compare_tracing(args: argparse.Namespace) -> None:
+    """Tracing off vs on, level by level, alternating, on the same machine in one run."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        sys.exit("wrk is not installed: scripts/system-deps.sh bench (apt-get install wrk)")
+    duration = 5 if args.quick else args.duration
+    levels = [int(x) for x in args.levels.split(",")]
+    common = {"GAINRAG_API__MAX_IN_FLIGHT": str(max(levels) * 2)}
+    with tempfile.TemporaryDirectory() as tmp:
+        spans = Path(tmp) / "spans" / "{service}.jsonl"
+        on_env = {
+            **common,
+            "GAINRAG_TRACING__EXPORTER": "file",
+            "GAINRAG_TRACING__FILE": str(spans),
+        }
+        servers = {
+            "off": _standin(free_port(), args.workers, common, "gateway_standin_off"),
+            "on": _standin(free_port(), args.workers, on_env, "gateway_standin_on"),
+        }
+        script = Path(tmp) / "post.lua"
+        script.write_text(LUA)
+        base = [wrk, "-t1", "--latency", "-s", str(script)]
+        runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+        with servers["off"], servers["on"]:
+            for s in servers.values():  # warm-up
+                subprocess.run([*base, "-c4", "-d3s", s.url + "/answer"], capture_output=True)
+            for c in levels:
+                for _ in range(args.rounds):
+                    for mode, s in servers.items():
+                        run = [*base, f"-c{c}", f"-d{duration}s", "--timeout", "10s"]
+                        out = subprocess.run(
+                            [*run, s.url + "/answer"], capture_output=True, text=True, check=True
+                        ).stdout
+                        runs[mode].append({"concurrency": c, **parse_wrk(out)})
+        span_lines = sum(1 for _ in (Path(tmp) / "spans").glob("*.jsonl"))
+    rows, results = [], []
+    for c in levels:
+        off = [r for r in runs["off"] if r["concurrency"] == c]
+        on = [r for r in runs["on"] if r["concurrency"] == c]
+        med = {
+            m: {k: statistics.median(r[k] for r in rs) for k in ("p50_ms", "p99_ms", "rps")}
+            for m, rs in (("off", off), ("on", on))
+        }
+        results.append({"concurrency": c, "off": med["off"], "on": med["on"], "runs": off + on})
+        rows.append(
+            [
+                c,
+                f"{med['off']['p50_ms']:.2f} / {med['on']['p50_ms']:.2f}",
+                f"{med['on']['p50_ms'] / med['off']['p50_ms']:.2f}x",
+                f"{med['off']['rps']:.0f} / {med['on']['rps']:.0f}",
+                f"{med['on']['rps'] / med['off']['rps']:.2f}x",
+                f"{1000 / med['on']['rps'] - 1000 / med['off']['rps']:.3f}",
+            ]
+        )
+    md = [
+        "# Gateway overhead of tracing (OpenTelemetry on, every span exported to a file)",
+        "",
+        f"wrk closed loop, {duration} s a run, {args.rounds} off/on pairs per level, medians.",
+        "",
+        *table(
+            ["concurrency", "p50 ms off / on", "on / off", "requests/s off / on", "on / off",
+             "CPU ms per request added"],
+            rows,
+        ),
+    ]  # fmt: skip
+    write_result(
+        "gateway_tracing",
+        {
+            "levels": results,
+            "duration_s": duration,
+            "rounds": args.rounds,
+            "span_files": span_lines,
+        },
+        markdown="\n".join(md),
+    )
 
 
 if __name__ == "__main__":
