@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -584,3 +585,47 @@ def test_hybrid_search_adds_what_bm25_finds_and_can_report_dense_cosines(
     assert vectors is not None
     np.testing.assert_allclose([h.score for h in by_dense], vectors @ q[0], rtol=1e-5, atol=1e-6)
     index.close()
+
+
+async def test_hybrid_searches_in_another_thread_see_whole_writes(
+    index_copy: Path, encoder: BiEncoder
+) -> None:
+    """A thread searches (FAISS and BM25, fused) in a tight loop while documents are written:
+    each search sees every passage of a document or none of them, in FAISS and BM25 alike."""
+    from gainrag.retrieval.index import Fusion
+
+    index = PassageIndex.load(index_copy, use_gpu=False, lexical=True)
+    retriever = LocalRetriever(encoder, index, fusion=Fusion())
+    documents = LocalDocuments(retriever, DocumentSettings(), lambda: encoder)
+    texts = {f"w{i}": f"Wumpus fact number {i}. " * 150 for i in range(6)}
+    query = "Wumpus fact number"
+    vector = encoder.encode([query])
+    stop = threading.Event()
+    seen: list[set[str]] = []
+
+    def search() -> None:
+        while not stop.is_set():
+            dense = index.search(vector, 60)[0]
+            fused = index.search(vector, 60, texts=[query], fusion=Fusion(method="mix"))[0]
+            seen.append({h.passage.id for h in dense})
+            seen.append({h.passage.id for h in fused})
+
+    thread = threading.Thread(target=search)
+    thread.start()
+    try:
+        for doc_id, text in texts.items():
+            await documents.add(docs_request({"id": doc_id, "text": text}))
+    finally:
+        stop.set()
+        thread.join()
+    records = {d: index.store.document(d) for d in texts}
+    sizes = {d: len(r.passage_ids) for d, r in records.items() if r is not None}
+    assert sizes.keys() == texts.keys() and min(sizes.values()) >= 2
+    states = set()
+    for ids in seen:
+        counts = {d: sum(1 for i in ids if document_id(i) == d) for d in texts}
+        assert all(counts[d] in (0, sizes[d]) for d in texts), counts
+        states.add(frozenset(d for d, n in counts.items() if n))
+    assert len(states) >= 4  # the searches ran between and during writes, not only after
+    await documents.close()
+    await retriever.close()

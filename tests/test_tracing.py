@@ -112,6 +112,7 @@ def test_one_request_is_one_trace_across_the_processes(traced: tuple[Service, Pa
     assert expected <= set(stages), set(stages)
     generate = stages["generate"]
     assert generate["attributes"]["gainrag.answer_chars"] == len(r.json()["answer"])
+    assert generate["status"]["status_code"] == "UNSET"  # the reply's end is not an error
     assert stages["admission"]["attributes"]["gainrag.key"] == "anonymous"
 
     # a stage's call to a worker: the gateway's client span under the stage, the worker's

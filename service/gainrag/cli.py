@@ -26,7 +26,12 @@ def _index_build(
     discard_documents: bool = False,
 ) -> None:
     from gainrag.retrieval.encoder import BiEncoder
-    from gainrag.retrieval.index import build_index, posted_documents, read_manifest
+    from gainrag.retrieval.index import (
+        build_index,
+        migrate_v1,
+        read_manifest,
+        writes_since_build,
+    )
     from gainrag.util import file_sha256
 
     r = settings.retrieval
@@ -40,18 +45,23 @@ def _index_build(
         and manifest.get("max_length") == r.max_length
         and manifest.get("corpus_sha256") == file_sha256(corpus)
     ):
+        if manifest.get("format") == 1:
+            # here, where the directory is writable (a serving mount may be read-only)
+            migrate_v1(out)
+            print(f"index at {out} migrated to the passage store (version {manifest['version']})")
+            return
         print(
             f"index at {out} is up to date ({manifest['count']} passages, "
             f"version {manifest['version']})"
         )
         return
-    posted = posted_documents(out)
-    if posted and not discard_documents:
-        # a rebuild starts from the corpus alone: acknowledged documents would be lost
+    writes = writes_since_build(out)
+    if writes and not discard_documents:
+        # a rebuild starts from the corpus alone: acknowledged writes would be lost
         raise ConfigurationError(
-            f"the index at {out} holds {posted} documents posted through the API; a rebuild "
-            "would drop them: pass --discard-documents to rebuild anyway, or --out another "
-            "directory"
+            f"the index at {out} has {writes} writes through the documents API since it was "
+            "built; a rebuild would undo them: pass --discard-documents to rebuild anyway, or "
+            "--out another directory"
         )
     encoder = BiEncoder.from_settings(r, dtype="float32")  # index vectors: always fp32
     manifest = build_index(corpus, out, encoder, batch_size=r.batch_size)

@@ -141,7 +141,8 @@ class Components:
 
     async def close(self) -> None:
         """Close every component."""
-        for c in (self.retriever, self.selector, self.generator, self.cache, self.documents):
+        # documents first: its queued writes finish before the retriever closes the index
+        for c in (self.documents, self.retriever, self.selector, self.generator, self.cache):
             if c is not None:
                 await c.close()
 
@@ -416,26 +417,29 @@ class Pipeline:
         span = tracing.tracer().start_span(
             "generate", attributes={"gainrag.max_new_tokens": budget, "gainrag.stream": stream}
         )
-        if span.is_recording():  # counting the prompt's tokens costs a tokenizer pass
-            n_in = prompt_tokens(g, prompt)
-            if n_in is not None:
-                span.set_attribute("gainrag.tokens_in", n_in)
         deltas = 0
         start = time.perf_counter()
         try:
+            if span.is_recording():  # counting the prompt's tokens costs a tokenizer pass
+                n_in = prompt_tokens(g, prompt)
+                if n_in is not None:
+                    span.set_attribute("gainrag.tokens_in", n_in)
             while not cleaner.complete:
                 try:
                     async with asyncio.timeout_at(deadline):
                         with tracing.use_span(span):
                             delta = await anext(raw)
                     deltas += 1
-                except StopAsyncIteration:
+                except StopAsyncIteration:  # the reply's end, not an error of the span
                     break
                 except TimeoutError as exc:
+                    tracing.mark_error(span, exc)
                     raise self._timeout() from exc
-                except GainRAGError:
+                except GainRAGError as exc:
+                    tracing.mark_error(span, exc)
                     raise
                 except Exception as exc:
+                    tracing.mark_error(span, exc)
                     log.exception("stage generate failed")
                     raise UpstreamError(
                         "the generate stage failed", code="generate_failed"

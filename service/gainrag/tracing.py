@@ -138,8 +138,18 @@ def current_span() -> trace.Span:
 
 
 def use_span(s: trace.Span) -> AbstractContextManager[trace.Span]:
-    """Make ``s`` current inside a block without ending it on exit."""
-    return trace.use_span(s, end_on_exit=False)
+    """Make ``s`` current inside a block without ending it on exit, and without marking it
+    failed for what the block raises (the end of a stream, StopAsyncIteration, is an exception
+    too): the caller marks real failures (:func:`mark_error`)."""
+    return trace.use_span(
+        s, end_on_exit=False, record_exception=False, set_status_on_exception=False
+    )
+
+
+def mark_error(s: trace.Span, exc: BaseException) -> None:
+    """Record ``exc`` on ``s`` and set its status to error."""
+    s.record_exception(exc)
+    s.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
 
 
 def current_trace_id() -> str | None:

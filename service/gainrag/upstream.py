@@ -179,7 +179,10 @@ class Upstream:
         (a proxied request, such as the documents API's): raised with its status, code and
         message instead of a 502."""
         resp = await self._send(method, path, payload)
-        if client_errors and resp.status_code in _CLIENT_ERRORS:
+        if client_errors and (
+            resp.status_code in _CLIENT_ERRORS
+            or (resp.status_code == 503 and _error_code(resp) in _PASSED_503)
+        ):
             raise ProxiedClientError(
                 resp.status_code, _error_message(resp), _error_code(resp) or "invalid_request"
             )
@@ -240,6 +243,8 @@ def _is_uuid(text: str) -> bool:
 
 # Worker error codes that blame the input text (textcheck, the batcher's isolation).
 _CLIENT_ERRORS = frozenset({400, 404, 409, 413, 422})
+# a worker's 503s that describe the request's target, not the worker's health
+_PASSED_503 = frozenset({"index_read_only", "index_writer_busy", "documents_unavailable"})
 
 
 class ProxiedClientError(GainRAGError):
@@ -252,6 +257,8 @@ class ProxiedClientError(GainRAGError):
         self.status_code = status
         if status == 404:
             self.type = "not_found_error"
+        elif status == 503:
+            self.type = "unavailable_error"
 
 
 INPUT_ERROR_CODES = frozenset(

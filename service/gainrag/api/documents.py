@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 
 from gainrag.api.auth import Principal
 from gainrag.api.deps import PipelineDep, PrincipalDep
@@ -24,6 +24,7 @@ from gainrag.api.schemas import (
 from gainrag.errors import ForbiddenError, UnavailableError
 from gainrag.pipeline import Pipeline
 from gainrag.retrieval.interface import Documents
+from gainrag.retrieval.wire import DOC_ID_PATTERN
 from gainrag.wire import ErrorResponse
 
 router = APIRouter(prefix="/v1/documents", tags=["documents"])
@@ -31,7 +32,8 @@ router = APIRouter(prefix="/v1/documents", tags=["documents"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 429, 502, 503)
 }
-DOC_ID = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
+# a path segment that is a document id (nothing else is proxied to a worker's routes)
+DocId = Annotated[str, Path(pattern=DOC_ID_PATTERN, description="A document id.")]
 
 
 def _documents(pipeline: Pipeline) -> Documents:
@@ -77,14 +79,14 @@ async def list_documents(
 
 
 @router.get("/{doc_id}", response_model=DocumentOut, responses=_ERRORS)
-async def get_document(doc_id: str, who: PrincipalDep, pipeline: PipelineDep) -> DocumentOut:
+async def get_document(doc_id: DocId, who: PrincipalDep, pipeline: PipelineDep) -> DocumentOut:
     """One document: collection, title, metadata and its passage ids."""
     return await _documents(pipeline).get(doc_id)
 
 
 @router.delete("/{doc_id}", response_model=DeleteDocumentResponse, responses=_ERRORS)
 async def delete_document(
-    doc_id: str, who: PrincipalDep, pipeline: PipelineDep
+    doc_id: DocId, who: PrincipalDep, pipeline: PipelineDep
 ) -> DeleteDocumentResponse:
     """Remove a document and its passages; they are never retrieved again once this returns."""
     _require_write(who)

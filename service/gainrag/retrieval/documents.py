@@ -18,6 +18,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -68,6 +69,9 @@ class LocalDocuments:
         self._encoder_factory = encoder
         self._encoder: BiEncoder | None = None
         self._pending = 0  # writes queued or running (the event loop's thread only)
+        # Writes take turns anyway (the writer lock); a thread of their own keeps queued writes
+        # from occupying the event loop's default pool, which reads and other work share.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="documents")
 
     def _fp32_encoder(self) -> BiEncoder:
         # Stored vectors are fp32 whatever the query dtype (as `index build` makes them): the
@@ -133,13 +137,17 @@ class LocalDocuments:
             )
         self._pending += 1
         telemetry.INGEST_QUEUE.inc()
-        try:
-            # The thread runs to its end even if the client goes away: a write is whole or
-            # absent, never cut in the middle, and the writer lock orders the writes.
-            return await asyncio.shield(asyncio.to_thread(work))
-        finally:
+        future = asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+        def done(_: object) -> None:
+            # when the write itself ends (not when a client that left stops waiting): the queue
+            # limit counts every write still to run
             self._pending -= 1
             telemetry.INGEST_QUEUE.dec()
+
+        future.add_done_callback(done)
+        # The write runs to its end even if the client goes away: whole or absent, never cut.
+        return await asyncio.shield(future)
 
     def _add(self, prepared: list[_Prepared]) -> AddDocumentsResponse:
         timings: dict[str, float] = {}
@@ -258,7 +266,8 @@ class LocalDocuments:
         )
 
     async def close(self) -> None:
-        """Nothing of its own: the retriever closes the index."""
+        """Let queued writes finish (the retriever closes the index after)."""
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     # -- reads ------------------------------------------------------------------------------
 

@@ -165,10 +165,14 @@ def _write_new(
     store.seal()
     store.close()
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    # Swap in one rename so a reader never sees a half-written index.
+    # Two renames (a directory cannot replace another in one): a reader finds the old index
+    # whole, for an instant none, or the new one whole; never a half-written one.
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
-        shutil.rmtree(out)
+        out.rename(old)
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def migrate_v1(index_dir: Path) -> None:
@@ -205,13 +209,14 @@ def read_manifest(index_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def posted_documents(index_dir: Path) -> int:
-    """Documents in the index's store that came through the documents API (not the corpus)."""
+def writes_since_build(index_dir: Path) -> int:
+    """Writes through the documents API since the index was built (its generation): adds,
+    replacements and deletes alike, in any collection (the corpus's too)."""
     if not (index_dir / STORE_FILE).is_file():
         return 0
     store = PassageStore.open(index_dir / STORE_FILE, read_only=True)
     try:
-        return sum(n for c, n in store.collections().items() if c != CORPUS_COLLECTION)
+        return int(store.meta().get("generation", 0))
     finally:
         store.close()
 
@@ -237,6 +242,7 @@ class PassageIndex:
         cpu_index: Any,
         manifest: dict[str, Any],
         lexical: LexicalIndex | None,
+        rows: tuple[list[int], list[Passage], list[str]],
         *,
         use_gpu: bool,
     ) -> None:
@@ -246,7 +252,7 @@ class PassageIndex:
         self.lexical = lexical
         self._cpu = cpu_index
         self._lock = threading.Lock()
-        fids, passages, _ = store.passages()
+        fids, passages, _ = rows
         self._by_fid: dict[int, Passage] = dict(zip(fids, passages, strict=True))
         self._fid: dict[str, int] = {p.id: f for f, p in self._by_fid.items()}
         self._dirty = False
@@ -307,13 +313,12 @@ class PassageIndex:
                 f"index at {index_dir} has format {manifest.get('format')}, not {INDEX_FORMAT}; "
                 "rebuild it with `gainrag index build --force`"
             )
-        cpu = _load_faiss(index_dir, store, manifest, save=not read_only)
-        lex = _load_lexical(index_dir, store, manifest, read_only) if lexical else None
-        index = cls(index_dir, store, cpu, manifest, lex, use_gpu=use_gpu)
-        if index._cpu.ntotal != len(index):
-            index.close()
-            raise ConfigurationError(f"index at {index_dir} is inconsistent; rebuild it")
-        return index
+        with store.snapshot():  # one committed state, though another process writes meanwhile
+            manifest = store.meta()
+            rows = store.passages()
+            cpu = _load_faiss(index_dir, store, manifest, len(rows[0]), save=not read_only)
+            lex = _load_lexical(index_dir, store, manifest, read_only) if lexical else None
+        return cls(index_dir, store, cpu, manifest, lex, rows, use_gpu=use_gpu)
 
     def claim_writer(self) -> None:
         """Make this process the index's one writer (an exclusive lock file, kept until close).
@@ -343,9 +348,6 @@ class PassageIndex:
     def close(self) -> None:
         """Write the FAISS file if writes made it lag, and close the store and BM25."""
         with self._lock:
-            if self._writer_fd is not None:
-                os.close(self._writer_fd)  # releases the flock
-                self._writer_fd = None
             if self._dirty:
                 _save_faiss(self.index_dir, self._cpu, self.generation, self.version)
                 self._dirty = False
@@ -353,6 +355,9 @@ class PassageIndex:
                 self.lexical.close()
                 self.lexical = None  # a late search (picked up before a swap) goes dense-only
             self.store.close()
+            if self._writer_fd is not None:  # last: the files are written when another writes
+                os.close(self._writer_fd)  # releases the flock
+                self._writer_fd = None
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -367,8 +372,9 @@ class PassageIndex:
         """Top-k passages per query vector, best first: dense only, or fused with BM25 over
         ``texts`` when ``fusion`` is given (and this index has BM25)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        hybrid = fusion is not None and texts is not None and self.lexical is not None
         with self._lock:
+            lexical_index = self.lexical  # read under the lock: close() clears it
+            hybrid = fusion is not None and texts is not None and lexical_index is not None
             depth = max(k, fusion.depth) if hybrid and fusion is not None else k
             depth = min(depth, len(self._by_fid))
             if depth == 0:
@@ -379,8 +385,8 @@ class PassageIndex:
                 for row_ids, row_s in zip(ids, scores, strict=True)
             ]
             if hybrid:
-                assert fusion is not None and texts is not None and self.lexical is not None
-                lexical = self.lexical.search(texts, depth)
+                assert fusion is not None and texts is not None and lexical_index is not None
+                lexical = lexical_index.search(texts, depth)
                 if fusion.method == "rrf":
                     fused = [
                         rrf([d, x], k, c=fusion.rrf_c) for d, x in zip(dense, lexical, strict=True)
@@ -428,15 +434,15 @@ class PassageIndex:
     def vectors_of(self, passage_ids: Sequence[str]) -> np.ndarray | None:
         """The stored vectors of these passages (float32, one row each), or None if any is not
         indexed."""
-        fids: list[int] = []
-        for pid in passage_ids:
-            fid = self._fid.get(pid)
-            if fid is None:
-                return None
-            fids.append(fid)
-        if not fids:
+        if not passage_ids:
             return np.empty((0, int(self.manifest["dim"])), dtype=np.float32)
-        with self._lock:
+        with self._lock:  # ids and vectors read in one state (a write may remove them)
+            fids: list[int] = []
+            for pid in passage_ids:
+                fid = self._fid.get(pid)
+                if fid is None:
+                    return None
+                fids.append(fid)
             return np.stack([self._cpu.reconstruct(f) for f in fids]).astype(np.float32)
 
     @property
@@ -475,9 +481,17 @@ class PassageIndex:
                         change.generation,
                     )
                 except Exception:
-                    # the store has the change; BM25 must not lag behind FAISS while serving
-                    log.exception("BM25 update failed; rebuilding it from the store")
-                    self.lexical.replace_all(_lexical_rows(self.store), change.generation)
+                    # The store has the change (acknowledged below), so BM25 must not lag behind
+                    # FAISS while serving: a copy in memory, rebuilt from the store, serves
+                    # from now on; its directory lags (its generation says so) and is rebuilt
+                    # at the next start.
+                    log.exception("BM25 update failed; serving a copy rebuilt in memory")
+                    from gainrag.retrieval.lexical import LexicalIndex
+
+                    memory = LexicalIndex.in_memory(tokenizer=self.lexical.tokenizer)
+                    memory.replace_all(_lexical_rows(self.store), change.generation)
+                    self.lexical.close()
+                    self.lexical = memory
             if self.on_gpu:
                 # GPU flat indexes cannot remove ids; a fresh copy is cheap at this size
                 self._search_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self._cpu)
@@ -504,16 +518,19 @@ def _lexical_rows(store: PassageStore) -> Iterator[tuple[int, str, str]]:
 
 
 def _load_faiss(
-    index_dir: Path, store: PassageStore, manifest: dict[str, Any], *, save: bool
+    index_dir: Path, store: PassageStore, manifest: dict[str, Any], count: int, *, save: bool
 ) -> Any:
     stamp_path = index_dir / FAISS_STAMP
     generation = int(manifest.get("generation", 0))
-    if (index_dir / FAISS_FILE).is_file() and stamp_path.is_file():
+    try:
         stamp = json.loads(stamp_path.read_text())
         if stamp.get("generation") == generation and stamp.get("version") == manifest["version"]:
             index = faiss.read_index(str(index_dir / FAISS_FILE))
-            if isinstance(index, faiss.IndexIDMap2):
+            if isinstance(index, faiss.IndexIDMap2) and index.ntotal == count:
                 return index
+    except (OSError, ValueError, RuntimeError) as exc:
+        # a derived file: unreadable or torn, it is rebuilt from the store, never fatal
+        log.warning("FAISS file at %s not usable (%s); rebuilding it", index_dir, exc)
     # the FAISS file lags the store (a crash after a commit, or a fresh build): derive it again
     t = time.perf_counter()
     fids, vectors = store.vectors(int(manifest["dim"]))
@@ -533,14 +550,25 @@ def _load_faiss(
 
 
 def _save_faiss(index_dir: Path, index: Any, generation: int, version: str) -> None:
-    # The file first, then its stamp, each by an atomic rename: a crash in between leaves an
-    # old stamp, which only costs a rebuild from the store at the next start.
-    tmp = index_dir / (FAISS_FILE + ".tmp")
+    # The file first, then its stamp, each written whole (fsync) and renamed into place; names
+    # of this process's own, so two processes never write one temporary file. A crash in
+    # between leaves an old stamp, which only costs a rebuild from the store at the next start.
+    tmp = index_dir / f"{FAISS_FILE}.{os.getpid()}.tmp"
     faiss.write_index(index, str(tmp))
+    _fsync(tmp)
     os.replace(tmp, index_dir / FAISS_FILE)
-    stamp = index_dir / (FAISS_STAMP + ".tmp")
+    stamp = index_dir / f"{FAISS_STAMP}.{os.getpid()}.tmp"
     stamp.write_text(json.dumps({"generation": generation, "version": version}))
+    _fsync(stamp)
     os.replace(stamp, index_dir / FAISS_STAMP)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _load_lexical(
@@ -559,6 +587,8 @@ def _load_lexical(
         if lexical is None:
             raise PermissionError("read-only")
         lexical.replace_all(_lexical_rows(store), generation)
+        # tantivy's writer lock goes with it: the process that writes documents may be another
+        lexical.release_writer()
     except (PermissionError, ValueError) as exc:
         # read-only, or another process holds the writer lock (it will bring the files up to
         # date): this process searches a copy in memory (~0.4 s per 10^4 passages)

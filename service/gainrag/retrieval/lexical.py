@@ -289,6 +289,14 @@ class LexicalIndex:
         """Live (not deleted) documents in the last committed state."""
         return int(self._index.searcher().num_docs)
 
+    def release_writer(self) -> None:
+        """Finish merges and let go of the writer (and the directory's lock) until the next
+        write takes it again."""
+        with self._write_lock:
+            if self._writer is not None:
+                self._writer.wait_merging_threads()
+                self._writer = None
+
     def close(self) -> None:
         """Finish background merges and release the writer lock; idempotent."""
         with self._write_lock:

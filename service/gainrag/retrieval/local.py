@@ -59,18 +59,32 @@ class LocalRetriever:
                 code="index_mismatch",
             )
 
+    def reload(self, r: RetrievalSettings) -> tuple[PassageIndex, PassageIndex]:
+        """Load the index of ``r``, serve it, close the old one; returns (old, new). All under
+        the writer lock, in the caller's thread (not the event loop's: it takes seconds): no
+        document write lands in the old index between the load and the swap, and the old one
+        has let go of its files (its writer lock) before the next write."""
+        with self.write_lock:
+            new = load_index(r)
+            old = self._swap(new)
+            old.close()
+        return old, new
+
     def swap_index(self, index: PassageIndex) -> PassageIndex:
         """Serve ``index`` from now on; return the previous one.
 
         One attribute assignment, so the switch is atomic: a batch already searching keeps the
         index it started with (``_run`` reads it once), the next batch uses the new one.
         """
+        with self.write_lock:  # not in the middle of a document write to the old index
+            return self._swap(index)
+
+    def _swap(self, index: PassageIndex) -> PassageIndex:
         self._check(index)
         if self.fusion is not None and index.lexical is None:
             raise ConfigurationError("hybrid retrieval needs the index loaded with BM25")
-        with self.write_lock:  # not in the middle of a document write to the old index
-            old, self.index = self.index, index
-            self.version = index.version
+        old, self.index = self.index, index
+        self.version = index.version
         return old
 
     @classmethod

@@ -22,6 +22,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,17 @@ class PassageStore:
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             [(k, json.dumps(v)) for k, v in values.items()],
         )
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see one committed state (a read transaction), though another process
+        writes meanwhile: loading reads the meta, the vectors and the passages apart."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self._conn.execute("COMMIT")
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._conn)

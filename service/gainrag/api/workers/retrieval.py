@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Header, Query, Request
+from fastapi import Path as PathParam
 
 from gainrag import telemetry
 from gainrag.api.auth import WorkerToken
@@ -32,6 +33,7 @@ from gainrag.retrieval.documents import LocalDocuments
 from gainrag.retrieval.encoder import BiEncoder
 from gainrag.retrieval.local import LocalRetriever
 from gainrag.retrieval.wire import (
+    DOC_ID_PATTERN,
     AddDocumentsRequest,
     AddDocumentsResponse,
     DeleteDocumentResponse,
@@ -47,6 +49,7 @@ from gainrag.retrieval.wire import (
 from gainrag.wire import ErrorResponse, query_schema
 
 log = logging.getLogger(__name__)
+DocId = Annotated[str, PathParam(pattern=DOC_ID_PATTERN, description="A document id.")]
 _ERRORS: dict[int | str, dict[str, object]] = {
     c: {"model": ErrorResponse} for c in (400, 401, 403, 404, 413, 422, 429, 503)
 }
@@ -128,22 +131,18 @@ def create_retrieval_app(
         ):
             raise AuthenticationError("missing or wrong bearer token", code="bad_token")
         r = state(request).require()
-        from gainrag.retrieval.local import load_index
 
         index_dir = (
             Path(body.index_dir) if body and body.index_dir else settings.retrieval.index_dir
         )
         async with reload_lock:  # one load at a time; searches go on meanwhile
             try:
-                new = await asyncio.to_thread(
-                    load_index, settings.retrieval.model_copy(update={"index_dir": index_dir})
+                # load, swap and close the old one under the writer lock, in a thread
+                old, new = await asyncio.to_thread(
+                    r.reload, settings.retrieval.model_copy(update={"index_dir": index_dir})
                 )
-                old = r.swap_index(new)
             except ConfigurationError as exc:
                 raise ValidationFailedError(exc.message, code=exc.code) from exc
-            # after its last search (close takes the index's lock); a batch that picked it up
-            # just before the swap still finds FAISS in memory
-            await asyncio.to_thread(old.close)
         if old.version != new.version:
             telemetry.INDEX_INFO.remove(old.version)
         telemetry.INDEX_INFO.labels(new.version).set(len(new))
@@ -202,7 +201,7 @@ def create_retrieval_app(
         response_model=DocumentOut,
         responses=_ERRORS,
     )
-    async def get_document(doc_id: str, request: Request) -> DocumentOut:
+    async def get_document(doc_id: DocId, request: Request) -> DocumentOut:
         """One document."""
         return await docs(request).get(doc_id)
 
@@ -212,7 +211,7 @@ def create_retrieval_app(
         response_model=DeleteDocumentResponse,
         responses=_ERRORS,
     )
-    async def delete_document(doc_id: str, request: Request) -> DeleteDocumentResponse:
+    async def delete_document(doc_id: DocId, request: Request) -> DeleteDocumentResponse:
         """Remove a document and its passages."""
         return await docs(request).delete(doc_id)
 
