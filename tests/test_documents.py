@@ -629,3 +629,18 @@ async def test_hybrid_searches_in_another_thread_see_whole_writes(
     assert len(states) >= 4  # the searches ran between and during writes, not only after
     await documents.close()
     await retriever.close()
+
+
+def test_a_gateway_never_takes_an_older_index_version_of_the_same_store() -> None:
+    from gainrag.retrieval.remote import RemoteRetriever
+
+    r = RemoteRetriever("http://127.0.0.1:9", timeout_s=1)
+    r.learn("v5", 5, "s1")  # a write's response
+    r.learn("v4", 4, "s1")  # a search that started before it answers after it
+    assert r.version == "v5"
+    r.learn("v6", 6, "s1")
+    assert r.version == "v6"
+    r.learn("w0", 0, "s2")  # another store (a rebuilt or reloaded index): taken as it is
+    assert r.version == "w0"
+    r.learn("old", None, None)  # a worker that reports no generation
+    assert r.version == "old"

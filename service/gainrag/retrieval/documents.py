@@ -198,6 +198,7 @@ class LocalDocuments:
             t = time.perf_counter()
             index.apply(change)
             r.version = index.version
+            stamp = index.stamp()
             timings["apply"] = _ms(t)
             timings["total"] = _ms(t0)  # the write itself, its wait not included
             results = []
@@ -220,6 +221,8 @@ class LocalDocuments:
         return AddDocumentsResponse(
             documents=results,
             index_version=change.version,
+            index_generation=change.generation,
+            index_store=stamp[2],
             passages_added=len(change.added),
             passages_removed=len(change.removed),
             timings_ms={k: round(v, 2) for k, v in timings.items()},
@@ -255,6 +258,7 @@ class LocalDocuments:
             change = index.store.commit([], [doc_id])
             index.apply(change)
             r.version = index.version
+            stamp = index.stamp()
             telemetry.INGEST_SECONDS.labels("total").observe(time.perf_counter() - t0)
         telemetry.INGEST_PASSAGES.labels("removed").inc(len(change.removed))
         telemetry.INGEST_DOCUMENTS.labels("deleted").inc()
@@ -263,6 +267,8 @@ class LocalDocuments:
             deleted=True,
             passages_removed=len(change.removed),
             index_version=change.version,
+            index_generation=change.generation,
+            index_store=stamp[2],
         )
 
     async def close(self) -> None:

@@ -23,6 +23,7 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,8 @@ def _manifest(encoder: str, max_length: int, dim: int, count: int) -> dict[str, 
         "index_type": "flat",
         "count": count,
         "generation": 0,
+        # this store's identity: generations are counted per store (a rebuild starts again)
+        "store_id": uuid.uuid4().hex,
     }
 
 
@@ -276,6 +279,11 @@ class PassageIndex:
     def generation(self) -> int:
         """Committed writes since the build."""
         return int(self.manifest.get("generation", 0))
+
+    def stamp(self) -> tuple[str, int, str]:
+        """(version, generation, store id), read together: a write replaces the manifest whole."""
+        m = self.manifest
+        return str(m["version"]), int(m.get("generation", 0)), str(m.get("store_id", ""))
 
     def __len__(self) -> int:
         return len(self._by_fid)

@@ -42,6 +42,22 @@ class RemoteRetriever(WorkerClient):
             token=token,
             version_key="index_version",
         )
+        self._stamp: tuple[int, str | None] | None = None  # (generation, store) of self.version
+
+    def learn(self, version: str, generation: int | None, store: str | None) -> None:
+        """Take the worker's index version, unless it is older than one already known of the
+        same store: a search that started before a write answers after the write's response,
+        and the cache keys must not go back to the version before it."""
+        known = self._stamp
+        if (
+            generation is not None
+            and known is not None
+            and store == known[1]
+            and generation < known[0]
+        ):
+            return
+        self.version = version
+        self._stamp = None if generation is None else (generation, store)
 
     async def retrieve(self, question: str, k: int) -> list[Retrieved]:
         """Top-k passages for one question, best first."""
@@ -57,7 +73,7 @@ class RemoteRetriever(WorkerClient):
             reply = RetrieveResponse.model_validate(body)
         except ValidationError as exc:
             raise off_model("retriever", exc) from exc
-        self.version = reply.index_version
+        self.learn(reply.index_version, reply.index_generation, reply.index_store)
         return [
             [
                 Retrieved(Passage(h.id, h.title, h.text), rank, h.score)
@@ -104,12 +120,12 @@ class RemoteDocuments:
         out = await self._call(
             "POST", "/v1/documents", AddDocumentsResponse, body.model_dump(exclude_none=True)
         )
-        self._learn(out.index_version)
+        self._learn(out.index_version, out.index_generation, out.index_store)
         return out
 
-    def _learn(self, version: str) -> None:
+    def _learn(self, version: str, generation: int | None, store: str | None) -> None:
         if self.retriever is not None:
-            self.retriever.version = version
+            self.retriever.learn(version, generation, store)
 
     async def get(self, doc_id: str) -> DocumentOut:
         """``GET /v1/documents/{id}`` on the worker."""
@@ -129,7 +145,7 @@ class RemoteDocuments:
         out = await self._call(
             "DELETE", f"/v1/documents/{quote(doc_id, safe='')}", DeleteDocumentResponse
         )
-        self._learn(out.index_version)
+        self._learn(out.index_version, out.index_generation, out.index_store)
         return out
 
     async def close(self) -> None:

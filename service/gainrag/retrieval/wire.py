@@ -39,6 +39,10 @@ class RetrieveResponse(BaseModel):
     results: list[list[Hit]]
     index_version: str
     encoder: str
+    index_generation: int | None = Field(
+        None, description="Writes since the index was built (orders versions of one store)."
+    )
+    index_store: str | None = Field(None, description="The index store's identity.")
 
 
 class ReloadRequest(BaseModel):
@@ -125,6 +129,8 @@ class AddDocumentsResponse(BaseModel):
 
     documents: list[DocumentResult]
     index_version: str = Field(..., description="The index version after the write.")
+    index_generation: int | None = None
+    index_store: str | None = None
     passages_added: int
     passages_removed: int
     timings_ms: dict[str, float]
@@ -147,6 +153,8 @@ class DeleteDocumentResponse(BaseModel):
     deleted: bool
     passages_removed: int
     index_version: str
+    index_generation: int | None = None
+    index_store: str | None = None
 
 
 def documents_limits(max_documents: int, max_document_chars: int) -> dict[str, dict[str, Any]]:

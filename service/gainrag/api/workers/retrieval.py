@@ -97,7 +97,8 @@ def create_retrieval_app(
         queries = [
             require_query(f"queries[{i}]", q, w.max_text_chars) for i, q in enumerate(body.queries)
         ]
-        version = r.version
+        # read before the search: a label never newer than the content it describes
+        version, generation, store = r.index.stamp()
         results = await until_disconnect(
             request, asyncio.gather(*(r.retrieve(q, body.k) for q in queries))
         )
@@ -108,6 +109,8 @@ def create_retrieval_app(
                 for hits in results
             ],
             index_version=version,
+            index_generation=generation,
+            index_store=store,
             encoder=r.encoder.name,
         )  # fmt: skip
 
