@@ -1,7 +1,8 @@
 """The documents API: ``/v1/documents`` (add, list, get, delete), thin over the pipeline's
 documents backend (the in-process index, or the retrieval worker when retrieval is split off).
 
-Reading needs any key; writing a key with ``can_write`` (``gainrag keys add --can-write``).
+Reading needs any key; writing a key with ``can_write`` (``gainrag keys add --can-write``);
+every call takes an admission slot like ``/answer`` (the key's rate and in-flight share).
 A POST answers when its documents are searchable, with their passage ids and the new index
 version (so cached answers made before it are not served for it).
 """
@@ -13,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 
 from gainrag.api.auth import Principal
-from gainrag.api.deps import PipelineDep, PrincipalDep
+from gainrag.api.deps import PipelineDep, PrincipalDep, StateDep
 from gainrag.api.schemas import (
     AddDocumentsRequest,
     AddDocumentsResponse,
@@ -56,17 +57,19 @@ def _require_write(who: Principal) -> None:
 
 @router.post("", response_model=AddDocumentsResponse, responses=_ERRORS)
 async def add_documents(
-    body: AddDocumentsRequest, who: PrincipalDep, pipeline: PipelineDep
+    body: AddDocumentsRequest, who: PrincipalDep, state: StateDep, pipeline: PipelineDep
 ) -> AddDocumentsResponse:
     """Add (or replace) documents: split into ~100-word passages, encoded, stored durably and
     indexed; returns once they are searchable. Re-posting a document unchanged is a no-op."""
     _require_write(who)
-    return await _documents(pipeline).add(body)
+    async with state.admission.slot(who, "/v1/documents"):  # the key's rate and share
+        return await _documents(pipeline).add(body)
 
 
 @router.get("", response_model=DocumentPage, responses=_ERRORS)
 async def list_documents(
     who: PrincipalDep,
+    state: StateDep,
     pipeline: PipelineDep,
     collection: Annotated[str | None, Query(max_length=64)] = None,
     after: Annotated[
@@ -75,19 +78,24 @@ async def list_documents(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> DocumentPage:
     """Documents in id order, a page at a time (``after`` = the previous page's ``next_after``)."""
-    return await _documents(pipeline).list(collection=collection, after=after, limit=limit)
+    async with state.admission.slot(who, "/v1/documents"):
+        return await _documents(pipeline).list(collection=collection, after=after, limit=limit)
 
 
 @router.get("/{doc_id}", response_model=DocumentOut, responses=_ERRORS)
-async def get_document(doc_id: DocId, who: PrincipalDep, pipeline: PipelineDep) -> DocumentOut:
+async def get_document(
+    doc_id: DocId, who: PrincipalDep, state: StateDep, pipeline: PipelineDep
+) -> DocumentOut:
     """One document: collection, title, metadata and its passage ids."""
-    return await _documents(pipeline).get(doc_id)
+    async with state.admission.slot(who, "/v1/documents/{doc_id}"):
+        return await _documents(pipeline).get(doc_id)
 
 
 @router.delete("/{doc_id}", response_model=DeleteDocumentResponse, responses=_ERRORS)
 async def delete_document(
-    doc_id: DocId, who: PrincipalDep, pipeline: PipelineDep
+    doc_id: DocId, who: PrincipalDep, state: StateDep, pipeline: PipelineDep
 ) -> DeleteDocumentResponse:
     """Remove a document and its passages; they are never retrieved again once this returns."""
     _require_write(who)
-    return await _documents(pipeline).delete(doc_id)
+    async with state.admission.slot(who, "/v1/documents/{doc_id}"):
+        return await _documents(pipeline).delete(doc_id)

@@ -101,6 +101,10 @@ class LocalRetriever:
         return index.search(vecs, k, texts=questions, fusion=self.fusion)
 
     def _run(self, items: list[tuple[str, int]]) -> list[list[Retrieved]]:
+        if self.fusion is not None and max(k for _, k in items) > self.fusion.depth:
+            # a fused list depends on the depth of its input lists (min-max over them): each
+            # request is fused at its own depth, not at its batch's largest k
+            return [self.search_many([q], k)[0] for q, k in items]
         kmax = max(k for _, k in items)
         results = self.search_many([q for q, _ in items], kmax)
         return [r[:k] for r, (_, k) in zip(results, items, strict=True)]
