@@ -56,8 +56,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory, index_dir: Path, small_corpu
     shutil.copytree(index_dir, index)
     keys = root / "keys.jsonl"
     plain = {"reader": new_key(), "writer": new_key()}
-    append_key(keys, KeyRecord(name="reader", sha256=hash_key(plain["reader"])))
-    append_key(keys, KeyRecord(name="writer", sha256=hash_key(plain["writer"]), can_write=True))
+    # rates above the default (5/s): the drills ask faster than a client should; admission
+    # itself is tested in tests/test_security.py
+    for name in ("reader", "writer"):
+        record = KeyRecord(
+            name, hash_key(plain[name]), rate=1000.0, burst=1000, can_write=name == "writer"
+        )
+        append_key(keys, record)
     env = keyed_gateway_env(index, small_corpus, keys, pseudo_tokens=8, answer_tokens=6)
     env.update({"GAINRAG_PIPELINE__PSEUDO_PASSAGE": "false", "GAINRAG_RETRIEVAL__DTYPE": "float32"})
     return Setup(root, env, plain)
