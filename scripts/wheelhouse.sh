@@ -39,9 +39,12 @@ mkdir -p "$LLM_OUT"
 "$PIP" download -q -d "$LLM_OUT" --no-deps "${LLM_PACKAGES[@]}"
 rm -f "$OUT"/gainrag-*
 # No CUDA in a CPU wheelhouse (the check `make install` makes on the venv).
-if ls "$OUT" | grep -qiE '^(nvidia|cuda)[-_]'; then
+# (globs, not `ls | grep -q`: under pipefail grep's early exit makes ls's SIGPIPE fail the test)
+shopt -s nocaseglob
+if compgen -G "$OUT/nvidia[-_]*" > /dev/null || compgen -G "$OUT/cuda[-_]*" > /dev/null; then
   echo "CUDA wheels in $OUT: the torch pin resolved a CUDA build" >&2; exit 1
 fi
-ls "$OUT" | grep -q '^torch-2\.13\.0+cpu' || { echo "no CPU torch 2.13.0 wheel in $OUT" >&2; exit 1; }
+shopt -u nocaseglob
+compgen -G "$OUT/torch-2.13.0+cpu*" > /dev/null || { echo "no CPU torch 2.13.0 wheel in $OUT" >&2; exit 1; }
 echo "wheelhouse: $(ls "$OUT" | wc -l) files, $(du -sh "$OUT" | cut -f1) -> $OUT;" \
   "$(ls "$LLM_OUT"/*.whl | wc -l) LLM parts, $(du -sh "$LLM_OUT" | cut -f1) -> $LLM_OUT; $((SECONDS - t0)) s"
