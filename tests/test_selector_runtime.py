@@ -103,7 +103,9 @@ def test_auto_runs_the_check_once_and_records_why(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(
         ovr,
         "load_probe",
-        lambda: ovr.Probe(whole.questions[::25], {k: v[::25] for k, v in whole.references.items()}),
+        lambda _path: ovr.Probe(
+            whole.questions[::25], {k: v[::25] for k, v in whole.references.items()}
+        ),
     )
 
     def counted(*args: object, **kwargs: object) -> ovr.RuntimeCheck:
@@ -133,7 +135,7 @@ def test_without_stored_references_the_check_computes_float32_ones(
 
     # a probe with no references for this checkpoint (as for a checkpoint of one's own), on 2
     # questions: their float32 logits are this test's cost (torch float32, ~0.1 s a pair)
-    monkeypatch.setattr(ovr, "load_probe", lambda: ovr.Probe(whole.questions[::25], {}))
+    monkeypatch.setattr(ovr, "load_probe", lambda _path: ovr.Probe(whole.questions[::25], {}))
     monkeypatch.setattr(ovr, "compare", spy)
     CrossEncoderScorer(SELECTOR, runtime="auto")
     stored = whole.references[next(iter(whole.references))][::25]
@@ -234,3 +236,13 @@ def test_the_converted_model_cache_names_the_conversion_and_its_tools(
     key = ovr.check_key("abc123", "bf16", 2, 512)
     monkeypatch.setattr(ovr, "CONVERSION", ovr.CONVERSION + 1)
     assert ovr.check_key("abc123", "bf16", 2, 512) != key
+
+
+def test_the_probe_is_found_beside_the_checkpoint(tmp_path: Path) -> None:
+    # an installed package (the images) has no repository around it: the probe travels with
+    # the selector checkpoints (models/selector/probe.jsonl beside models/selector/<name>/)
+    checkpoint = tmp_path / "selector" / "mine"
+    checkpoint.mkdir(parents=True)
+    assert ovr.probe_path(checkpoint) == ovr.PROBE
+    (tmp_path / "selector" / "probe.jsonl").write_text(ovr.PROBE.read_text())
+    assert ovr.probe_path(checkpoint) == tmp_path / "selector" / "probe.jsonl"

@@ -131,7 +131,7 @@ class CrossEncoderScorer:
             served = self.model
 
             def run() -> ovr.RuntimeCheck:
-                probe = ovr.load_probe()
+                probe = ovr.load_probe(ovr.probe_path(path))
                 key = ovr.reference_key(self.checkpoint_version, self.max_length)
                 ref = probe.references.get(key) or self._fp32_logits(path, probe.questions)
                 return ovr.compare(
@@ -143,9 +143,16 @@ class CrossEncoderScorer:
                     self.dtype.dtype,
                 )
 
-            check = ovr.cached_check(
-                ovr.check_key(self.checkpoint_version, precision, threads, self.max_length), run
-            )
+            try:
+                check = ovr.cached_check(
+                    ovr.check_key(self.checkpoint_version, precision, threads, self.max_length),
+                    run,
+                )
+            except (OSError, ValueError) as exc:
+                # auto must never cost the start: without its check, torch serves
+                self.runtime_reason = f"torch: the OpenVINO check could not run ({exc})"
+                log.warning("selector runtime: %s", self.runtime_reason)
+                return
             if not check.passed:
                 self.runtime_reason = f"torch: {check.describe()}"
                 log.info("selector runtime: %s", self.runtime_reason)

@@ -187,6 +187,14 @@ def reference_key(version: str, max_length: int) -> str:
     return f"{version}-len{max_length}"
 
 
+def probe_path(checkpoint: Path) -> Path:
+    """The probe beside the checkpoint's directory (``models/selector/probe.jsonl`` next to
+    ``models/selector/<name>/``), where an installed package (an image) has it; else the
+    repository's."""
+    beside = checkpoint.parent / PROBE.name
+    return beside if beside.is_file() else PROBE
+
+
 def load_probe(path: Path = PROBE) -> Probe:
     """The probe file: one JSON row a question (``question``, ``candidates``, ``fp32``)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
