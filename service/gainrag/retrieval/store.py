@@ -247,13 +247,7 @@ class PassageStore:
             ).fetchone()
             if row is None:
                 return None
-            pids = [
-                r[0]
-                for r in self._conn.execute(
-                    "SELECT id FROM passages WHERE doc_id = ? ORDER BY fid", (doc_id,)
-                )
-            ]
-        return _record(row, pids)
+            return _record(row, self._passage_ids(doc_id))
 
     def content_shas(self, doc_ids: Sequence[str]) -> dict[str, str]:
         """The stored content hash of each of these documents that exists."""
@@ -287,16 +281,14 @@ class PassageStore:
         )
         with self._lock:
             rows = self._conn.execute(sql, [*args, limit]).fetchall()
-            out = []
-            for row in rows:
-                pids = [
-                    r[0]
-                    for r in self._conn.execute(
-                        "SELECT id FROM passages WHERE doc_id = ? ORDER BY fid", (row[0],)
-                    )
-                ]
-                out.append(_record(row, pids))
-        return out
+            return [_record(row, self._passage_ids(row[0])) for row in rows]
+
+    def _passage_ids(self, doc_id: str) -> list[str]:
+        """A document's passage ids in fid order (under the caller's lock)."""
+        rows = self._conn.execute(
+            "SELECT id FROM passages WHERE doc_id = ? ORDER BY fid", (doc_id,)
+        )
+        return [r[0] for r in rows]
 
     def collections(self) -> dict[str, int]:
         """Documents per collection."""
